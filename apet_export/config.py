@@ -1,0 +1,53 @@
+"""Configuration dataclasses and their JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from apet_export.errors import InvalidInputError
+
+Selection = Literal["fps", "dpc", "random"]
+SELECTIONS: tuple[str, ...] = ("fps", "dpc", "random")
+
+
+@dataclass(frozen=True)
+class ApetConfig:
+    """ApET hyper-parameters (arXiv 2602.19870, as the released code runs them).
+
+    num_basis: M, basis tokens used to approximate every token.
+    selection: how the basis is picked: farthest point sampling, density-peak clustering or random.
+    ridge: lambda of the ridge least squares (keeps the M x M system invertible for duplicate tokens).
+    fps_start: first FPS token: "norm" = the token of largest L2 norm (deterministic), or an index.
+    seed: seed of the `random` selection.
+    """
+
+    num_basis: int = 10
+    selection: Selection = "fps"
+    ridge: float = 1e-5
+    fps_start: str | int = "norm"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.num_basis, int) or self.num_basis < 1:
+            raise InvalidInputError(f"num_basis must be an integer >= 1, got {self.num_basis!r}")
+        if self.selection not in SELECTIONS:
+            raise InvalidInputError(
+                f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
+        if not self.ridge > 0:
+            raise InvalidInputError(f"ridge must be > 0 (it keeps the basis system solvable), got {self.ridge!r}")
+        start_ok = self.fps_start == "norm" or (
+            isinstance(self.fps_start, int) and not isinstance(self.fps_start, bool) and self.fps_start >= 0
+        )
+        if not start_ok:
+            raise InvalidInputError(
+                f"fps_start must be 'norm' or a token index >= 0, got {self.fps_start!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ApetConfig:
+        return cls(**data)

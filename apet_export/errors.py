@@ -1,0 +1,62 @@
+"""Typed errors. Each message says what failed and how to fix it; the CLI prints it as one line."""
+
+from __future__ import annotations
+
+
+class ApetExportError(Exception):
+    """Base class of every error apet-export raises on purpose."""
+
+
+class InvalidInputError(ApetExportError, ValueError):
+    """An argument or tensor the caller passed is unusable."""
+
+
+class BudgetError(InvalidInputError):
+    """A token budget outside (num_basis, num_tokens]."""
+
+    def __init__(self, keep: int, num_basis: int, num_tokens: int):
+        self.keep, self.num_basis, self.num_tokens = keep, num_basis, num_tokens
+        super().__init__(
+            f"budget keep={keep} is outside ({num_basis}, {num_tokens}]: choose a budget between "
+            f"{num_basis + 1} and {num_tokens} (the budget must exceed num_basis={num_basis} and "
+            f"cannot exceed the {num_tokens} input tokens)"
+        )
+
+
+class UnknownNameError(InvalidInputError, KeyError):
+    """A name looked up in a registry (method, model family, preset, backend) does not exist."""
+
+    def __init__(self, kind: str, name: str, known: list[str]):
+        self.kind, self.name, self.known = kind, name, known
+        super().__init__(f"unknown {kind} {name!r}: choose one of {', '.join(sorted(known))}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class ImageError(InvalidInputError):
+    """An image file that cannot be read."""
+
+
+class PromptTooLongError(InvalidInputError):
+    """A prompt (with its image tokens and new tokens) that does not fit the model's context."""
+
+
+class ArtifactError(ApetExportError):
+    """A build directory or artifact that is missing, incomplete or inconsistent."""
+
+
+class ManifestVersionError(ArtifactError):
+    """A manifest written by another schema version."""
+
+
+class MissingDependencyError(ApetExportError, ImportError):
+    """An optional dependency (TensorRT, a plugin library, flash-attn ...) is not installed."""
+
+
+class ExportError(ApetExportError):
+    """Tracing or converting a model failed."""
+
+
+class ParityError(ApetExportError):
+    """An artifact disagrees with eager PyTorch beyond its tolerance."""
