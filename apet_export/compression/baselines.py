@@ -62,40 +62,52 @@ def visionzip_compress(
 
     cls_attention [B, N]: the CLS row of the selected layer (cls_attention_from_qk) or, without CLS, the
     mean received attention (attention_received). keys [B, N, Dk]: similarity metric of the merge
-    (VisionZip uses the layer's keys); defaults to the tokens. num_contextual defaults to VisionZip's
-    split (10 of 64, 20 of 128, 30 of 192).
+    (VisionZip uses the layer's keys); defaults to the tokens. num_contextual (at least 1) defaults to
+    VisionZip's split (10 of 64, 20 of 128, 30 of 192).
     """
     validate_tokens(x)
-    num_tokens = x.shape[1]
-    validate_budget(keep, 0, num_tokens)
+    validate_budget(keep, 0, x.shape[1])
     if cls_attention is None or tuple(cls_attention.shape) != tuple(x.shape[:2]):
         raise InvalidInputError(
             "visionzip needs cls_attention of shape [B, N] (the CLS attention row of the vision feature "
             "layer): compute it with cls_attention_from_qk(query, key) or attention_received(query, key)"
         )
-    if num_contextual is None:
-        num_contextual = max(1, round(keep * 10 / 64)) if keep < num_tokens else 0
-    num_contextual = min(num_contextual, keep - 1, num_tokens - keep)
-    num_dominant = keep - num_contextual
-    xf = x.float()
-    metric = (keys if keys is not None else x).float()
+    tokens, index = visionzip_select(x.float(), cls_attention.float(), keep, keys, num_contextual)
+    return CompressionOutput(tokens.to(x.dtype), index, cls_attention.float(), _no_basis(x))
 
-    order = sort_descending_stable(cls_attention.float())
+
+def visionzip_select(
+    x: torch.Tensor, attention: torch.Tensor, keep, keys: torch.Tensor | None = None, num_contextual=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exportable core of VisionZip: x [B, N, D] fp32, attention [B, N] -> (tokens [B, T, D], index [B, T]).
+
+    `keep` may be a traced symbolic int. Contextual targets are every step-th remaining token in position
+    order (VisionZip's uniform split), found by sorting instead of boolean indexing so shapes stay static.
+    """
+    num_tokens = x.shape[1]
+    if num_contextual is None:  # round(keep * 10 / 64)
+        num_contextual = (5 * keep + 16) // 32
+    # At least one contextual target, so no tensor is empty (at keep = N it just merges nothing).
+    num_contextual = torch.sym_min(torch.sym_max(num_contextual, 1), keep - 1)
+    num_dominant = keep - num_contextual
+    metric = keys.float() if keys is not None else x
+
+    order = sort_descending_stable(attention)
     dominant = order[:, :num_dominant]  # [B, Kd]
     remaining = torch.sort(order[:, num_dominant:], dim=-1).values  # [B, N-Kd], ascending position
-    tokens, index = gather_tokens(xf, dominant), dominant
-    if num_contextual > 0:
-        step = max(1, remaining.shape[1] // num_contextual)
-        is_target = torch.zeros(remaining.shape[1], dtype=torch.bool)
-        is_target[torch.arange(0, step * num_contextual, step)] = True
-        targets, sources = remaining[:, is_target], remaining[:, ~is_target]
-        contextual = merge_into_targets(
-            gather_tokens(xf, targets), gather_tokens(xf, sources),
-            gather_tokens(metric, targets), gather_tokens(metric, sources),
-        )
-        tokens, index = torch.cat([tokens, contextual], 1), torch.cat([index, targets], 1)
-    tokens, index = sort_by_position(tokens, index)
-    return CompressionOutput(tokens.to(x.dtype), index, cls_attention.float(), _no_basis(x))
+    step = torch.sym_max((num_tokens - num_dominant) // torch.sym_max(num_contextual, 1), 1)
+    rank = torch.arange(remaining.shape[1], device=x.device)
+    step = rank.new_full((), step)  # a tensor: the exporter cannot take a symbolic int in remainder
+    is_target = (rank % step == 0) & (rank < step * num_contextual)  # [N-Kd]
+    split = sort_descending_stable(is_target.float().expand(remaining.shape[0], -1))  # targets first
+    targets = torch.gather(remaining, 1, split[:, :num_contextual])  # [B, Kc]
+    sources = torch.gather(remaining, 1, split[:, num_contextual:])  # [B, N-Kd-Kc]
+    contextual = merge_into_targets(
+        gather_tokens(x, targets), gather_tokens(x, sources),
+        gather_tokens(metric, targets), gather_tokens(metric, sources),
+    )
+    tokens = torch.cat([gather_tokens(x, dominant), contextual], 1)
+    return sort_by_position(tokens, torch.cat([dominant, targets], 1))
 
 
 def random_compress(x: torch.Tensor, keep: int, config: ApetConfig | None = None, **_) -> CompressionOutput:

@@ -28,11 +28,19 @@ def merge_into_targets(
     targets [B, R, D], sources [B, S, D], metrics [B, R, Dm] / [B, S, Dm] -> merged targets [B, R, D]:
     target r becomes (x_r + sum of its sources) / (1 + number of its sources). Similarities are taken
     against the unmerged targets, so the order of sources does not matter.
+
+    One zero source of weight 0 is prepended so that no tensor is ever empty when S = 0 (keep = N):
+    onnxruntime 1.31's CPU reductions return unreduced shapes on empty inputs.
     """
+    batch = sources.shape[0]
+    sources = torch.cat([sources.new_zeros(batch, 1, sources.shape[2]), sources], dim=1)  # [B, 1+S, D]
+    sources_metric = torch.cat([sources_metric.new_zeros(batch, 1, sources_metric.shape[2]), sources_metric], dim=1)
+    weight = torch.cat([sources.new_zeros(batch, 1), sources.new_ones(batch, sources.shape[1] - 1)], dim=1)
+
     similarity = F.normalize(sources_metric, dim=-1) @ F.normalize(targets_metric, dim=-1).transpose(1, 2)
-    assign = similarity.argmax(dim=-1)  # [B, S] index into R
+    assign = similarity.argmax(dim=-1)  # [B, 1+S] index into R
     sums = targets.scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, targets.shape[-1]), sources)
-    counts = torch.ones_like(targets[..., 0]).scatter_add(1, assign, torch.ones_like(sources[..., 0]))
+    counts = torch.ones_like(targets[..., 0]).scatter_add(1, assign, weight)
     return sums / counts.unsqueeze(-1)
 
 

@@ -1,0 +1,168 @@
+"""torch -> vision.onnx: vision tower + ApET stage 1 + projector in one graph, budget as a runtime input.
+
+    pixel_values [B, 3, S, S] ─tower─► features [B, N, Dv] ─apet─► tokens [B, T, Dv], keep_index [B, T]
+                                                                 └► scores [B, N]
+    tokens ─projector─► image_embeds [B, T, H]          (T = keep, an int64 scalar input, M < T <= N)
+
+Two variants: ApET in standard ONNX ops (vision.onnx), and with FPS + scoring as one ApetScore plugin
+node (vision.plugin.onnx). The projector is per-token, so projecting the T kept tokens equals
+project-then-select.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from apet_export.compression import ApetConfig
+from apet_export.compression.apet import apet_scores, rank_and_merge
+from apet_export.compression.baselines import visionzip_select
+from apet_export.compression.tensor_ops import gather_tokens
+from apet_export.errors import ExportError, InvalidInputError
+from apet_export.models.base import ModelFamily
+
+EXPORTABLE_METHODS = ("apet", "visionzip", "none")
+
+
+def sort_stable_translation(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten::sort.stable -> ONNX TopK over the whole axis (TopK keeps the lower index first on ties,
+    which is what a stable sort does); onnxscript 0.7 only translates the default overload."""
+    from onnxscript import opset23 as op
+
+    axis = dim % len(self.shape)
+    return op.TopK(self, op.Shape(self, start=axis, end=axis + 1), axis=axis, largest=int(descending), sorted=1)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, model, family: ModelFamily):
+        super().__init__()
+        self.model, self.family = model, family
+
+    def forward(self, pixel_values):  # [B, 3, S, S] -> [B, N, Dv]
+        return self.family.vision_features(self.model, pixel_values)
+
+
+class ApetStage(nn.Module):
+    """features [B, N, Dv], budget T -> (tokens [B, T, Dv] fp32, keep_index [B, T], scores [B, N])."""
+
+    def __init__(self, config: ApetConfig, use_plugin: bool):
+        super().__init__()
+        self.config, self.use_plugin = config, use_plugin
+
+    def forward(self, features, keep):
+        x = features.float()
+        if self.use_plugin:
+            from apet_export.plugins.apet_score import apet_score, fps_start_attribute
+
+            scores, basis_index = apet_score(x, self.config.num_basis, self.config.ridge, fps_start_attribute(self.config))
+            basis = gather_tokens(x, basis_index)
+        else:
+            scores, basis_index, basis = apet_scores(x, self.config)
+        tokens, index = rank_and_merge(x, scores, basis, basis_index, keep)
+        return tokens, index, scores
+
+
+class VisionGraph(nn.Module):
+    """The module traced into vision.onnx (see the module docstring)."""
+
+    def __init__(self, model, family: ModelFamily, method: str, config: ApetConfig, use_plugin: bool = False):
+        super().__init__()
+        if method not in EXPORTABLE_METHODS:
+            raise InvalidInputError(f"method {method!r} cannot be exported: choose one of {', '.join(EXPORTABLE_METHODS)}")
+        self.family, self.method, self.config = family, method, config
+        self.model = model
+        self.tower = VisionTower(model, family)
+        self.apet = ApetStage(config, use_plugin)
+
+    def forward(self, pixel_values, keep):
+        features = self.tower(pixel_values)  # [B, N, Dv]
+        batch, num_tokens = features.shape[:2]
+        budget = keep.item() if isinstance(keep, torch.Tensor) else keep
+        if self.method == "none":
+            tokens = features
+            index = torch.arange(num_tokens, device=features.device).expand(batch, -1)
+            scores = torch.zeros(batch, num_tokens, device=features.device)
+        else:
+            minimum = self.config.num_basis if self.method == "apet" else 1
+            torch._check(budget > minimum)
+            torch._check(budget <= num_tokens)
+            if self.method == "apet":
+                tokens, index, scores = self.apet(features, budget)
+            else:
+                scores = self.family.cls_attention(self.model, pixel_values)
+                tokens, index = visionzip_select(features.float(), scores, budget)
+        embeds = self.family.project(self.model, tokens.to(features.dtype))
+        return embeds, index, scores
+
+
+def rename_nodes_by_scope(model_proto, prefix: str = "/vision") -> None:
+    """ONNX node names become paths from the torch module scopes (/vision/apet/topk_3), so profiles,
+    Polygraphy and TensorRT layer names say where an op came from."""
+    seen: set[str] = set()
+    for node in model_proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        # "['', 'tower', 'tower.model.model.vision_tower', 'conv2d']": module paths, then the fx node name
+        parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        parts = [p for p in parts if p and not p.startswith("_empty_nn_module_stack")]
+        module = parts[-2].replace("model.model.", "").replace(".", "/") if len(parts) > 1 else ""
+        leaf = parts[-1] if parts else node.op_type
+        name = "/".join(filter(None, [prefix, module, leaf]))
+        if name in seen:  # one torch op decomposed into several ONNX nodes
+            name = f"{name}/{node.op_type}"
+            suffix = 0
+            while f"{name}_{suffix}" in seen:
+                suffix += 1
+            name = f"{name}_{suffix}"
+        seen.add(name)
+        node.name = name
+
+
+def export_vision(
+    model, family: ModelFamily, method: str, config: ApetConfig, path: Path, *,
+    use_plugin: bool = False, opset: int = 23, example_keep: int | None = None,
+) -> None:
+    """Trace the vision graph and write it to `path` (ONNX, external data beside it when > 2 GB)."""
+    import onnx
+
+    graph = VisionGraph(model, family, method, config, use_plugin).eval()
+    inputs_spec, outputs_spec = family.vision_io(family.vision_dims(model))
+    pixel_values, _ = family.dummy_vision_inputs(model, batch=2)
+    num_tokens = family.vision_dims(model).num_tokens
+    keep = torch.tensor(example_keep or min(num_tokens, max(config.num_basis + 2, num_tokens // 4)))
+    translations = {torch.ops.aten.sort.stable: sort_stable_translation}
+    if use_plugin:
+        from apet_export.plugins.apet_score import apet_score, onnx_translation, register_onnx_schema
+
+        register_onnx_schema()
+        translations[apet_score._opoverload] = onnx_translation
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                graph, (pixel_values, keep), dynamo=True, opset_version=opset,
+                input_names=[s.name for s in inputs_spec], output_names=[s.name for s in outputs_spec],
+                dynamic_shapes={"pixel_values": {0: batch}, "keep": None},
+                custom_translation_table=translations, verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; keep the cause attached
+        raise ExportError(f"exporting the vision graph ({method}, plugin={use_plugin}) failed: {error}") from error
+    proto = program.model_proto
+    rename_nodes_by_scope(proto)
+    _name_dynamic_axes(proto, inputs_spec, outputs_spec)
+    large = proto.ByteSize() > 2**31 - 1
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+
+
+def _name_dynamic_axes(proto, inputs_spec, outputs_spec) -> None:
+    """Give every dynamic axis of the graph I/O the name the manifest uses ('batch', 'keep', ...)."""
+    specs = {s.name: s for s in (*inputs_spec, *outputs_spec)}
+    for value in (*proto.graph.input, *proto.graph.output):
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, dim in enumerate(dims):
+            if axis < len(spec.shape) and isinstance(spec.shape[axis], str) and not dim.HasField("dim_value"):
+                dim.dim_param = spec.shape[axis]

@@ -1,0 +1,83 @@
+"""What a model family declares so that the exporters, parity checks and runtime can drive it.
+
+A family is a small registered class (optimum-style): how to load the checkpoint, its vision features
+at the feature layer, its projector, and the names and dynamic axes of the vision graph's I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output: name, dtype and shape with named dynamic axes (str) or static sizes (int)."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    image_size: int  # square input side, pixels
+    num_tokens: int  # N, visual tokens per image at the feature layer
+    vision_hidden: int  # D of the vision features that ApET sees
+    text_hidden: int  # H of the projected embeddings fed to the LLM
+
+
+class ModelFamily:
+    """Base class; subclasses implement the methods below for one architecture family."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
+
+    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+        """(model in eval mode, processor) from a local checkpoint directory."""
+        raise NotImplementedError
+
+    def vision_dims(self, model) -> VisionDims:
+        raise NotImplementedError
+
+    def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees)."""
+        raise NotImplementedError
+
+    def cls_attention(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VisionZip's importance score per visual token [B, N], at the feature layer."""
+        raise NotImplementedError
+
+    def project(self, model, features: torch.Tensor) -> torch.Tensor:
+        """Per-token projector: [B, T, D] -> [B, T, H]."""
+        raise NotImplementedError
+
+    def vision_io(self, dims: VisionDims) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """(inputs, outputs) of vision.onnx; dynamic axes are named ('batch', 'keep')."""
+        inputs = [
+            TensorSpec("pixel_values", "float32", ("batch", 3, dims.image_size, dims.image_size)),
+            TensorSpec("keep", "int64", ()),
+        ]
+        outputs = [
+            TensorSpec("image_embeds", "float32", ("batch", "keep", dims.text_hidden)),
+            TensorSpec("keep_index", "int64", ("batch", "keep")),
+            TensorSpec("scores", "float32", ("batch", dims.num_tokens)),
+        ]
+        return inputs, outputs
+
+    def dummy_vision_inputs(self, model, batch: int = 1, keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        side = self.vision_dims(model).image_size
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn(batch, 3, side, side, generator=generator), torch.tensor(keep, dtype=torch.int64)

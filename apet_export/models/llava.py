@@ -1,0 +1,144 @@
+"""LLaVA family: transformers LlavaForConditionalGeneration, CLIP or SigLIP tower, Llama or Qwen2 text model.
+
+    pixel_values [B, 3, S, S] → vision tower → hidden_states[vision_feature_layer]  (CLS dropped for CLIP)
+        → features [B, N, Dv] → (ApET stage 1) → multi_modal_projector → image_embeds [B, T, H]
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from apet_export.compression.baselines import attention_received, cls_attention_from_qk
+from apet_export.models.base import ModelFamily, VisionDims
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    model_types = ("llava",)
+
+    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True,
+            attn_implementation=attn_implementation, dtype=torch.float32,
+        ).eval()
+        # backend="pil": the saved processor resizes identically with or without torchvision installed.
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, backend="pil")
+        return model, processor
+
+    def vision_dims(self, model) -> VisionDims:
+        config = model.config
+        vision = config.vision_config
+        grid = vision.image_size // vision.patch_size
+        return VisionDims(vision.image_size, grid * grid, vision.hidden_size, config.text_config.hidden_size)
+
+    def _has_cls(self, model) -> bool:
+        return model.config.vision_feature_select_strategy == "default"
+
+    def _hidden_states(self, model, pixel_values: torch.Tensor):
+        tower = model.model.vision_tower
+        return tower(pixel_values, output_hidden_states=True).hidden_states  # num_layers + 1 entries
+
+    def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        layer = model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise NotImplementedError("multi-layer vision features (a list of layers) are not supported yet")
+        hidden = self._hidden_states(model, pixel_values)[layer]  # [B, (1+)N, Dv]
+        return hidden[:, 1:] if self._has_cls(model) else hidden
+
+    def cls_attention(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The attention of the feature layer, recomputed from its q/k without the full [S, S] matrix."""
+        layer_index = model.config.vision_feature_layer
+        layers = model.model.vision_tower.encoder.layers
+        encoder_layer = layers[layer_index]
+        # hidden_states[i] is the input of encoder layer i (hidden_states[0] = embeddings).
+        layer_input = self._hidden_states(model, pixel_values)[layer_index % (len(layers) + 1) - 1]
+        attention = encoder_layer.self_attn
+        normed = encoder_layer.layer_norm1(layer_input)  # [B, S, Dv]
+        heads = attention.num_heads
+        batch, seq, dim = normed.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # [B, S, Dv] -> [B, heads, S, Dv/heads]
+            return t.view(batch, seq, heads, dim // heads).transpose(1, 2)
+
+        query, key = split(attention.q_proj(normed)), split(attention.k_proj(normed))
+        if self._has_cls(model):
+            return cls_attention_from_qk(query, key)
+        return attention_received(query, key)
+
+    def project(self, model, features: torch.Tensor) -> torch.Tensor:
+        return model.model.multi_modal_projector(features)
+
+
+def tiny_llava_config(tokenizer, tower: str):
+    """Small random LLaVA configs with the real classes: 'clip' + Llama, or 'siglip' + Qwen2."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    tower_size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    if tower == "clip":  # 336 px / patch 14 -> 24 x 24 = 576 tokens (+ CLS, dropped)
+        vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=64, **tower_size)
+        text_config, strategy, image_size = LlamaConfig(**text), "default", 336
+    else:  # 224 px / patch 14 -> 16 x 16 = 256 tokens, no CLS
+        vision = SiglipVisionConfig(image_size=224, patch_size=14, vision_use_head=False, **tower_size)
+        text_config, strategy, image_size = Qwen2Config(**text, use_sliding_window=False), "full", 224
+    return LlavaConfig(
+        vision_config=vision, text_config=text_config, image_token_index=tokenizer.image_token_id,
+        image_seq_length=(image_size // 14) ** 2, vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llava(out_dir: Path, tower: str, seed: int = 0) -> None:
+    """Write a randomly initialised tiny LLaVA checkpoint + processor to out_dir (no downloads)."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    from apet_export.models.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_llava_config(tokenizer, tower)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random init gives logits of std ~0.16: widen the gaps between the top candidates so that greedy
+    # token parity between backends is decided by the model, not by rounding.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(math.sqrt(config.text_config.hidden_size))
+    generation = model.generation_config
+    generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+
+    side = config.vision_config.image_size
+    if tower == "clip":
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}, do_center_crop=True,
+            image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD,
+        )
+    else:
+        image_processor = SiglipImageProcessorPil(
+            size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1 if tower == "clip" else 0,  # CLIP's CLS, removed again by "default"
+        chat_template=CHAT_TEMPLATE, image_token="<image>",
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)

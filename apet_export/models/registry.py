@@ -1,0 +1,78 @@
+"""Model families and tiny presets by name; `load_source` turns `--model` into a loaded model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from apet_export.errors import ArtifactError, UnknownNameError
+from apet_export.models.base import ModelFamily
+from apet_export.models.llava import LlavaFamily, build_tiny_llava
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+register_family(LlavaFamily())
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A tiny randomly initialised model of a family's real classes, for tests and the default build."""
+
+    name: str
+    family: str
+    build: Callable[[Path], None]  # writes a checkpoint + processor into the given directory
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("tiny-llava", "llava", lambda out: build_tiny_llava(out, "clip"),
+               "CLIP 336px/14 (576 tokens) + 4-layer Llama, random weights"),
+        Preset("tiny-llava-siglip-qwen2", "llava", lambda out: build_tiny_llava(out, "siglip"),
+               "SigLIP 224px/14 (256 tokens) + 4-layer Qwen2, random weights"),
+    )
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise UnknownNameError("model family", name, list(FAMILIES))
+    return FAMILIES[name]
+
+
+def family_for_checkpoint(path: Path) -> ModelFamily:
+    """The family whose model_types include the checkpoint's config.json model_type."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ArtifactError(
+            f"{path} is not a Hugging Face checkpoint directory (no config.json): pass a preset "
+            f"({', '.join(PRESETS)}) or a local directory saved with save_pretrained"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    known = [t for f in FAMILIES.values() for t in f.model_types]
+    raise UnknownNameError("model_type (in config.json)", model_type, known)
+
+
+def materialize_source(source: str, out_dir: Path) -> tuple[str, Path]:
+    """Resolve `--model`: a preset is generated into out_dir; a path is used in place. -> (source id, dir)."""
+    if source in PRESETS:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        PRESETS[source].build(out_dir)
+        return source, out_dir
+    path = Path(source)
+    if not path.exists():
+        raise UnknownNameError("model (preset or local directory)", source, list(PRESETS))
+    family_for_checkpoint(path)  # fail early on a directory we cannot handle
+    return str(path.resolve()), path
