@@ -3,17 +3,93 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
+from rich.console import Console
 
 from apet_export import __version__
 from apet_export.errors import ApetExportError
+
+console = Console()
+status_console = Console(stderr=True)  # progress and tables that must not mix with streamed answers
+
+
+def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 16,64,192") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="apet-export")
 def cli():
     """Export vision-language models with ApET visual-token compression, check parity, run them."""
+
+
+@cli.command()
+@click.option("--model", default="tiny-llava", show_default=True, help="a preset name or a local HF checkpoint directory")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="build directory to create")
+@click.option("--method", type=click.Choice(["apet", "visionzip", "none"]), default="apet", show_default=True)
+@click.option("--num-basis", default=10, show_default=True, help="ApET basis size M")
+@click.option("--selection", type=click.Choice(["fps", "dpc"]), default="fps", show_default=True)
+@click.option("--ridge", default=1e-5, show_default=True, help="ridge lambda of the least squares")
+@click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
+@click.option("--budget", default=64, show_default=True, help="default visual-token budget (runtime input)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
+@click.option("--no-llm", is_flag=True, help="export the vision graphs only")
+@click.option("--force", is_flag=True, help="replace an existing --out")
+@click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
+def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, force, trust_remote_code):
+    """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
+    from apet_export.config import ApetConfig
+    from apet_export.export.build import BuildOptions
+    from apet_export.export.build import build as run_build
+
+    start = int(fps_start) if fps_start.isdigit() else fps_start
+    options = BuildOptions(
+        model=model, out=out, method=method, budget=budget, precision=precision, llm=not no_llm, force=force,
+        compression=ApetConfig(num_basis=num_basis, selection=selection, ridge=ridge, fps_start=start),
+        trust_remote_code=trust_remote_code,
+    )
+    run_build(options, console=status_console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--images", "-i", multiple=True, type=click.Path(path_type=Path), help="images to check with (default: generated)")
+@click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: 16,64,192,N)")
+@click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
+def parity(build_dir, images, budgets, e2e):
+    """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure."""
+    from apet_export.parity.run import run_parity
+
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+def inspect(build_dir):
+    """Summarise a build: manifest, graph inputs/outputs, op histogram."""
+    from apet_export.inspect import inspect_build
+
+    inspect_build(build_dir, console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--budget", type=int, default=None, help="tokens kept (default: the build's)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="PNG to write")
+def visualize(build_dir, image, budget, output):
+    """Draw the approximation-error heatmap and the kept tokens next to the image."""
+    from apet_export.visualize import visualize_build
+
+    visualize_build(build_dir, image, budget, output)
+    status_console.print(f"wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,3 +51,46 @@ class ApetConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ApetConfig:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output: name, dtype and shape with named dynamic axes (str) or static sizes (int)."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """One file of a build and its I/O contract."""
+
+    path: str  # relative to the build directory
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArtifactSpec:
+        return cls(
+            data["path"],
+            tuple(TensorSpec.from_dict(t) for t in data["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
+        )

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apet_export.compat import quiet_export
 from apet_export.compression import ApetConfig
 from apet_export.compression.apet import apet_scores, rank_and_merge
 from apet_export.compression.baselines import visionzip_select
@@ -139,7 +140,7 @@ def export_vision(
         translations[apet_score._opoverload] = onnx_translation
     batch = torch.export.Dim("batch", min=1, max=1024)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_export():
             program = torch.onnx.export(
                 graph, (pixel_values, keep), dynamo=True, opset_version=opset,
                 input_names=[s.name for s in inputs_spec], output_names=[s.name for s in outputs_spec],
@@ -150,12 +151,12 @@ def export_vision(
         raise ExportError(f"exporting the vision graph ({method}, plugin={use_plugin}) failed: {error}") from error
     proto = program.model_proto
     rename_nodes_by_scope(proto)
-    _name_dynamic_axes(proto, inputs_spec, outputs_spec)
+    name_dynamic_axes(proto, inputs_spec, outputs_spec)
     large = proto.ByteSize() > 2**31 - 1
     onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
 
 
-def _name_dynamic_axes(proto, inputs_spec, outputs_spec) -> None:
+def name_dynamic_axes(proto, inputs_spec, outputs_spec) -> None:
     """Give every dynamic axis of the graph I/O the name the manifest uses ('batch', 'keep', ...)."""
     specs = {s.name: s for s in (*inputs_spec, *outputs_spec)}
     for value in (*proto.graph.input, *proto.graph.output):

@@ -6,29 +6,12 @@ at the feature layer, its projector, and the names and dynamic axes of the visio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input/output: name, dtype and shape with named dynamic axes (str) or static sizes (int)."""
-
-    name: str
-    dtype: str  # numpy dtype name: "float32", "int64", ...
-    shape: tuple[int | str, ...]
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TensorSpec:
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
-
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+from apet_export.config import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -62,6 +45,16 @@ class ModelFamily:
 
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         """Per-token projector: [B, T, D] -> [B, T, H]."""
+        raise NotImplementedError
+
+    def language_model(self, model):
+        """The decoder stack without head (LlamaModel, Qwen2Model, ...)."""
+        raise NotImplementedError
+
+    def lm_head(self, model):
+        raise NotImplementedError
+
+    def image_token_id(self, model) -> int:
         raise NotImplementedError
 
     def vision_io(self, dims: VisionDims) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from apet_export.compat import quiet_libraries
 from apet_export.compression.baselines import attention_received, cls_attention_from_qk
 from apet_export.models.base import ModelFamily, VisionDims
 
@@ -25,6 +26,7 @@ class LlavaFamily(ModelFamily):
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        quiet_libraries()
         model = LlavaForConditionalGeneration.from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
             attn_implementation=attn_implementation, dtype=torch.float32,
@@ -75,6 +77,15 @@ class LlavaFamily(ModelFamily):
 
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         return model.model.multi_modal_projector(features)
+
+    def language_model(self, model):
+        return model.model.language_model
+
+    def lm_head(self, model):
+        return model.lm_head
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_id
 
 
 def tiny_llava_config(tokenizer, tower: str):

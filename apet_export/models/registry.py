@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from apet_export.compat import quiet_libraries
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import LlavaFamily, build_tiny_llava
@@ -65,14 +68,27 @@ def family_for_checkpoint(path: Path) -> ModelFamily:
     raise UnknownNameError("model_type (in config.json)", model_type, known)
 
 
-def materialize_source(source: str, out_dir: Path) -> tuple[str, Path]:
-    """Resolve `--model`: a preset is generated into out_dir; a path is used in place. -> (source id, dir)."""
+def prepare_checkpoint(source: str, target: Path) -> str:
+    """Put the checkpoint named by `--model` into `target` and return its source id.
+
+    A preset is generated there; a local directory is hard-linked (no extra disk for multi-GB weights)
+    or copied.
+    """
     if source in PRESETS:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        PRESETS[source].build(out_dir)
-        return source, out_dir
+        quiet_libraries()
+        target.mkdir(parents=True, exist_ok=True)
+        PRESETS[source].build(target)
+        return source
     path = Path(source)
-    if not path.exists():
-        raise UnknownNameError("model (preset or local directory)", source, list(PRESETS))
+    if not path.is_dir():
+        raise UnknownNameError("model (preset or local checkpoint directory)", source, list(PRESETS))
     family_for_checkpoint(path)  # fail early on a directory we cannot handle
-    return str(path.resolve()), path
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(path, target, copy_function=link_or_copy)
+    return str(path.resolve())

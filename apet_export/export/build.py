@@ -1,0 +1,178 @@
+"""`apet-export build`: model -> artifacts directory, written atomically.
+
+    --model (preset | local dir) ─► DIR/model/ (checkpoint + processor)
+                                 ─► DIR/vision.onnx, DIR/vision.plugin.onnx     (vision + ApET stage 1)
+                                 ─► DIR/llm.onnx                                (decoder, fused attention, KV cache)
+                                 ─► DIR/manifest.json
+Everything is written into a temporary sibling directory that is renamed to DIR at the end, so an
+interrupted build never leaves a half-written DIR.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from apet_export.compression.apet import validate_budget
+from apet_export.config import ApetConfig, ArtifactSpec
+from apet_export.errors import ArtifactError, InvalidInputError
+from apet_export.manifest import Manifest
+from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
+
+
+@dataclass
+class BuildOptions:
+    model: str = "tiny-llava"
+    out: Path = Path("build/tiny-llava")
+    method: str = "apet"
+    compression: ApetConfig = field(default_factory=ApetConfig)
+    budget: int = 64
+    precision: str = "fp32"
+    opset: int = 23
+    llm: bool = True
+    force: bool = False
+    trust_remote_code: bool = False
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """Content hash of the checkpoint's config and weights (file names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.suffix in (".json", ".safetensors") and path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def check_options(options: BuildOptions) -> None:
+    if options.method not in ("apet", "visionzip", "none"):
+        raise InvalidInputError(f"method {options.method!r} cannot be built: choose apet, visionzip or none")
+    if options.method == "apet" and options.compression.selection == "random":
+        raise InvalidInputError(
+            "selection 'random' cannot be exported (its generator runs in Python at trace time): use fps or dpc"
+        )
+    if options.precision not in ("fp32", "fp16"):
+        raise InvalidInputError(f"precision {options.precision!r} is not supported: choose fp32 or fp16")
+    out = Path(options.out)
+    if out.exists() and not options.force:
+        raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+
+
+def build(options: BuildOptions, console: Console | None = None) -> Manifest:
+    """Run every build step into a temporary directory, then move it to options.out."""
+    from apet_export.export.vision import export_vision
+
+    check_options(options)
+    console = console or Console(stderr=True)
+    out = Path(options.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build is an ordinary directory
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+
+            def step(description: str):
+                return progress.add_task(description, total=1)
+
+            task = step(f"model: {options.model}")
+            checkpoint = staging / "model"
+            source_id = prepare_checkpoint(options.model, checkpoint)
+            family = family_for_checkpoint(checkpoint)
+            model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            dims = family.vision_dims(model)
+            minimum = options.compression.num_basis if options.method == "apet" else 0
+            validate_budget(options.budget, minimum, dims.num_tokens)
+            progress.update(task, completed=1)
+
+            files: dict[str, ArtifactSpec] = {}
+            notes: list[str] = []
+            inputs, outputs = family.vision_io(dims)
+            task = step("vision.onnx: tower + ApET stage 1 + projector")
+            export_vision(model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset)
+            files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
+            progress.update(task, completed=1)
+
+            plugin = {}
+            if options.method == "apet" and options.compression.selection == "fps":
+                from apet_export.plugins import apet_score
+
+                task = step("vision.plugin.onnx: ApetScore plugin node")
+                export_vision(
+                    model, family, options.method, options.compression, staging / "vision.plugin.onnx",
+                    use_plugin=True, opset=options.opset,
+                )
+                files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
+                plugin = {
+                    "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
+                    "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
+                }
+                progress.update(task, completed=1)
+            else:
+                notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
+
+            manifest = Manifest(
+                source={"model": source_id, "sha256": checkpoint_sha256(checkpoint)},
+                family=family.name,
+                dims={
+                    "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
+                    "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
+                },
+                method=options.method,
+                compression=options.compression,
+                budget={"default": options.budget, "min": minimum + 1, "max": dims.num_tokens},
+                precision=options.precision,
+                opset=options.opset,
+                files=files,
+                plugin=plugin,
+                notes=notes,
+                tool_versions=tool_versions(),
+            )
+            if options.llm:
+                from apet_export.export.llm import export_llm_artifacts
+
+                task = step("llm.onnx: decoder with fused attention and KV cache")
+                export_llm_artifacts(model, family, staging, manifest, options.precision)
+                progress.update(task, completed=1)
+            manifest.write(staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    console.print(f"[green]built[/green] {out}")
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace `out` by `staging` with renames only (the old build is removed after the swap)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

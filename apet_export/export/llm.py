@@ -1,0 +1,162 @@
+"""torch -> llm.onnx: the text decoder with one fused attention op per layer and explicit KV-cache I/O.
+
+One graph serves prefill (S = prompt length, P = 0) and decode (S = 1, P = tokens so far):
+
+    inputs_embeds [B, S, H]   (the runtime embeds the text and splices the compressed image embeddings in)
+    attention_mask [B, P+S] int64 (1 = real token, 0 = left padding)
+    position_ids [B, S] int64
+    past_key_i / past_value_i [B, Hkv, P, Dh]            for each layer i
+      │
+      ▼  per layer: RMSNorm → q/k/v proj → RoPE → concat past → SDPA (→ ONNX Attention) → o_proj → MLP
+    logits [B, V]  (last position)
+    present_key_i / present_value_i [B, Hkv, P+S, Dh]
+
+The decoder below reads the weights of the Hugging Face layers and reuses their RoPE helpers, so it is
+the same computation as the eager model; parity checks hold it to that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apet_export.compat import quiet_export
+from apet_export.config import ArtifactSpec, TensorSpec
+from apet_export.errors import ExportError
+
+MASKED = -1e9  # additive mask value: finite, so fully padded rows stay NaN-free
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, query_length: int, dtype) -> torch.Tensor:
+    """attention_mask [B, T] (T = P + S) -> additive mask [B, 1, S, T]: query i (absolute position P + i)
+    sees key j if j <= P + i and key j is not padding."""
+    total = attention_mask.shape[1]
+    query_position = torch.arange(query_length, device=attention_mask.device) + (total - query_length)  # [S]
+    key_position = torch.arange(total, device=attention_mask.device)  # [T]
+    visible = (key_position[None, :] <= query_position[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.where(visible, 0.0, MASKED).to(dtype)
+
+
+class DecoderGraph(nn.Module):
+    """The traced module of llm.onnx. `language_model` is the HF LlamaModel / Qwen2Model, `lm_head` its head."""
+
+    def __init__(self, language_model, lm_head):
+        super().__init__()
+        self.language_model, self.lm_head = language_model, lm_head
+        config = language_model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        first_attention = language_model.layers[0].self_attn
+        # Llama and Qwen2 define the same apply_rotary_pos_emb in their modeling module: use theirs.
+        self.apply_rotary = sys.modules[type(first_attention).__module__].apply_rotary_pos_emb
+
+    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
+        """hidden [B, S, H] -> (output [B, S, H], present_key, present_value [B, Hkv, P+S, Dh])."""
+        attn = layer.self_attn
+        batch, length, _ = hidden.shape
+        q = attn.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
+        k = attn.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        v = attn.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.apply_rotary(q, k, cos, sin)
+        k = torch.cat([past_key, k], dim=2)  # [B, Hkv, P+S, Dh]
+        v = torch.cat([past_value, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return attn.o_proj(out), k, v
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        lm = self.language_model
+        hidden = inputs_embeds  # [B, S, H]
+        cos, sin = lm.rotary_emb(hidden, position_ids)  # [B, S, Dh]
+        mask = causal_padding_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
+        presents = []
+        for i, layer in enumerate(lm.layers):
+            attended, key, value = self.attention(
+                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * i], past[2 * i + 1]
+            )
+            hidden = hidden + attended
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            presents += [key, value]
+        logits = self.lm_head(lm.norm(hidden[:, -1]))  # [B, V], last position only
+        return (logits, *presents)
+
+
+def llm_io(num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str):
+    kv = lambda name, length: TensorSpec(name, dtype, ("batch", num_kv_heads, length, head_dim))  # noqa: E731
+    inputs = [
+        TensorSpec("inputs_embeds", dtype, ("batch", "sequence", hidden)),
+        TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+        TensorSpec("position_ids", "int64", ("batch", "sequence")),
+    ]
+    outputs = [TensorSpec("logits", dtype, ("batch", vocab))]
+    for i in range(num_layers):
+        inputs += [kv(f"past_key_{i}", "past_sequence"), kv(f"past_value_{i}", "past_sequence")]
+        outputs += [kv(f"present_key_{i}", "total_sequence"), kv(f"present_value_{i}", "total_sequence")]
+    return inputs, outputs
+
+
+def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dtype, opset: int = 23) -> None:
+    import onnx
+
+    from apet_export.export.vision import name_dynamic_axes, rename_nodes_by_scope
+
+    config = graph.language_model.config
+    batch, length, past_length = 2, 5, 3  # examples > 1 so no axis is specialised to a constant
+    embeds = torch.randn(batch, length, config.hidden_size, dtype=dtype)
+    attention_mask = torch.ones(batch, past_length + length, dtype=torch.long)
+    position_ids = torch.arange(past_length, past_length + length).expand(batch, -1)
+    past = [torch.randn(batch, graph.num_kv_heads, past_length, graph.head_dim, dtype=dtype) for _ in range(2 * len(graph.language_model.layers))]
+    b, s, p = torch.export.Dim("batch", max=1024), torch.export.Dim("sequence", max=65536), torch.export.Dim("past_sequence", max=65536)
+    dynamic = {
+        "inputs_embeds": {0: b, 1: s},
+        "attention_mask": {0: b, 1: torch.export.Dim.AUTO},  # = past_sequence + sequence, inferred
+        "position_ids": {0: b, 1: s},
+        "past": tuple({0: b, 2: p} for _ in past),
+    }
+    try:
+        with torch.no_grad(), quiet_export():
+            program = torch.onnx.export(
+                graph, (embeds, attention_mask, position_ids, *past), dynamo=True, opset_version=opset,
+                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs],
+                dynamic_shapes=dynamic,
+            )
+    except Exception as error:
+        raise ExportError(f"exporting the LLM decoder failed: {error}") from error
+    proto = program.model_proto
+    rename_nodes_by_scope(proto, prefix="/llm")
+    name_dynamic_axes(proto, inputs, outputs)
+    large = proto.ByteSize() > 2**31 - 1
+    onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+
+
+def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str) -> None:
+    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest."""
+    language_model, lm_head = family.language_model(model), family.lm_head(model)
+    config = language_model.config
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    graph = DecoderGraph(language_model, lm_head).eval().to(dtype)
+    inputs, outputs = llm_io(
+        len(language_model.layers), config.hidden_size, graph.num_kv_heads, graph.head_dim, config.vocab_size,
+        "float16" if precision == "fp16" else "float32",
+    )
+    export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
+    graph.to(torch.float32)  # the model object is shared with the caller
+    manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
+
+    # The runtime embeds token ids itself (then splices image rows in): ship the table beside the graph.
+    from safetensors.torch import save_file
+
+    table = language_model.embed_tokens.weight.detach().to(dtype).contiguous()  # [V, H]
+    save_file({"embed_tokens": table}, str(out_dir / "embeddings.safetensors"))
+    spec = TensorSpec("embed_tokens", inputs[0].dtype, (config.vocab_size, config.hidden_size))
+    manifest.files["embeddings"] = ArtifactSpec("embeddings.safetensors", (), (spec,))
+    manifest.dims.update(
+        num_layers=len(language_model.layers), num_heads=graph.num_heads, num_kv_heads=graph.num_kv_heads,
+        head_dim=graph.head_dim, vocab_size=config.vocab_size, max_context=config.max_position_embeddings,
+        image_token_id=family.image_token_id(model), eos_token_id=config.eos_token_id,
+    )

@@ -1,0 +1,67 @@
+"""`apet-export inspect DIR`: what a build contains."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from apet_export.manifest import load_manifest
+
+
+def _shape(value) -> str:
+    dims = value.type.tensor_type.shape.dim
+    return escape("[" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + "]")  # not rich markup
+
+
+def op_histogram(model) -> Counter:
+    """op counts, custom-domain ops as domain::op_type."""
+    return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+
+
+def inspect_build(build_dir: Path, console: Console) -> None:
+    import onnx
+    from onnx import helper
+
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    summary = Table(title=f"build {build_dir}", show_header=False)
+    summary.add_column("key", style="bold")
+    summary.add_column("value")
+    config = manifest.compression
+    for key, value in (
+        ("source", f"{manifest.source['model']} (sha256 {manifest.source['sha256'][:12]}…)"),
+        ("family", manifest.family),
+        ("method", manifest.method),
+        ("compression", f"M={config.num_basis} selection={config.selection} ridge={config.ridge:g} fps_start={config.fps_start}"),
+        ("budget", f"default {manifest.budget['default']}, range [{manifest.budget['min']}, {manifest.budget['max']}]"),
+        ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),
+        ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
+        ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),
+        *((f"note {i + 1}", note) for i, note in enumerate(manifest.notes)),
+    ):
+        summary.add_row(key, str(value))
+    console.print(summary)
+
+    for name in manifest.files:
+        path = manifest.file(build_dir, name)
+        if path.suffix != ".onnx":
+            continue
+        model = onnx.load(str(path), load_external_data=False)
+        io = Table(title=f"{path.name}: inputs and outputs")
+        for column in ("kind", "name", "dtype", "shape"):
+            io.add_column(column)
+        for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+            for value in values:
+                dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+                io.add_row(kind, value.name, dtype, _shape(value))
+        console.print(io)
+        ops = Table(title=f"{path.name}: {len(model.graph.node)} nodes")
+        ops.add_column("op")
+        ops.add_column("count", justify="right")
+        for op, count in op_histogram(model).most_common():
+            ops.add_row(op, str(count))
+        console.print(ops)

@@ -1,0 +1,95 @@
+"""manifest.json: the single source of truth of a build (files, I/O names, dynamic axes, budgets)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apet_export import __version__
+from apet_export.config import ApetConfig, ArtifactSpec
+from apet_export.errors import ArtifactError, ManifestVersionError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Manifest:
+    source: dict  # {"model": preset name or path, "sha256": content hash of the checkpoint}
+    family: str
+    dims: dict  # image_size, num_image_tokens, vision_hidden, text_hidden (+ LLM dims)
+    method: str  # apet | visionzip | none
+    compression: ApetConfig
+    budget: dict  # {"default": T, "min": M + 1, "max": N}
+    precision: str
+    opset: int
+    files: dict[str, ArtifactSpec]  # "vision", "vision_plugin", "llm", ...
+    plugin: dict = field(default_factory=dict)  # ApetScore op identity, when vision_plugin exists
+    notes: list[str] = field(default_factory=list)  # what was not built and why
+    tool_versions: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    apet_export_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "apet_export_version": self.apet_export_version,
+            "source": self.source,
+            "family": self.family,
+            "dims": self.dims,
+            "method": self.method,
+            "compression": self.compression.to_dict(),
+            "budget": self.budget,
+            "precision": self.precision,
+            "opset": self.opset,
+            "files": {name: spec.to_dict() for name, spec in self.files.items()},
+            "plugin": self.plugin,
+            "notes": self.notes,
+            "tool_versions": self.tool_versions,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestVersionError(
+                f"manifest schema version {version} (written by apet-export "
+                f"{data.get('apet_export_version', '?')}) is not the supported version {SCHEMA_VERSION}: "
+                f"rebuild with `apet-export build`, or use the apet-export version that wrote it"
+            )
+        fields = dict(data)
+        fields["compression"] = ApetConfig.from_dict(data["compression"])
+        fields["files"] = {name: ArtifactSpec.from_dict(spec) for name, spec in data["files"].items()}
+        return cls(**fields)
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def file(self, directory: Path, name: str) -> Path:
+        """Absolute path of artifact `name`, checked to exist."""
+        if name not in self.files:
+            raise ArtifactError(f"the build in {directory} has no {name!r} artifact (it has: {', '.join(self.files)})")
+        path = Path(directory) / self.files[name].path
+        if not path.is_file():
+            raise ArtifactError(f"{path} is listed in the manifest but missing: rebuild with `apet-export build`")
+        return path
+
+
+def load_manifest(directory: Path) -> Manifest:
+    """Read DIR/manifest.json with clear errors for a non-build, a corrupt file, or another schema."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory} is not an apet-export build (no {MANIFEST_NAME}): create one with "
+            f"`apet-export build --out {directory}`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}): rebuild with `apet-export build`") from error
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError) as error:
+        raise ArtifactError(f"{path} is incomplete or malformed ({error}): rebuild with `apet-export build`") from error

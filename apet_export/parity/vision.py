@@ -1,0 +1,67 @@
+"""Vision parity: eager PyTorch vs onnxruntime on vision.onnx and vision.plugin.onnx, via Polygraphy.
+
+For every (graph, budget, batch) the Comparator runs both runners on the same feed and checks each
+output against its tolerance; keep_index must be identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.comparator import Comparator, CompareFunc
+
+from apet_export.compat import quiet_polygraphy
+from apet_export.manifest import Manifest
+from apet_export.parity.report import ParityRow
+from apet_export.runtime.backends.torch_vision import TorchVisionRunner
+from apet_export.runtime.sessions import onnxruntime_session
+
+# fp32 tolerances: |diff| <= atol or |diff| / |expected| <= rtol, per element.
+TOLERANCES = {
+    "image_embeds": (1e-4, 1e-3),
+    "keep_index": (0.0, 0.0),  # must be identical
+    "scores": (1e-4, 1e-4),
+}
+
+
+def default_budgets(manifest: Manifest) -> list[int]:
+    low, high = manifest.budget["min"], manifest.budget["max"]
+    return [b for b in (16, 64, 192, high) if low <= b <= high]
+
+
+def vision_parity(
+    build_dir: Path, manifest: Manifest, pixel_values: np.ndarray, budgets: list[int], batches=(1, 2)
+) -> list[ParityRow]:
+    """pixel_values [K, 3, S, S] (K >= max(batches)) -> one row per graph, budget, batch and output."""
+    quiet_polygraphy()
+    feeds = [
+        {"pixel_values": np.ascontiguousarray(pixel_values[:batch]), "keep": np.array(budget, dtype=np.int64)}
+        for budget in budgets
+        for batch in batches
+    ]
+    compare = CompareFunc.simple(
+        atol={name: tol[0] for name, tol in TOLERANCES.items()},
+        rtol={name: tol[1] for name, tol in TOLERANCES.items()},
+        check_shapes=True,
+    )
+    rows: list[ParityRow] = []
+    graphs = [name for name in ("vision", "vision_plugin") if name in manifest.files]
+    reference = TorchVisionRunner(build_dir, manifest)
+    for graph in graphs:
+        path = manifest.file(build_dir, graph)
+        runner = OnnxrtRunner(lambda path=path: onnxruntime_session(path), name=f"onnxruntime:{path.name}")
+        results = Comparator.run([reference, runner], data_loader=feeds)
+        with np.errstate(divide="ignore", invalid="ignore"):  # relative diffs of exact zeros
+            accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+        (iterations,) = accuracy[0].values()  # one compare func, one runner pair
+        for feed, outputs in zip(feeds, iterations, strict=True):
+            for name, result in outputs.items():
+                atol, rtol = TOLERANCES[name]
+                rows.append(ParityRow(
+                    check=f"{path.name} k={int(feed['keep'])} b={feed['pixel_values'].shape[0]}",
+                    output=name, max_abs=float(result.max_absdiff), max_rel=float(result.max_reldiff),
+                    atol=atol, rtol=rtol, passed=bool(result),
+                ))
+    return rows

@@ -1,0 +1,38 @@
+"""Shared fixtures: each tiny preset is built once per test session (a build takes ~20-40 s)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+def _build(tmp_path_factory, preset: str, **options) -> Path:
+    from apet_export.export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("builds") / preset
+    build(BuildOptions(model=preset, out=out, **options))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_build(tmp_path_factory) -> Path:
+    """tiny-llava (CLIP + Llama), ApET fps, all artifacts."""
+    return _build(tmp_path_factory, "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def siglip_qwen2_build(tmp_path_factory) -> Path:
+    """tiny-llava-siglip-qwen2 (SigLIP + Qwen2), ApET fps, all artifacts."""
+    return _build(tmp_path_factory, "tiny-llava-siglip-qwen2")
+
+
+@pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
+def any_build(request) -> Path:
+    fixture = {"tiny-llava": "llava_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_build"}[request.param]
+    return request.getfixturevalue(fixture)
