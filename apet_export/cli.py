@@ -11,8 +11,9 @@ from rich.console import Console
 from apet_export import __version__
 from apet_export.errors import ApetExportError
 
-console = Console()
-status_console = Console(stderr=True)  # progress and tables that must not mix with streamed answers
+# Tables are wide: don't squeeze them to 80 columns when the output is a pipe or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
+status_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # off stdout's streamed text
 
 
 def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
@@ -90,6 +91,70 @@ def visualize(build_dir, image, budget, output):
 
     visualize_build(build_dir, image, budget, output)
     status_console.print(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="image(s) to ask about (default: a generated test picture)")
+@click.option("--prompt", required=True)
+@click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
+def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
+    """Answer PROMPT about the image(s), streaming the text as it is generated."""
+    import json
+
+    from apet_export.runtime.images import synthetic_image
+    from apet_export.runtime.pipeline import Pipeline
+
+    if not images:
+        status_console.print("[dim]no --image given: using a generated test picture[/dim]")
+    pictures = list(images) or [synthetic_image(0)]
+    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+        generation = pipeline.generate(
+            pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed,
+        )
+        for event in generation.events():
+            if as_json:
+                click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
+                                       "text": event.text, "ms": round(event.ms, 3)}))
+            elif event.text:
+                click.echo(event.text, nl=False)
+                sys.stdout.flush()
+        summary = generation.result.summary()
+    if as_json:
+        click.echo(json.dumps({"event": "done", **summary}))
+    else:
+        click.echo()
+        status_console.print(
+            f"[dim]{summary['generated_tokens']} tokens ({summary['finish_reason']}), image tokens "
+            f"{summary['image_tokens']}, vision {summary['vision_ms']:.1f} ms, prefill {summary['prefill_ms']:.1f} ms, "
+            f"decode {summary['decode_tokens_per_s']:.1f} tok/s[/dim]"
+        )
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: N,192,128,64)")
+@click.option("--runs", default=5, show_default=True)
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
+    """Time vision, prefill and decode per budget against no compression, in one run."""
+    import json
+
+    from apet_export.bench import rows_as_dicts, run_bench
+
+    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from polygraphy.comparator import Comparator, CompareFunc
 from apet_export.compat import quiet_polygraphy
 from apet_export.manifest import Manifest
 from apet_export.parity.report import ParityRow
-from apet_export.runtime.backends.torch_vision import TorchVisionRunner
+from apet_export.runtime.backends.torch import TorchVisionRunner
 from apet_export.runtime.sessions import onnxruntime_session
 
 # fp32 tolerances: |diff| <= atol or |diff| / |expected| <= rtol, per element.

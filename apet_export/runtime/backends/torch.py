@@ -1,0 +1,132 @@
+"""torch backend: the Hugging Face model run eagerly with our compression; the reference of parity.
+
+The vision runner uses the library's public compression API (get_method(...)), not the traced module,
+so parity compares the exported graphs against an independent eager path. The LLM runner is the HF
+decoder with its DynamicCache (SDPA attention; FlashAttention-2 when installed and on a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+from apet_export.compression import get_method
+from apet_export.manifest import Manifest
+from apet_export.models.registry import get_family
+from apet_export.runtime.backends.base import Backend
+
+
+def eager_vision(model, family, manifest: Manifest, pixel_values: torch.Tensor, keep: int) -> dict[str, np.ndarray]:
+    """pixel_values [B, 3, S, S], budget -> the vision graph's outputs, computed eagerly."""
+    with torch.inference_mode():
+        features = family.vision_features(model, pixel_values)  # [B, N, Dv]
+        aux = {}
+        if manifest.method == "visionzip":
+            aux["cls_attention"] = family.cls_attention(model, pixel_values)
+        out = get_method(manifest.method)(features, keep, manifest.compression, **aux)
+        embeds = family.project(model, out.tokens)
+    outputs = {"image_embeds": embeds.float(), "keep_index": out.index, "scores": out.scores.float()}
+    return OrderedDict((name, np.ascontiguousarray(t.numpy())) for name, t in outputs.items())
+
+
+class TorchVisionRunner(BaseRunner):
+    """activate: load DIR/model; infer: {pixel_values, keep} -> {image_embeds, keep_index, scores}."""
+
+    def __init__(self, build_dir: Path, manifest: Manifest, name: str = "torch", model=None):
+        super().__init__(name=name, prefix="torch-runner")
+        self.build_dir, self.manifest = Path(build_dir), manifest
+        self.family = get_family(manifest.family)
+        self.model, self.owns_model = model, model is None
+
+    def activate_impl(self):
+        if self.owns_model:
+            self.model, _ = self.family.load(self.build_dir / "model")
+
+    def get_input_metadata_impl(self):
+        metadata = TensorMetadata()
+        for spec in self.manifest.files["vision"].inputs:
+            metadata.add(spec.name, np.dtype(spec.dtype), spec.shape)
+        return metadata
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        pixel_values = torch.from_numpy(feed_dict["pixel_values"])
+        outputs = eager_vision(self.model, self.family, self.manifest, pixel_values, int(feed_dict["keep"]))
+        self.inference_time = time.perf_counter() - start  # read by Polygraphy's Comparator
+        return outputs
+
+    def deactivate_impl(self):
+        if self.owns_model:
+            self.model = None
+
+
+def attention_implementation() -> str:
+    """FlashAttention-2 where it can run (CUDA + flash-attn installed), SDPA otherwise."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class TorchLlmRunner(BaseRunner):
+    """The HF decoder with a DynamicCache; feeds and logits are numpy like the ONNX runner's."""
+
+    def __init__(self, model, family, name: str = "torch-llm"):
+        super().__init__(name=name, prefix="torch-llm-runner")
+        self.model, self.family = model, family
+
+    def activate_impl(self):
+        self.language_model = self.family.language_model(self.model)
+        self.lm_head = self.family.lm_head(self.model)
+
+    def get_input_metadata_impl(self):
+        metadata = TensorMetadata()
+        for name, dtype in (("inputs_embeds", np.float32), ("attention_mask", np.int64), ("position_ids", np.int64)):
+            metadata.add(name, dtype, None)
+        return metadata
+
+    def infer_impl(self, feed_dict, cache=None):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.language_model(
+                inputs_embeds=torch.from_numpy(feed_dict["inputs_embeds"]),
+                attention_mask=torch.from_numpy(feed_dict["attention_mask"]),
+                position_ids=torch.from_numpy(feed_dict["position_ids"]),
+                past_key_values=cache, use_cache=True,
+            )
+            logits = self.lm_head(out.last_hidden_state[:, -1]).float().numpy()  # [B, V]
+        self.inference_time = time.perf_counter() - start
+        return logits, out.past_key_values
+
+    def deactivate_impl(self):
+        self.language_model = self.lm_head = None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def activate(self) -> TorchBackend:
+        family = get_family(self.manifest.family)
+        self.model, _ = family.load(self.build_dir / "model", attn_implementation=attention_implementation())
+        self.vision = TorchVisionRunner(self.build_dir, self.manifest, model=self.model)
+        self.vision.activate()
+        self.llm = TorchLlmRunner(self.model, family)
+        self.llm.activate()
+        self.embedding = family.language_model(self.model).embed_tokens
+        return self
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.embedding(torch.from_numpy(token_ids)).float().numpy()
+
+    def new_cache(self, batch: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.text_config)

@@ -1,0 +1,229 @@
+"""The streaming pipeline: image(s) + prompt -> vision (+ ApET) -> embed merge -> prefill -> decode loop.
+
+    pipeline = Pipeline.from_dir("build/tiny-llava", backend="onnxruntime")
+    generation = pipeline.generate([image], "Describe the image.", budget=64, max_new_tokens=32)
+    for delta in generation:          # text as it is produced
+        print(delta, end="", flush=True)
+    generation.result                 # GenerationResult: text, token ids, timings, token counts
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from apet_export.compression.apet import validate_budget
+from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
+from apet_export.manifest import Manifest, load_manifest
+from apet_export.runtime.images import load_image
+from apet_export.runtime.sampling import Sampler
+from apet_export.runtime.streaming import IncrementalDecoder
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "length"
+    prompt_tokens: int  # text tokens of the prompt, image placeholders excluded
+    image_tokens: int  # visual tokens after compression, all images
+    vision_ms: float
+    prefill_ms: float
+    decode_ms: list[float] = field(default_factory=list)  # one per generated token after the first
+    first_logits: np.ndarray | None = None  # [V] logits of the first generated token (parity)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.decode_ms) / (sum(self.decode_ms) / 1e3) if self.decode_ms else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+            "generated_tokens": len(self.token_ids), "vision_ms": round(self.vision_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3),
+            "decode_ms_per_token": round(float(np.mean(self.decode_ms)), 3) if self.decode_ms else None,
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+@dataclass
+class TokenEvent:
+    index: int  # 0-based position among the generated tokens
+    token_id: int | None  # None for the final flush of a partial character
+    text: str  # the text this token completes ('' while a multi-byte character is partial)
+    ms: float  # time to produce it (prefill for the first token)
+
+
+class Generation:
+    """Iterate for text deltas (or .events() for one event per token); `.result` holds the
+    GenerationResult once iteration has finished."""
+
+    def __init__(self, steps: Iterator[TokenEvent]):
+        self._steps, self.result = steps, None
+
+    def events(self) -> Iterator[TokenEvent]:
+        self.result = yield from self._steps
+
+    def __iter__(self) -> Iterator[str]:
+        for event in self.events():
+            if event.text:
+                yield event.text
+
+    def run(self) -> GenerationResult:
+        for _ in self.events():
+            pass
+        return self.result
+
+
+BACKENDS = {"onnxruntime", "torch"}
+
+
+class Pipeline:
+    def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
+        self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
+        self.tokenizer = processor.tokenizer
+
+    @classmethod
+    def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
+        from transformers import AutoProcessor
+
+        build_dir = Path(build_dir)
+        manifest = load_manifest(build_dir)
+        if backend == "onnxruntime":
+            from apet_export.runtime.backends.onnxrt import OnnxrtBackend
+
+            runner = OnnxrtBackend(build_dir, manifest, vision_graph=vision_graph)
+        elif backend == "torch":
+            from apet_export.runtime.backends.torch import TorchBackend
+
+            runner = TorchBackend(build_dir, manifest)
+        else:
+            raise UnknownNameError("backend", backend, sorted(BACKENDS))
+        manifest.file(build_dir, "llm")  # a vision-only build cannot generate: say so now
+        processor = AutoProcessor.from_pretrained(build_dir / "model", backend="pil")
+        try:
+            runner.activate()
+        except BaseException:
+            runner.deactivate()  # release whatever runner did start
+            raise
+        return cls(build_dir, manifest, runner, processor)
+
+    def close(self) -> None:
+        self.backend.deactivate()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- prompt -------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
+        """Token ids of the prompt with one image placeholder per image, through the chat template."""
+        image_token = self.tokenizer.image_token
+        if self.tokenizer.chat_template:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False).input_ids  # the template wrote BOS
+        return self.tokenizer(f"{image_token}\n" * num_images + prompt).input_ids
+
+    def check_context(self, num_text: int, num_images: int, budget: int, max_new_tokens: int) -> None:
+        context = self.manifest.dims["max_context"]
+        needed = num_text + num_images * budget + max_new_tokens
+        if needed > context:
+            raise PromptTooLongError(
+                f"the prompt needs {num_text} text + {num_images}x{budget} image tokens + {max_new_tokens} new "
+                f"tokens = {needed}, more than the model's context of {context}: shorten the prompt, lower "
+                f"--budget or --max-new-tokens"
+            )
+
+    def merge_embeddings(self, ids: list[int], image_embeds: np.ndarray) -> np.ndarray:
+        """Text embeddings with each image placeholder replaced by that image's T rows: [1, L, H]."""
+        image_token_id = self.manifest.dims["image_token_id"]
+        text = self.backend.embed(np.asarray([ids], dtype=np.int64))[0]  # [S, H]
+        pieces, image = [], 0
+        for position, token in enumerate(ids):
+            if token == image_token_id:
+                pieces.append(image_embeds[image].astype(text.dtype))
+                image += 1
+            else:
+                pieces.append(text[position : position + 1])
+        return np.concatenate(pieces)[None]
+
+    # -- generation ---------------------------------------------------------------------------------
+    def generate(
+        self, images, prompt: str, budget: int | None = None, max_new_tokens: int = 64,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
+    ):
+        """Generation (iterable of text deltas) if stream, else the GenerationResult."""
+        images = [load_image(i) if isinstance(i, str | Path) else i for i in images]
+        if not images:
+            raise InvalidInputError("at least one image is needed: pass --image")
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        budget = budget or self.manifest.budget["default"]
+        validate_budget(budget, self.manifest.budget["min"] - 1, self.manifest.budget["max"])
+        ids = self.prompt_ids(prompt, len(images))
+        image_token_id = self.manifest.dims["image_token_id"]
+        num_text = sum(1 for t in ids if t != image_token_id)
+        self.check_context(num_text, len(images), budget, max_new_tokens)
+        sampler = Sampler(temperature, top_p, seed)
+        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text))
+        return generation if stream else generation.run()
+
+    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
+        start = time.perf_counter()
+        pixel_values = self.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+        vision = self.backend.vision.infer(
+            {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}, check_inputs=False
+        )
+        embeds = self.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
+        vision_ms = (time.perf_counter() - start) * 1e3
+
+        length = embeds.shape[1]
+        start = time.perf_counter()
+        logits, cache = self.backend.llm.infer(
+            {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64),
+             "position_ids": np.arange(length, dtype=np.int64)[None]},
+            check_inputs=False, cache=self.backend.new_cache(1),
+        )
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        first_logits = logits[0].copy()
+
+        eos = self.manifest.dims["eos_token_id"]
+        eos = set(eos) if isinstance(eos, list) else {eos}
+        decoder = IncrementalDecoder(self.tokenizer)
+        generated, decode_ms, finish = [], [], "length"
+        while True:
+            token = sampler(logits[0])
+            if token in eos:
+                finish = "eos"
+                break
+            generated.append(token)
+            yield TokenEvent(len(generated) - 1, token, decoder.push(token), decode_ms[-1] if decode_ms else prefill_ms)
+            if len(generated) >= max_new_tokens:
+                break
+            position = length + len(generated) - 1
+            start = time.perf_counter()
+            logits, cache = self.backend.llm.infer(
+                {"inputs_embeds": self.backend.embed(np.array([[token]], np.int64)),
+                 "attention_mask": np.ones((1, position + 1), np.int64),
+                 "position_ids": np.array([[position]], np.int64)},
+                check_inputs=False, cache=cache,
+            )
+            decode_ms.append((time.perf_counter() - start) * 1e3)
+        tail = decoder.flush()
+        if tail:
+            yield TokenEvent(len(generated), None, tail, 0.0)
+        return GenerationResult(
+            text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
+            image_tokens=len(images) * budget, vision_ms=vision_ms, prefill_ms=prefill_ms,
+            decode_ms=decode_ms, first_logits=first_logits,
+        )
