@@ -88,32 +88,42 @@ class LlavaFamily(ModelFamily):
         return model.config.image_token_id
 
 
-def tiny_llava_config(tokenizer, tower: str):
-    """Small random LLaVA configs with the real classes: 'clip' + Llama, or 'siglip' + Qwen2."""
+# Sizes of the random presets: tiny for tests, real shapes for benchmarks.
+TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+CLIP_L_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+QWEN2_0_5B_TEXT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+
+
+def random_llava_config(tokenizer, tower: str, tower_size: dict, text_size: dict, text_model: str):
+    """A LLaVA config of the real classes: tower 'clip' (336 px / 14 = 576 tokens + CLS) or 'siglip'
+    (224 px / 14 = 256 tokens), text_model 'llama' or 'qwen2'."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
 
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        **text_size,
     )
-    tower_size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
-    if tower == "clip":  # 336 px / patch 14 -> 24 x 24 = 576 tokens (+ CLS, dropped)
-        vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=64, **tower_size)
-        text_config, strategy, image_size = LlamaConfig(**text), "default", 336
-    else:  # 224 px / patch 14 -> 16 x 16 = 256 tokens, no CLS
+    text_config = LlamaConfig(**text) if text_model == "llama" else Qwen2Config(**text, use_sliding_window=False)
+    if tower == "clip":
+        vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **tower_size)
+        strategy = "default"  # drop CLS
+    else:
         vision = SiglipVisionConfig(image_size=224, patch_size=14, vision_use_head=False, **tower_size)
-        text_config, strategy, image_size = Qwen2Config(**text, use_sliding_window=False), "full", 224
+        strategy = "full"  # no CLS
     return LlavaConfig(
         vision_config=vision, text_config=text_config, image_token_index=tokenizer.image_token_id,
-        image_seq_length=(image_size // 14) ** 2, vision_feature_layer=-2,
+        image_seq_length=(vision.image_size // 14) ** 2, vision_feature_layer=-2,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu", tie_word_embeddings=False,
     )
 
 
-def build_tiny_llava(out_dir: Path, tower: str, seed: int = 0) -> None:
-    """Write a randomly initialised tiny LLaVA checkpoint + processor to out_dir (no downloads)."""
+def build_random_llava(
+    out_dir: Path, tower: str, text_model: str, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT,
+    seed: int = 0,
+) -> None:
+    """Write a randomly initialised LLaVA checkpoint + processor to out_dir (no downloads)."""
     from transformers import (
         CLIPImageProcessorPil,
         LlavaForConditionalGeneration,
@@ -124,7 +134,7 @@ def build_tiny_llava(out_dir: Path, tower: str, seed: int = 0) -> None:
     from apet_export.models.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    config = tiny_llava_config(tokenizer, tower)
+    config = random_llava_config(tokenizer, tower, tower_size, text_size, text_model)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     # Random init gives logits of std ~0.16: widen the gaps between the top candidates so that greedy

@@ -12,7 +12,7 @@ from pathlib import Path
 from apet_export.compat import quiet_libraries
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
-from apet_export.models.llava import LlavaFamily, build_tiny_llava
+from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
 
 FAMILIES: dict[str, ModelFamily] = {}
 
@@ -33,15 +33,20 @@ class Preset:
     family: str
     build: Callable[[Path], None]  # writes a checkpoint + processor into the given directory
     description: str
+    tiny: bool = True  # False: realistic sizes, for benchmarks only
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("tiny-llava", "llava", lambda out: build_tiny_llava(out, "clip"),
+        Preset("tiny-llava", "llava", lambda out: build_random_llava(out, "clip", "llama"),
                "CLIP 336px/14 (576 tokens) + 4-layer Llama, random weights"),
-        Preset("tiny-llava-siglip-qwen2", "llava", lambda out: build_tiny_llava(out, "siglip"),
+        Preset("tiny-llava-siglip-qwen2", "llava", lambda out: build_random_llava(out, "siglip", "qwen2"),
                "SigLIP 224px/14 (256 tokens) + 4-layer Qwen2, random weights"),
+        Preset("bench-llava-clip-l-qwen2-0.5b", "llava",
+               lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, QWEN2_0_5B_TEXT),
+               "CLIP-L/336 tower + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
+               tiny=False),
     )
 }
 

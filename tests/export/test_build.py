@@ -1,0 +1,158 @@
+"""Build artifacts: manifest contract, graph structure, variants, atomicity, errors."""
+
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from apet_export.errors import ArtifactError, BudgetError, InvalidInputError
+from apet_export.export.build import BuildOptions, build
+from apet_export.manifest import load_manifest
+from apet_export.parity.run import run_parity
+
+
+def graph_io(path):
+    model = onnx.load(str(path), load_external_data=False)
+    shape = lambda v: tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)  # noqa: E731
+    return [(v.name, shape(v)) for v in model.graph.input], [(v.name, shape(v)) for v in model.graph.output]
+
+
+def test_manifest_is_the_graphs_io_contract(any_build):
+    manifest = load_manifest(any_build)
+    assert set(manifest.files) == {"vision", "vision_plugin", "llm", "embeddings"}
+    for name in ("vision", "vision_plugin", "llm"):
+        spec = manifest.files[name]
+        inputs, outputs = graph_io(manifest.file(any_build, name))
+        assert inputs == [(t.name, t.shape) for t in spec.inputs], name
+        assert outputs == [(t.name, t.shape) for t in spec.outputs], name
+    vision = manifest.files["vision"]
+    assert [t.name for t in vision.inputs] == ["pixel_values", "keep"]
+    assert [t.name for t in vision.outputs] == ["image_embeds", "keep_index", "scores"]
+    assert vision.outputs[0].shape[:2] == ("batch", "keep")
+    assert manifest.budget == {"default": 64, "min": 11, "max": manifest.dims["num_image_tokens"]}
+    assert len(manifest.source["sha256"]) == 64
+    assert (any_build / "model" / "model.safetensors").is_file()
+
+
+def test_plugin_graph_has_one_apet_score_node_and_no_local_function(llava_build):
+    model = onnx.load(str(llava_build / "vision.plugin.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "ApetScore"]
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert node.domain == "ai.onnx.contrib"
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes["plugin_namespace"] == b"apet" and attributes["plugin_version"] == b"1"
+    assert attributes["num_basis"] == 10 and attributes["fps_start"] == -1
+    assert attributes["ridge"] == pytest.approx(1e-5)
+    # TensorRT's parser prefers a local function of the same name over the plugin registry
+    assert not [f for f in model.functions if f.name == "ApetScore"]
+    assert "ai.onnx.contrib" in {o.domain for o in model.opset_import}
+    # the plain graph computes the same thing with standard ops only
+    plain = onnx.load(str(llava_build / "vision.onnx"))
+    assert {o.domain for o in plain.opset_import} <= {"", "ai.onnx"}
+
+
+def test_node_names_are_paths(llava_build):
+    names = [n.name for n in onnx.load(str(llava_build / "vision.onnx")).graph.node]
+    assert all(name.startswith("/vision/") for name in names)
+    assert any(name.startswith("/vision/apet/") for name in names)
+    assert any(name.startswith("/vision/tower/") for name in names)
+    assert len(set(names)) == len(names)
+
+
+def test_llm_has_one_fused_attention_per_layer_and_no_softmax(any_build):
+    manifest = load_manifest(any_build)
+    model = onnx.load(str(any_build / "llm.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert len(attention) == manifest.dims["num_layers"]
+    assert "Softmax" not in ops and "GroupQueryAttention" not in ops
+    # the form TensorRT >= 10.14 parses: KV concat outside, one output, no past inputs on the node
+    assert all(len(n.output) == 1 and len(n.input) <= 4 for n in attention)
+
+
+def test_llm_fp16_variant(tmp_path):
+    from apet_export.export.llm import export_llm_artifacts
+    from apet_export.manifest import Manifest
+    from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
+    from apet_export.runtime.sessions import onnxruntime_session
+
+    prepare_checkpoint("tiny-llava", tmp_path / "model")
+    family = family_for_checkpoint(tmp_path / "model")
+    model, _ = family.load(tmp_path / "model")
+    manifest = Manifest({}, "llava", {}, "apet", None, {}, "fp16", 23, {})
+    export_llm_artifacts(model, family, tmp_path, manifest, "fp16")
+    session = onnxruntime_session(tmp_path / "llm.onnx")
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left in fp32
+
+
+@pytest.mark.parametrize("method", ["none", "visionzip"])
+def test_other_methods_build_and_match_eager(tmp_path, method):
+    out = tmp_path / method
+    manifest = build(BuildOptions(model="tiny-llava", out=out, method=method, llm=False))
+    assert "vision_plugin" not in manifest.files and manifest.notes
+    sections = run_parity(out, budgets=[16, 576], e2e=False)
+    assert all(row.passed for row in sections["vision"])
+
+
+def test_build_from_local_checkpoint(tmp_path, llava_build):
+    out = tmp_path / "local"
+    manifest = build(BuildOptions(model=str(llava_build / "model"), out=out, llm=False))
+    assert manifest.source["model"] == str((llava_build / "model").resolve())
+    assert manifest.source["sha256"] == load_manifest(llava_build).source["sha256"]
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    import apet_export.export.vision as vision
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setattr(vision, "export_vision", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build(BuildOptions(model="tiny-llava", out=tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(ArtifactError, match="--force"):
+        build(BuildOptions(model="tiny-llava", out=out, llm=False))
+    build(BuildOptions(model="tiny-llava", out=out, llm=False, force=True))
+    assert not (out / "stale.txt").exists() and (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"budget": 10}, BudgetError),
+        ({"budget": 577}, BudgetError),
+        ({"method": "fastv"}, InvalidInputError),
+        ({"precision": "int4"}, InvalidInputError),
+    ],
+)
+def test_bad_build_options(tmp_path, options, error):
+    with pytest.raises(error):
+        build(BuildOptions(model="tiny-llava", out=tmp_path / "out", llm=False, **options))
+    assert not (tmp_path / "out").exists()
+
+
+def test_manifest_errors(tmp_path, llava_build):
+    with pytest.raises(ArtifactError, match="not an apet-export build"):
+        load_manifest(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(llava_build, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="schema version 99"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_manifest(copy)
