@@ -53,7 +53,9 @@ class OnnxrtBackend(Backend):
         from safetensors.numpy import load_file
 
         vision_path = self.manifest.file(self.build_dir, self.vision_graph)
-        self.vision = OnnxrtRunner(lambda: onnxruntime_session(vision_path), name=f"onnxruntime:{vision_path.name}")
+        self.vision = OnnxrtRunner(
+            lambda: onnxruntime_session(vision_path, spin=False), name=f"onnxruntime:{vision_path.name}"
+        )
         self.vision.activate()
         self.llm = OnnxrtLlmRunner(self.manifest.file(self.build_dir, "llm"))
         self.llm.activate()
