@@ -13,6 +13,14 @@ One graph serves prefill (S = prompt length, P = 0) and decode (S = 1, P = token
 
 The decoder below reads the weights of the Hugging Face layers and reuses their RoPE helpers, so it is
 the same computation as the eager model; parity checks hold it to that.
+
+Why the standard opset-23 `Attention` rather than onnxruntime's com.microsoft.GroupQueryAttention
+(measured on onnxruntime 1.31 CPU, 2 threads, Qwen2-0.5B attention shapes, Hq=14 Hkv=2 Dh=64):
+both match a float64 reference to ~1e-6; prefill (S=600) is within 2-20% (GQA slightly ahead), decode
+through 24 layers (P=600) is ~20% faster with Attention. TensorRT's ONNX parser imports `Attention`
+from 10.14 (IAttention) but only with one output and no past_key/past_value inputs, which is why the
+KV concat stays outside the node here; RMSNormalization / RotaryEmbedding need TensorRT >= 10.15.
+GroupQueryAttention has no TensorRT importer (it would need a plugin).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import nn
 from apet_export.compat import quiet_export
 from apet_export.config import ArtifactSpec, TensorSpec
 from apet_export.errors import ExportError
+from apet_export.export.onnx_graph import finish_and_save
 
 MASKED = -1e9  # additive mask value: finite, so fully padded rows stay NaN-free
 
@@ -101,10 +110,6 @@ def llm_io(num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab
 
 
 def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dtype, opset: int = 23) -> None:
-    import onnx
-
-    from apet_export.export.vision import name_dynamic_axes, rename_nodes_by_scope
-
     config = graph.language_model.config
     batch, length, past_length = 2, 5, 3  # examples > 1 so no axis is specialised to a constant
     embeds = torch.randn(batch, length, config.hidden_size, dtype=dtype)
@@ -127,11 +132,7 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
             )
     except Exception as error:
         raise ExportError(f"exporting the LLM decoder failed: {error}") from error
-    proto = program.model_proto
-    rename_nodes_by_scope(proto, prefix="/llm")
-    name_dynamic_axes(proto, inputs, outputs)
-    large = proto.ByteSize() > 2**31 - 1
-    onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+    finish_and_save(program.model_proto, path, "/llm", inputs, outputs)
 
 
 def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str) -> None:

@@ -22,6 +22,7 @@ from apet_export.compression.apet import apet_scores, rank_and_merge
 from apet_export.compression.baselines import visionzip_select
 from apet_export.compression.tensor_ops import gather_tokens
 from apet_export.errors import ExportError, InvalidInputError
+from apet_export.export.onnx_graph import finish_and_save
 from apet_export.models.base import ModelFamily
 
 EXPORTABLE_METHODS = ("apet", "visionzip", "none")
@@ -98,35 +99,11 @@ class VisionGraph(nn.Module):
         return embeds, index, scores
 
 
-def rename_nodes_by_scope(model_proto, prefix: str = "/vision") -> None:
-    """ONNX node names become paths from the torch module scopes (/vision/apet/topk_3), so profiles,
-    Polygraphy and TensorRT layer names say where an op came from."""
-    seen: set[str] = set()
-    for node in model_proto.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-        # "['', 'tower', 'tower.model.model.vision_tower', 'conv2d']": module paths, then the fx node name
-        parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-        parts = [p for p in parts if p and not p.startswith("_empty_nn_module_stack")]
-        module = parts[-2].replace("model.model.", "").replace(".", "/") if len(parts) > 1 else ""
-        leaf = parts[-1] if parts else node.op_type
-        name = "/".join(filter(None, [prefix, module, leaf]))
-        if name in seen:  # one torch op decomposed into several ONNX nodes
-            name = f"{name}/{node.op_type}"
-            suffix = 0
-            while f"{name}_{suffix}" in seen:
-                suffix += 1
-            name = f"{name}_{suffix}"
-        seen.add(name)
-        node.name = name
-
-
 def export_vision(
     model, family: ModelFamily, method: str, config: ApetConfig, path: Path, *,
     use_plugin: bool = False, opset: int = 23, example_keep: int | None = None,
 ) -> None:
     """Trace the vision graph and write it to `path` (ONNX, external data beside it when > 2 GB)."""
-    import onnx
-
     graph = VisionGraph(model, family, method, config, use_plugin).eval()
     inputs_spec, outputs_spec = family.vision_io(family.vision_dims(model))
     pixel_values, _ = family.dummy_vision_inputs(model, batch=2)
@@ -149,21 +126,4 @@ def export_vision(
             )
     except Exception as error:  # the exporter raises many types; keep the cause attached
         raise ExportError(f"exporting the vision graph ({method}, plugin={use_plugin}) failed: {error}") from error
-    proto = program.model_proto
-    rename_nodes_by_scope(proto)
-    name_dynamic_axes(proto, inputs_spec, outputs_spec)
-    large = proto.ByteSize() > 2**31 - 1
-    onnx.save_model(proto, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-
-
-def name_dynamic_axes(proto, inputs_spec, outputs_spec) -> None:
-    """Give every dynamic axis of the graph I/O the name the manifest uses ('batch', 'keep', ...)."""
-    specs = {s.name: s for s in (*inputs_spec, *outputs_spec)}
-    for value in (*proto.graph.input, *proto.graph.output):
-        spec = specs.get(value.name)
-        if spec is None:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        for axis, dim in enumerate(dims):
-            if axis < len(spec.shape) and isinstance(spec.shape[axis], str) and not dim.HasField("dim_value"):
-                dim.dim_param = spec.shape[axis]
+    finish_and_save(program.model_proto, path, "/vision", inputs_spec, outputs_spec)

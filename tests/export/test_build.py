@@ -156,3 +156,14 @@ def test_manifest_errors(tmp_path, llava_build):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_manifest(copy)
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, llava_build):
+    from apet_export.export.onnx_graph import save_model
+    from apet_export.runtime.sessions import onnxruntime_session
+
+    proto = onnx.load(str(llava_build / "llm.onnx"))
+    save_model(proto, tmp_path / "llm.onnx", external_data_above=1024)  # as if it were over 2 GB
+    assert (tmp_path / "llm.onnx.data").stat().st_size > (tmp_path / "llm.onnx").stat().st_size
+    names = [i.name for i in onnxruntime_session(tmp_path / "llm.onnx").get_inputs()]
+    assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
