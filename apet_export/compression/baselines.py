@@ -66,7 +66,7 @@ def visionzip_compress(
     VisionZip's split (10 of 64, 20 of 128, 30 of 192).
     """
     validate_tokens(x)
-    validate_budget(keep, 0, x.shape[1])
+    validate_budget(keep, 1, x.shape[1])  # at least one dominant and one contextual token
     if cls_attention is None or tuple(cls_attention.shape) != tuple(x.shape[:2]):
         raise InvalidInputError(
             "visionzip needs cls_attention of shape [B, N] (the CLS attention row of the vision feature "

@@ -67,8 +67,10 @@ def tool_versions() -> dict:
 
 
 def check_options(options: BuildOptions) -> None:
-    if options.method not in ("apet", "visionzip", "none"):
-        raise InvalidInputError(f"method {options.method!r} cannot be built: choose apet, visionzip or none")
+    from apet_export.export.vision import EXPORTABLE_METHODS
+
+    if options.method not in EXPORTABLE_METHODS:
+        raise InvalidInputError(f"method {options.method!r} cannot be built: choose one of {', '.join(EXPORTABLE_METHODS)}")
     if options.method == "apet" and options.compression.selection == "random":
         raise InvalidInputError(
             "selection 'random' cannot be exported (its generator runs in Python at trace time): use fps or dpc"
@@ -105,7 +107,8 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             family = family_for_checkpoint(checkpoint)
             model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
             dims = family.vision_dims(model)
-            minimum = options.compression.num_basis if options.method == "apet" else 0
+            # budgets must exceed: M for ApET, 1 for VisionZip (a dominant and a contextual token)
+            minimum = {"apet": options.compression.num_basis, "visionzip": 1}.get(options.method, 0)
             validate_budget(options.budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
 

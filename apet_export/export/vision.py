@@ -38,12 +38,14 @@ def sort_stable_translation(self, stable=None, dim: int = -1, descending: bool =
 
 
 class VisionTower(nn.Module):
-    def __init__(self, model, family: ModelFamily):
+    def __init__(self, model, family: ModelFamily, with_attention: bool):
         super().__init__()
-        self.model, self.family = model, family
+        self.model, self.family, self.with_attention = model, family, with_attention
 
-    def forward(self, pixel_values):  # [B, 3, S, S] -> [B, N, Dv]
-        return self.family.vision_features(self.model, pixel_values)
+    def forward(self, pixel_values):  # [B, 3, S, S] -> features [B, N, Dv] (, attention [B, N])
+        if self.with_attention:
+            return self.family.vision_features_and_attention(self.model, pixel_values)
+        return self.family.vision_features(self.model, pixel_values), None
 
 
 class ApetStage(nn.Module):
@@ -51,6 +53,8 @@ class ApetStage(nn.Module):
 
     def __init__(self, config: ApetConfig, use_plugin: bool):
         super().__init__()
+        if use_plugin and config.selection != "fps":
+            raise InvalidInputError(f"the ApetScore plugin implements fps selection, not {config.selection!r}")
         self.config, self.use_plugin = config, use_plugin
 
     def forward(self, features, keep):
@@ -74,12 +78,12 @@ class VisionGraph(nn.Module):
         if method not in EXPORTABLE_METHODS:
             raise InvalidInputError(f"method {method!r} cannot be exported: choose one of {', '.join(EXPORTABLE_METHODS)}")
         self.family, self.method, self.config = family, method, config
-        self.model = model
-        self.tower = VisionTower(model, family)
+        self.model = model  # registered first, so the projector's node names are /vision/multi_modal_projector/...
+        self.tower = VisionTower(model, family, with_attention=method == "visionzip")
         self.apet = ApetStage(config, use_plugin)
 
     def forward(self, pixel_values, keep):
-        features = self.tower(pixel_values)  # [B, N, Dv]
+        features, attention = self.tower(pixel_values)  # [B, N, Dv], [B, N] for visionzip
         batch, num_tokens = features.shape[:2]
         budget = keep.item() if isinstance(keep, torch.Tensor) else keep
         if self.method == "none":
@@ -93,7 +97,7 @@ class VisionGraph(nn.Module):
             if self.method == "apet":
                 tokens, index, scores = self.apet(features, budget)
             else:
-                scores = self.family.cls_attention(self.model, pixel_values)
+                scores = attention
                 tokens, index = visionzip_select(features.float(), scores, budget)
         embeds = self.family.project(self.model, tokens.to(features.dtype))
         return embeds, index, scores

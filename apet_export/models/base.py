@@ -39,8 +39,9 @@ class ModelFamily:
         """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees)."""
         raise NotImplementedError
 
-    def cls_attention(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VisionZip's importance score per visual token [B, N], at the feature layer."""
+    def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
+        """(features [B, N, D], VisionZip's importance per token [B, N]) from one pass of the tower: the
+        CLS attention row of the feature layer, or the mean received attention for towers without CLS."""
         raise NotImplementedError
 
     def project(self, model, features: torch.Tensor) -> torch.Tensor:

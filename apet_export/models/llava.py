@@ -49,19 +49,26 @@ class LlavaFamily(ModelFamily):
         return tower(pixel_values, output_hidden_states=True).hidden_states  # num_layers + 1 entries
 
     def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._features(model, self._hidden_states(model, pixel_values))
+
+    def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
+        hidden = self._hidden_states(model, pixel_values)  # one tower pass serves both
+        return self._features(model, hidden), self._attention(model, hidden)
+
+    def _features(self, model, hidden) -> torch.Tensor:
         layer = model.config.vision_feature_layer
         if not isinstance(layer, int):
             raise NotImplementedError("multi-layer vision features (a list of layers) are not supported yet")
-        hidden = self._hidden_states(model, pixel_values)[layer]  # [B, (1+)N, Dv]
-        return hidden[:, 1:] if self._has_cls(model) else hidden
+        features = hidden[layer]  # [B, (1+)N, Dv]
+        return features[:, 1:] if self._has_cls(model) else features
 
-    def cls_attention(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _attention(self, model, hidden) -> torch.Tensor:
         """The attention of the feature layer, recomputed from its q/k without the full [S, S] matrix."""
         layer_index = model.config.vision_feature_layer
         layers = model.model.vision_tower.encoder.layers
         encoder_layer = layers[layer_index]
-        # hidden_states[i] is the input of encoder layer i (hidden_states[0] = embeddings).
-        layer_input = self._hidden_states(model, pixel_values)[layer_index % (len(layers) + 1) - 1]
+        # hidden[i] is the input of encoder layer i (hidden[0] = embeddings).
+        layer_input = hidden[layer_index % (len(layers) + 1) - 1]
         attention = encoder_layer.self_attn
         normed = encoder_layer.layer_norm1(layer_input)  # [B, S, Dv]
         heads = attention.num_heads

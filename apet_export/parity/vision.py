@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
-from polygraphy.comparator import Comparator, CompareFunc
+from polygraphy.comparator import Comparator, SimpleCompareFunc
 
 from apet_export.compat import quiet_polygraphy
 from apet_export.manifest import Manifest
@@ -41,7 +41,7 @@ def vision_parity(
         for budget in budgets
         for batch in batches
     ]
-    compare = CompareFunc.simple(
+    compare = SimpleCompareFunc(
         atol={name: tol[0] for name, tol in TOLERANCES.items()},
         rtol={name: tol[1] for name, tol in TOLERANCES.items()},
         check_shapes=True,

@@ -170,8 +170,15 @@ class Pipeline:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budget = budget or self.manifest.budget["default"]
         validate_budget(budget, self.manifest.budget["min"] - 1, self.manifest.budget["max"])
+        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
+            budget = self.manifest.budget["max"]
         ids = self.prompt_ids(prompt, len(images))
         image_token_id = self.manifest.dims["image_token_id"]
+        if ids.count(image_token_id) != len(images):
+            raise InvalidInputError(
+                f"the prompt contains the image placeholder {self.tokenizer.image_token!r} itself: remove it "
+                f"(each image given is placed before the prompt)"
+            )
         num_text = sum(1 for t in ids if t != image_token_id)
         self.check_context(num_text, len(images), budget, max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)

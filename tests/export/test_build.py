@@ -167,3 +167,10 @@ def test_large_models_are_saved_with_external_data(tmp_path, llava_build):
     assert (tmp_path / "llm.onnx.data").stat().st_size > (tmp_path / "llm.onnx").stat().st_size
     names = [i.name for i in onnxruntime_session(tmp_path / "llm.onnx").get_inputs()]
     assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+
+
+def test_visionzip_graph_runs_the_tower_once(tmp_path):
+    build(BuildOptions(model="tiny-llava", out=tmp_path / "vz", method="visionzip", llm=False))
+    names = [n.name for n in onnx.load(str(tmp_path / "vz" / "vision.onnx")).graph.node]
+    convolutions = [n for n in names if "patch_embedding" in n]
+    assert len(convolutions) == 1, convolutions  # features and attention come from one pass

@@ -55,7 +55,9 @@ def test_cls_attention_matches_hf_attention_weights(tmp_path):
     pixels = torch.randn(2, 3, 336, 336)
     with torch.no_grad():
         attention = model.model.vision_tower(pixels, output_attentions=True).attentions[-2]  # [B, H, S, S]
-        torch.testing.assert_close(family.cls_attention(model, pixels), attention[:, :, 0, 1:].sum(1))
+        features, cls_attention = family.vision_features_and_attention(model, pixels)
+        torch.testing.assert_close(cls_attention, attention[:, :, 0, 1:].sum(1))
+        torch.testing.assert_close(features, family.vision_features(model, pixels))
 
 
 def test_unknown_model_and_bad_checkpoint(tmp_path):

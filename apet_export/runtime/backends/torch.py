@@ -25,10 +25,11 @@ from apet_export.runtime.backends.base import Backend
 def eager_vision(model, family, manifest: Manifest, pixel_values: torch.Tensor, keep: int) -> dict[str, np.ndarray]:
     """pixel_values [B, 3, S, S], budget -> the vision graph's outputs, computed eagerly."""
     with torch.inference_mode():
-        features = family.vision_features(model, pixel_values)  # [B, N, Dv]
         aux = {}
         if manifest.method == "visionzip":
-            aux["cls_attention"] = family.cls_attention(model, pixel_values)
+            features, aux["cls_attention"] = family.vision_features_and_attention(model, pixel_values)
+        else:
+            features = family.vision_features(model, pixel_values)  # [B, N, Dv]
         out = get_method(manifest.method)(features, keep, manifest.compression, **aux)
         embeds = family.project(model, out.tokens)
     outputs = {"image_embeds": embeds.float(), "keep_index": out.index, "scores": out.scores.float()}
