@@ -68,9 +68,6 @@ class TensorSpec:
     def from_dict(cls, data: dict) -> TensorSpec:
         return cls(data["name"], data["dtype"], tuple(data["shape"]))
 
-    def dynamic_axes(self) -> dict[int, str]:
-        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
-
 
 @dataclass(frozen=True)
 class ArtifactSpec:

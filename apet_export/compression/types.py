@@ -13,7 +13,3 @@ class CompressionOutput:
     index: torch.Tensor  # [B, T] int64, original positions, ascending
     scores: torch.Tensor  # [B, N] float32: ApET approximation errors, or the method's ranking score
     basis_index: torch.Tensor  # [B, M] int64 in selection order ([B, 0] for methods without a basis)
-
-    @property
-    def num_kept(self) -> int:
-        return self.tokens.shape[1]

@@ -1,1 +1,1 @@
-"""See DESIGN.md."""
+"""Comparisons of the artifacts against eager PyTorch (Polygraphy Comparator) and their report."""
