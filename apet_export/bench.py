@@ -10,7 +10,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from apet_export.compression.apet import validate_budget
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
@@ -53,11 +52,6 @@ def peak_rss_mib() -> float | None:
     return None
 
 
-def default_budgets(manifest) -> list[int]:
-    high, low = manifest.budget["max"], manifest.budget["min"]
-    return [b for b in (high, 192, 128, 64) if low <= b <= high and (b == high or b < high)]
-
-
 def run_bench(
     build_dir: Path, backend: str = "onnxruntime", budgets: list[int] | None = None, runs: int = 5,
     max_new_tokens: int = 16, console: Console | None = None,
@@ -65,9 +59,9 @@ def run_bench(
     console = console or Console()
     manifest = load_manifest(build_dir)
     full = manifest.budget["max"]
-    budgets = list(dict.fromkeys(budgets or default_budgets(manifest)))
+    budgets = list(dict.fromkeys(budgets or manifest.budgets_within((full, 192, 128, 64))))
     for budget in budgets:
-        validate_budget(budget, manifest.budget["min"] - 1, full)
+        manifest.check_budget(budget)
     if full not in budgets:  # the uncompressed reference is always measured in the same run
         budgets.insert(0, full)
     image = synthetic_image(0)

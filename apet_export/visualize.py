@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.compression.apet import validate_budget
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import load_image
 from apet_export.runtime.sessions import onnxruntime_session
@@ -26,7 +25,7 @@ def visualize_build(build_dir: Path, image_path: Path, budget: int | None, outpu
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     budget = budget or manifest.budget["default"]
-    validate_budget(budget, manifest.budget["min"] - 1, manifest.budget["max"])
+    manifest.check_budget(budget)
     image = load_image(image_path)
     pixel_values = preprocess(build_dir, [image])  # [1, 3, S, S]
     session = onnxruntime_session(manifest.file(build_dir, "vision"))

@@ -95,7 +95,7 @@ def visionzip_select(
     order = sort_descending_stable(attention)
     dominant = order[:, :num_dominant]  # [B, Kd]
     remaining = torch.sort(order[:, num_dominant:], dim=-1).values  # [B, N-Kd], ascending position
-    step = torch.sym_max((num_tokens - num_dominant) // torch.sym_max(num_contextual, 1), 1)
+    step = torch.sym_max((num_tokens - num_dominant) // num_contextual, 1)
     rank = torch.arange(remaining.shape[1], device=x.device)
     step = rank.new_full((), step)  # a tensor: the exporter cannot take a symbolic int in remainder
     is_target = (rank % step == 0) & (rank < step * num_contextual)  # [N-Kd]

@@ -84,7 +84,7 @@ def check_options(options: BuildOptions) -> None:
 
 def build(options: BuildOptions, console: Console | None = None) -> Manifest:
     """Run every build step into a temporary directory, then move it to options.out."""
-    from apet_export.export.vision import export_vision
+    from apet_export.export.vision import budget_floor, export_vision
 
     check_options(options)
     console = console or Console(stderr=True)
@@ -107,16 +107,16 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             family = family_for_checkpoint(checkpoint)
             model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
             dims = family.vision_dims(model)
-            # budgets must exceed: M for ApET, 1 for VisionZip (a dominant and a contextual token)
-            minimum = {"apet": options.compression.num_basis, "visionzip": 1}.get(options.method, 0)
+            minimum = budget_floor(options.method, options.compression)
             validate_budget(options.budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
 
             files: dict[str, ArtifactSpec] = {}
             notes: list[str] = []
-            inputs, outputs = family.vision_io(dims)
             task = step("vision.onnx: tower + ApET stage 1 + projector")
-            export_vision(model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset)
+            inputs, outputs = export_vision(
+                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset
+            )
             files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
             progress.update(task, completed=1)
 

@@ -28,6 +28,12 @@ from apet_export.models.base import ModelFamily
 EXPORTABLE_METHODS = ("apet", "visionzip", "none")
 
 
+def budget_floor(method: str, config: ApetConfig) -> int:
+    """Budgets must exceed this: M for ApET, 1 for VisionZip (a dominant and a contextual token);
+    'none' keeps every token whatever the budget."""
+    return {"apet": config.num_basis, "visionzip": 1}.get(method, 0)
+
+
 def sort_stable_translation(self, stable=None, dim: int = -1, descending: bool = False):
     """aten::sort.stable -> ONNX TopK over the whole axis (TopK keeps the lower index first on ties,
     which is what a stable sort does); onnxscript 0.7 only translates the default overload."""
@@ -91,8 +97,7 @@ class VisionGraph(nn.Module):
             index = torch.arange(num_tokens, device=features.device).expand(batch, -1)
             scores = torch.zeros(batch, num_tokens, device=features.device)
         else:
-            minimum = self.config.num_basis if self.method == "apet" else 1
-            torch._check(budget > minimum)
+            torch._check(budget > budget_floor(self.method, self.config))
             torch._check(budget <= num_tokens)
             if self.method == "apet":
                 tokens, index, scores = self.apet(features, budget)
@@ -105,14 +110,16 @@ class VisionGraph(nn.Module):
 
 def export_vision(
     model, family: ModelFamily, method: str, config: ApetConfig, path: Path, *,
-    use_plugin: bool = False, opset: int = 23, example_keep: int | None = None,
-) -> None:
-    """Trace the vision graph and write it to `path` (ONNX, external data beside it when > 2 GB)."""
+    use_plugin: bool = False, opset: int = 23,
+):
+    """Trace the vision graph and write it to `path` (ONNX, external data beside it when > 2 GB).
+    Returns the graph's (inputs, outputs) specs, as the manifest records them."""
     graph = VisionGraph(model, family, method, config, use_plugin).eval()
-    inputs_spec, outputs_spec = family.vision_io(family.vision_dims(model))
+    dims = family.vision_dims(model)
+    inputs_spec, outputs_spec = family.vision_io(dims)
     pixel_values, _ = family.dummy_vision_inputs(model, batch=2)
-    num_tokens = family.vision_dims(model).num_tokens
-    keep = torch.tensor(example_keep or min(num_tokens, max(config.num_basis + 2, num_tokens // 4)))
+    # any budget in range: it is a graph input, nothing is specialised to it
+    keep = torch.tensor(min(dims.num_tokens, max(config.num_basis + 2, dims.num_tokens // 4)))
     translations = {torch.ops.aten.sort.stable: sort_stable_translation}
     if use_plugin:
         from apet_export.plugins.apet_score import apet_score, onnx_translation, register_onnx_schema
@@ -131,3 +138,4 @@ def export_vision(
     except Exception as error:  # the exporter raises many types; keep the cause attached
         raise ExportError(f"exporting the vision graph ({method}, plugin={use_plugin}) failed: {error}") from error
     finish_and_save(program.model_proto, path, "/vision", inputs_spec, outputs_spec)
+    return inputs_spec, outputs_spec

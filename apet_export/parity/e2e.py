@@ -18,11 +18,6 @@ PROMPT = "Describe the image in detail."
 LOGITS_ATOL = 1e-3
 
 
-def default_e2e_budgets(manifest: Manifest) -> list[int]:
-    low, high = manifest.budget["min"], manifest.budget["max"]
-    return sorted({b for b in (64, high) if low <= b <= high})
-
-
 def first_difference(a: list[int], b: list[int]) -> str:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -37,7 +32,7 @@ def e2e_parity(
 ) -> list[ParityRow]:
     rows = []
     with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend="onnxruntime") as candidate:
-        for budget in budgets or default_e2e_budgets(manifest):
+        for budget in budgets or manifest.budgets_within((64, manifest.budget["max"])):
             expected = reference.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
             actual = candidate.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
             check = f"greedy {max_new_tokens} tokens k={budget}"

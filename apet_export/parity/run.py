@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from apet_export.compression.apet import validate_budget
 from apet_export.errors import ParityError
 from apet_export.manifest import load_manifest
 from apet_export.parity.report import ParityRow, print_table, write_report
-from apet_export.parity.vision import default_budgets, vision_parity
+from apet_export.parity.vision import vision_parity
 from apet_export.runtime.images import load_image, synthetic_image
 
 
@@ -30,10 +29,9 @@ def run_parity(
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
-    minimum = manifest.budget["min"] - 1
-    budgets = budgets or default_budgets(manifest)
+    budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
     for budget in budgets:
-        validate_budget(budget, minimum, manifest.budget["max"])
+        manifest.check_budget(budget)
     images = [load_image(p) for p in image_paths] if image_paths else []
     images += [synthetic_image(seed) for seed in range(len(images), 2)]  # batch 2 needs two
     pixel_values = preprocess(build_dir, images)

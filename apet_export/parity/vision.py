@@ -26,11 +26,6 @@ TOLERANCES = {
 }
 
 
-def default_budgets(manifest: Manifest) -> list[int]:
-    low, high = manifest.budget["min"], manifest.budget["max"]
-    return [b for b in (16, 64, 192, high) if low <= b <= high]
-
-
 def vision_parity(
     build_dir: Path, manifest: Manifest, pixel_values: np.ndarray, budgets: list[int], batches=(1, 2)
 ) -> list[ParityRow]:
@@ -51,7 +46,10 @@ def vision_parity(
     reference = TorchVisionRunner(build_dir, manifest)
     for graph in graphs:
         path = manifest.file(build_dir, graph)
-        runner = OnnxrtRunner(lambda path=path: onnxruntime_session(path), name=f"onnxruntime:{path.name}")
+        runner = OnnxrtRunner(
+            lambda path=path, plugin=graph == "vision_plugin": onnxruntime_session(path, apet_score=plugin),
+            name=f"onnxruntime:{path.name}",
+        )
         results = Comparator.run([reference, runner], data_loader=feeds)
         with np.errstate(divide="ignore", invalid="ignore"):  # relative diffs of exact zeros
             accuracy = Comparator.compare_accuracy(results, compare_func=compare)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.compression.apet import validate_budget
 from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
 from apet_export.runtime.images import load_image
@@ -169,7 +168,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budget = budget or self.manifest.budget["default"]
-        validate_budget(budget, self.manifest.budget["min"] - 1, self.manifest.budget["max"])
+        self.manifest.check_budget(budget)
         if self.manifest.method == "none":  # the graph keeps every token whatever the budget
             budget = self.manifest.budget["max"]
         ids = self.prompt_ids(prompt, len(images))

@@ -54,7 +54,8 @@ class OnnxrtBackend(Backend):
 
         vision_path = self.manifest.file(self.build_dir, self.vision_graph)
         self.vision = OnnxrtRunner(
-            lambda: onnxruntime_session(vision_path, spin=False), name=f"onnxruntime:{vision_path.name}"
+            lambda: onnxruntime_session(vision_path, spin=False, apet_score=self.vision_graph == "vision_plugin"),
+            name=f"onnxruntime:{vision_path.name}",
         )
         self.vision.activate()
         self.llm = OnnxrtLlmRunner(self.manifest.file(self.build_dir, "llm"))
