@@ -26,13 +26,12 @@ from apet_export.config import ApetConfig
 from apet_export.errors import BudgetError, InvalidInputError
 
 
-def rank_and_merge(
-    x: torch.Tensor, scores: torch.Tensor, basis: torch.Tensor, basis_index: torch.Tensor, keep
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_and_merge(x: torch.Tensor, scores: torch.Tensor, basis: torch.Tensor, keep) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the `keep` tokens of largest error; x [B, N, D] fp32 -> (tokens [B, T, D], index [B, T]).
 
     `keep` may be a Python int or a traced symbolic int (the exported graph's runtime budget).
-    The M lowest-error kept slots receive the basis features (both in ascending position order); every
+    The M lowest-error kept slots receive the basis features as the released code assigns them
+    (`features[mask] = seeds`): slot i in ascending position order gets basis[i] in selection order. Every
     dropped token is averaged into its most similar high-error kept token (similarity to the unmerged
     tokens); basis slots receive no merges.
     """
@@ -45,9 +44,8 @@ def rank_and_merge(
     high_tokens = gather_tokens(x, high)
     dropped_tokens = gather_tokens(x, dropped)
     merged = merge_into_targets(high_tokens, dropped_tokens, high_tokens, dropped_tokens)
-    basis_by_position = gather_tokens(basis, torch.argsort(basis_index, dim=-1))  # [B, M, D]
 
-    tokens = torch.cat([merged, basis_by_position], dim=1)  # [B, T, D]
+    tokens = torch.cat([merged, basis], dim=1)  # [B, T, D]: slots[:, i] holds basis[:, i]
     index = torch.cat([high, slots], dim=1)  # [B, T]
     return sort_by_position(tokens, index)
 
@@ -102,5 +100,5 @@ def apet_compress(x: torch.Tensor, keep: int, config: ApetConfig | None = None) 
     if keep == num_tokens:
         index = torch.arange(num_tokens, device=x.device).expand(x.shape[0], -1)
         return CompressionOutput(x, index, scores, basis_index)
-    tokens, index = rank_and_merge(xf, scores, basis, basis_index, keep)
+    tokens, index = rank_and_merge(xf, scores, basis, keep)
     return CompressionOutput(tokens.to(x.dtype), index, scores, basis_index)

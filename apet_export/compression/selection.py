@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from apet_export.compression.tensor_ops import gather_tokens, sort_descending_stable
+from apet_export.compression.tensor_ops import gather_tokens, one_hot_rows, sort_descending_stable
 
 
 def fps_start_index(x: torch.Tensor, fps_start: str | int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def density_peak_clustering(x: torch.Tensor, num_basis: int) -> tuple[torch.Tens
     The M tokens of largest delta * density are the peaks (selection order: score, descending); every
     token joins its nearest peak and the basis is the mean of each cluster.
     """
-    batch, num_tokens, dim = x.shape
+    num_tokens, dim = x.shape[1:]
     dist = torch.cdist(x, x) / math.sqrt(dim)  # [B, N, N]
     k = min(num_basis, num_tokens - 1)
     # k + 1 smallest distances include the token itself (distance 0), which adds nothing to the sum.
@@ -67,11 +67,9 @@ def density_peak_clustering(x: torch.Tensor, num_basis: int) -> tuple[torch.Tens
     peaks = sort_descending_stable(delta * density)[:, :num_basis]  # [B, M]
 
     assign = torch.gather(dist, 2, peaks[:, None, :].expand(-1, num_tokens, -1)).argmin(dim=-1)  # [B, N]
-    sums = torch.zeros(batch, num_basis, dim, dtype=x.dtype, device=x.device)
-    sums = sums.scatter_add(1, assign[..., None].expand(-1, -1, dim), x)
-    counts = torch.zeros(batch, num_basis, dtype=x.dtype, device=x.device).scatter_add(
-        1, assign, torch.ones_like(x[..., 0])
-    )
+    membership = one_hot_rows(assign, num_basis, x.dtype)  # [B, N, M]
+    sums = membership.transpose(1, 2) @ x  # [B, M, D]
+    counts = membership.sum(dim=1)  # [B, M]
     # A peak identical to an earlier one can end with an empty cluster: it keeps its own features.
     means = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], gather_tokens(x, peaks))
     return peaks, means

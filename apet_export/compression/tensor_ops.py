@@ -39,9 +39,20 @@ def merge_into_targets(
 
     similarity = F.normalize(sources_metric, dim=-1) @ F.normalize(targets_metric, dim=-1).transpose(1, 2)
     assign = similarity.argmax(dim=-1)  # [B, 1+S] index into R
-    sums = targets.scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, targets.shape[-1]), sources)
-    counts = torch.ones_like(targets[..., 0]).scatter_add(1, assign, weight)
+    membership = one_hot_rows(assign, targets.shape[1], sources.dtype) * weight[..., None]  # [B, 1+S, R]
+    sums = targets + membership.transpose(1, 2) @ sources  # [B, R, D]
+    counts = 1 + membership.sum(dim=1)  # [B, R]
     return sums / counts.unsqueeze(-1)
+
+
+def one_hot_rows(index: torch.Tensor, width, dtype: torch.dtype) -> torch.Tensor:
+    """index [B, S] int64 in [0, width) -> one-hot [B, S, width] of `dtype`.
+
+    Grouped sums are written as one-hot matmuls rather than scatter_add: TensorRT's ONNX parser does not
+    import ScatterElements with a reduction, and a matmul is one fused kernel on every backend.
+    """
+    columns = torch.arange(width, device=index.device)  # [width]
+    return (index.unsqueeze(-1) == columns).to(dtype)
 
 
 def sort_by_position(tokens: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,7 @@ class ApetStage(nn.Module):
             basis = gather_tokens(x, basis_index)
         else:
             scores, basis_index, basis = apet_scores(x, self.config)
-        tokens, index = rank_and_merge(x, scores, basis, basis_index, keep)
+        tokens, index = rank_and_merge(x, scores, basis, keep)
         return tokens, index, scores
 
 

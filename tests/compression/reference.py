@@ -34,7 +34,8 @@ def apet_reference(x: torch.Tensor, keep: int, basis_index: list[int], scores: t
     """x [N, D] (one element), basis given, scores given -> (tokens [T, D], index [T]).
 
     Follows DESIGN.md steps 3-5 with loops: rank, basis features into the M lowest-error kept slots
-    (both in ascending position order), cosine merge of dropped tokens into the high-error kept tokens.
+    (the released code's `features[mask] = seeds`: masked positions filled in ascending order with the
+    seeds in the order they were selected), cosine merge of dropped tokens into the high-error kept tokens.
     """
     num_tokens, num_basis = x.shape[0], len(basis_index)
     ranked = sorted(range(num_tokens), key=lambda n: (-float(scores[n]), n))
@@ -48,7 +49,7 @@ def apet_reference(x: torch.Tensor, keep: int, basis_index: list[int], scores: t
     out = {}
     for r in high:
         out[r] = (x[r] + sum((x[j] for j in groups[r]), torch.zeros_like(x[r]))) / (1 + len(groups[r]))
-    for slot, b in zip(slots, sorted(basis_index), strict=True):
+    for slot, b in zip(slots, basis_index, strict=True):
         out[slot] = x[b]
     index = sorted(out)
     return torch.stack([out[i] for i in index]), torch.tensor(index)

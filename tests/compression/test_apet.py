@@ -157,3 +157,34 @@ def test_budget_error_is_typed():
 def test_bad_config_raises(kwargs):
     with pytest.raises(InvalidInputError):
         ApetConfig(**kwargs)
+
+
+def released_basis_placement(x: torch.Tensor, scores: torch.Tensor, basis_index: list[int], keep: int):
+    """The released code's step 3, literally, for one element x [N, D]: a boolean mask over the M
+    lowest-error kept positions, then `features[mask] = seeds` (masked rows in ascending position order
+    receive the seeds in selection order). Returns the features at the kept positions, ascending."""
+    num_basis = len(basis_index)
+    order = sorted(range(x.shape[0]), key=lambda n: (-float(scores[n]), n))
+    mask = torch.zeros(x.shape[0], dtype=torch.bool)
+    mask[order[keep - num_basis : keep]] = True
+    features = x.clone()
+    features[mask] = x[basis_index]
+    kept = sorted(order[:keep])
+    return features[kept]
+
+
+def test_basis_slots_follow_the_released_code():
+    """Slot i (ascending position) holds basis[i] in FPS order, not the basis sorted by position."""
+    x = tokens(num=576, dim=32, batch=1)
+    keep = 64
+    out = apet_compress(x, keep)
+    basis_index = out.basis_index[0].tolist()
+    assert basis_index != sorted(basis_index), "the check needs an FPS order that is not ascending"
+    expected = released_basis_placement(x[0], out.scores[0], basis_index, keep)
+    index = out.index[0].tolist()
+    ranked = sorted(range(576), key=lambda n: (-float(out.scores[0, n]), n))
+    slots = sorted(ranked[keep - 10 : keep])
+    rows = [index.index(s) for s in slots]
+    diff = (out.tokens[0, rows] - expected[[sorted(ranked[:keep]).index(s) for s in slots]]).abs().max()
+    print(f"basis slots: max abs diff against the released placement {diff:.2e}")
+    assert diff == 0
