@@ -45,7 +45,11 @@ def rank_and_merge(x: torch.Tensor, scores: torch.Tensor, basis: torch.Tensor, k
     dropped_tokens = gather_tokens(x, dropped)
     merged = merge_into_targets(high_tokens, dropped_tokens, high_tokens, dropped_tokens)
 
-    tokens = torch.cat([merged, basis], dim=1)  # [B, T, D]: slots[:, i] holds basis[:, i]
+    # keep == N is no compression: every slot keeps its own token (tokens == x, as apet_compress returns;
+    # the released code is never run at N). Where on a scalar, so the exported graph needs no branch.
+    no_compression = torch.full((), keep, device=x.device) == scores.shape[1]
+    slot_tokens = torch.where(no_compression, gather_tokens(x, slots), basis)  # [B, M, D]
+    tokens = torch.cat([merged, slot_tokens], dim=1)  # [B, T, D]: slots[:, i] holds basis[:, i]
     index = torch.cat([high, slots], dim=1)  # [B, T]
     return sort_by_position(tokens, index)
 
