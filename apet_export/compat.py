@@ -34,3 +34,33 @@ def quiet_polygraphy() -> None:
 
     logger.COLORED_MODULE_PRESENT = False
     G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+# TensorRT's Python API ships under two module names with the same classes: `tensorrt` (the full
+# library: Jetson, data-centre GPUs) and `tensorrt_rtx_bindings` (TensorRT-RTX, which installs from the
+# package index on CPU machines and builds engines ahead of time for a named compute capability).
+TENSORRT_MODULES = ("tensorrt", "tensorrt_rtx_bindings")
+
+
+def import_tensorrt(prefer: str | None = None):
+    """The first importable TensorRT module (or exactly `prefer`); MissingDependencyError naming the fix."""
+    import importlib
+
+    from apet_export.errors import MissingDependencyError
+
+    names = (prefer,) if prefer else TENSORRT_MODULES
+    failures = []
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError as error:  # also raised when the module's shared libraries are missing
+            failures.append(f"{name}: {error}")
+    raise MissingDependencyError(
+        f"TensorRT is not installed ({'; '.join(failures)}): on a GPU machine install TensorRT >= 10.14 "
+        f"(pip install -e '.[trt]'); on a CPU machine, for ahead-of-time builds, "
+        f"pip install tensorrt-rtx-cu12-bindings==1.7.1.116 tensorrt-rtx-cu12-libs==1.7.1.116"
+    )
+
+
+def is_tensorrt_rtx(trt) -> bool:
+    return trt.__name__.startswith("tensorrt_rtx")
