@@ -1,0 +1,114 @@
+"""The ApetScore TensorRT plugin, checked with TensorRT-RTX's real ONNX parser and ahead-of-time builder (no GPU).
+
+The parse/build helper below is deliberately minimal; apet_export.export.tensorrt replaces it at merge.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from apet_export.compat import import_tensorrt
+from apet_export.errors import MissingDependencyError
+from apet_export.manifest import load_manifest
+from apet_export.plugins import trt_plugin
+from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+
+@pytest.fixture(scope="module")
+def trt():
+    return import_tensorrt()
+
+
+def parse(trt, path):
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    return builder, network, parser, ok
+
+
+def build_sm89(trt, builder, network, manifest) -> bytes | None:
+    """Engine for SM89 built on the CPU: batch 1..2, budget keep in [M+1, N] as a shape input."""
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (DESIGN.md)
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionOutputLayer
+            layer.attention.decomposable = True
+    profile = builder.create_optimization_profile()
+    image = (3, manifest.dims["image_size"], manifest.dims["image_size"])
+    profile.set_shape("pixel_values", (1, *image), (1, *image), (2, *image))
+    budget = manifest.budget
+    profile.set_shape_input("keep", [budget["min"]], [budget["default"]], [budget["max"]])
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    return None if plan is None else bytes(plan)
+
+
+def plugin_layers(trt, network):
+    return [network.get_layer(i) for i in range(network.num_layers)
+            if network.get_layer(i).type == trt.LayerType.PLUGIN_V3]
+
+
+def test_parse_without_registration_fails_with_a_typed_error(trt, any_build):
+    trt_plugin.unregister_apet_score_plugin(trt)
+    assert not trt_plugin.is_apet_score_registered(trt)
+    _, _, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
+    messages = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert not ok and any("Plugin not found" in m for m in messages), messages
+    with pytest.raises(MissingDependencyError, match="register_apet_score_plugin"):
+        trt_plugin.raise_for_missing_plugin(trt, parser)
+    with pytest.raises(MissingDependencyError, match="apet::ApetScore"):
+        trt_plugin.ensure_plugin_registered(trt, register=False)
+
+
+def test_registration_is_idempotent(trt):
+    trt_plugin.register_apet_score_plugin(trt)
+    trt_plugin.register_apet_score_plugin(trt)
+    creator = trt.get_plugin_registry().get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    assert creator is not None and creator.name == OP_TYPE
+    trt_plugin.ensure_plugin_registered(trt)
+
+
+def test_plugin_graph_parses_and_builds_for_sm89(trt, any_build):
+    manifest = load_manifest(any_build)
+    trt_plugin.ensure_plugin_registered(trt)
+    builder, network, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
+    assert ok and parser.num_errors == 0, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+
+    (layer,) = plugin_layers(trt, network)
+    num_tokens, num_basis = manifest.dims["num_image_tokens"], manifest.compression.num_basis
+    scores, basis_index = layer.get_output(0), layer.get_output(1)
+    assert tuple(scores.shape) == (-1, num_tokens) and scores.dtype == trt.DataType.FLOAT
+    assert tuple(basis_index.shape) == (-1, num_basis) and basis_index.dtype == trt.DataType.INT64
+
+    start = time.perf_counter()
+    plan = build_sm89(trt, builder, network, manifest)
+    seconds = time.perf_counter() - start
+    assert plan is not None and len(plan) > 0
+    print(f"\n{manifest.source['model']}: vision.plugin.onnx -> SM89 engine {len(plan) / 1e6:.2f} MB in {seconds:.2f} s")
+
+
+def test_creator_rejects_more_basis_tokens_than_the_kernel_holds(trt):
+    _, creator_class = trt_plugin._plugin_classes(trt)
+    fields, _arrays = trt_plugin.attribute_fields(
+        trt, {"num_basis": trt_plugin.MAX_NUM_BASIS + 1, "ridge": 1e-5, "fps_start": -1}
+    )
+    with pytest.raises(ValueError, match="num_basis=33"):
+        creator_class().create_plugin("score", fields, trt.TensorRTPhase.BUILD)
+
+
+def test_attributes_round_trip_through_serialised_fields(trt):
+    plugin_class, _ = trt_plugin._plugin_classes(trt)
+    plugin = plugin_class({"num_basis": 7, "ridge": 1e-3, "fps_start": 4}, trt.TensorRTPhase.BUILD)
+    fields = plugin.get_fields_to_serialize()
+    attributes = trt_plugin.plugin_attributes(fields)
+    assert attributes["num_basis"] == 7 and attributes["fps_start"] == 4
+    assert np.isclose(attributes["ridge"], 1e-3)
+    assert plugin.clone().attributes == plugin.attributes
