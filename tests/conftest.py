@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on the CPU through Triton's interpreter; triton reads the flag when it is first
+# imported (its own tl.* helpers are @jit functions), so it is set before anything can import triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 

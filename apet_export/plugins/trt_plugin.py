@@ -86,7 +86,12 @@ def _plugin_classes(trt):
             return desc.type in allowed[pos]
 
         def configure_plugin(self, inputs, outputs):
-            pass
+            dim = inputs[0].desc.dims[2]  # D is static in vision graphs (-1 would mean dynamic)
+            if 0 < dim < self.attributes["num_basis"]:
+                raise ValueError(
+                    f"ApetScore: num_basis={self.attributes['num_basis']} exceeds the token dimension D={dim} "
+                    f"(the kernel's M x M factorisation is singular then): rebuild with --num-basis <= {dim}"
+                )
 
         def get_workspace_size(self, inputs, outputs):
             # The kernel keeps FPS's running minimum in the scores output and the M x M system in
