@@ -165,10 +165,9 @@ def register_apet_score_plugin(trt) -> None:
         return
     # Without this, TensorRT-RTX's parser aborts the process on the first plugin node (see compat).
     ensure_tensorrt_rtx_plugin_import(trt)
-    registry = trt.get_plugin_registry()
-    if registry.get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+    if not is_apet_score_registered(trt):
         creator = _plugin_classes(trt)[1]()
-        registry.register_creator(creator, PLUGIN_NAMESPACE)
+        trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE)
         _CREATORS[trt.__name__] = creator
     else:  # registered by another copy of this code (or a C++ library): leave it
         _CREATORS[trt.__name__] = None
@@ -182,7 +181,11 @@ def unregister_apet_score_plugin(trt) -> None:
 
 
 def is_apet_score_registered(trt) -> bool:
-    return trt.get_plugin_registry().get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None
+    # Scans the list: registry.get_creator logs an error for a creator it does not find.
+    return any(
+        (creator.name, creator.plugin_version, creator.plugin_namespace) == (OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+        for creator in trt.get_plugin_registry().all_creators
+    )
 
 
 def ensure_plugin_registered(trt, register: bool = True) -> None:

@@ -31,11 +31,11 @@ def parse(trt, path):
     return builder, network, parser, ok
 
 
-def build_sm89(trt, builder, network, manifest) -> bytes | None:
-    """Engine for SM89 built on the CPU: batch 1..2, budget keep in [M+1, N] as a shape input."""
+def build_for(trt, builder, network, manifest, capability: str) -> bytes | None:
+    """Engine for one compute capability built on the CPU: batch 1..2, budget keep in [M+1, N] (shape input)."""
     config = builder.create_builder_config()
     config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    config.set_compute_capability(getattr(trt.ComputeCapability, capability), 0)
     for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (DESIGN.md)
         layer = network.get_layer(i)
         if layer.type == trt.LayerType.ATTENTION_OUTPUT:
@@ -76,7 +76,7 @@ def test_registration_is_idempotent(trt):
     trt_plugin.ensure_plugin_registered(trt)
 
 
-def test_plugin_graph_parses_and_builds_for_sm89(trt, any_build):
+def test_plugin_graph_parses_and_builds_for_sm89_and_sm80(trt, any_build):
     manifest = load_manifest(any_build)
     trt_plugin.ensure_plugin_registered(trt)
     builder, network, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
@@ -88,11 +88,13 @@ def test_plugin_graph_parses_and_builds_for_sm89(trt, any_build):
     assert tuple(scores.shape) == (-1, num_tokens) and scores.dtype == trt.DataType.FLOAT
     assert tuple(basis_index.shape) == (-1, num_basis) and basis_index.dtype == trt.DataType.INT64
 
-    start = time.perf_counter()
-    plan = build_sm89(trt, builder, network, manifest)
-    seconds = time.perf_counter() - start
-    assert plan is not None and len(plan) > 0
-    print(f"\n{manifest.source['model']}: vision.plugin.onnx -> SM89 engine {len(plan) / 1e6:.2f} MB in {seconds:.2f} s")
+    for capability in ("SM89", "SM80"):
+        start = time.perf_counter()
+        plan = build_for(trt, builder, network, manifest, capability)
+        seconds = time.perf_counter() - start
+        assert plan is not None and len(plan) > 0, capability
+        print(f"\n{manifest.source['model']}: vision.plugin.onnx -> {capability} engine "
+              f"{len(plan) / 1e6:.2f} MB in {seconds:.2f} s")
 
 
 def test_creator_rejects_more_basis_tokens_than_the_kernel_holds(trt):
