@@ -114,3 +114,61 @@ def test_attributes_round_trip_through_serialised_fields(trt):
     assert attributes["num_basis"] == 7 and attributes["fps_start"] == 4
     assert np.isclose(attributes["ridge"], 1e-3)
     assert plugin.clone().attributes == plugin.attributes
+
+
+@pytest.mark.parametrize("elem_type", ["FLOAT", "FLOAT16"])
+def test_single_node_graph_builds_with_fp32_and_fp16_input_and_dynamic_shapes(trt, tmp_path, elem_type):
+    """x [B, N, 48] (B and N dynamic) -> ApetScore: shapes inferred from expressions, fp16 input accepted."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        OP_TYPE, ["x"], ["scores", "basis_index"], name="/apet/score", domain="ai.onnx.contrib",
+        num_basis=6, ridge=1e-5, fps_start=-1, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )
+    graph = helper.make_graph(
+        [node], "apet_score",
+        [helper.make_tensor_value_info("x", getattr(TensorProto, elem_type), ["batch", "tokens", 48])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "tokens"]),
+         helper.make_tensor_value_info("basis_index", TensorProto.INT64, ["batch", 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.onnx.contrib", 1)])
+    model.ir_version = 10
+    path = tmp_path / "apet_score.onnx"
+    onnx.save(model, path)
+
+    trt_plugin.ensure_plugin_registered(trt)
+    builder, network, parser, ok = parse(trt, path)
+    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    (layer,) = plugin_layers(trt, network)
+    assert tuple(layer.get_output(0).shape) == (-1, -1) and tuple(layer.get_output(1).shape) == (-1, 6)
+
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 7, 48), (1, 576, 48), (4, 2880, 48))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 0
+
+
+def test_format_support(trt):
+    plugin_class, _ = trt_plugin._plugin_classes(trt)
+    plugin = plugin_class({"num_basis": 4, "ridge": 1e-5, "fps_start": -1})
+
+    def descs(*types, layout=None):
+        out = []
+        for dtype in types:
+            desc = trt.DynamicPluginTensorDesc()
+            desc.desc.type = dtype
+            desc.desc.format = layout or trt.TensorFormat.LINEAR
+            out.append(desc)
+        return out
+
+    float_, half, int64 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.INT64
+    assert all(plugin.supports_format_combination(i, descs(float_, float_, int64), 1) for i in range(3))
+    assert plugin.supports_format_combination(0, descs(half, float_, int64), 1)
+    assert not plugin.supports_format_combination(0, descs(trt.DataType.BF16, float_, int64), 1)
+    assert not plugin.supports_format_combination(2, descs(float_, float_, trt.DataType.INT32), 1)
+    assert not plugin.supports_format_combination(0, descs(float_, float_, int64, layout=trt.TensorFormat.HWC), 1)
