@@ -24,7 +24,7 @@ from apet_export.compat import ensure_tensorrt_rtx_plugin_import
 from apet_export.errors import MissingDependencyError
 from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-MAX_NUM_BASIS = 32  # the kernel keeps the M x M Gram system in registers
+MAX_NUM_BASIS = 32  # = triton_apet.MAX_NUM_BASIS (not imported: triton is heavy); M x M tiles in registers
 
 
 def plugin_attributes(fields) -> dict:

@@ -172,3 +172,26 @@ def test_format_support(trt):
     assert not plugin.supports_format_combination(0, descs(trt.DataType.BF16, float_, int64), 1)
     assert not plugin.supports_format_combination(2, descs(float_, float_, trt.DataType.INT32), 1)
     assert not plugin.supports_format_combination(0, descs(float_, float_, int64, layout=trt.TensorFormat.HWC), 1)
+
+
+def test_a_node_beyond_the_kernel_limit_fails_the_parse_with_the_reason(trt, tmp_path, capfd):
+    """A Python exception in create_plugin must not abort the process: the parse fails, the reason is logged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        OP_TYPE, ["x"], ["scores", "basis_index"], domain="ai.onnx.contrib",
+        num_basis=33, ridge=1e-5, fps_start=-1, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )
+    graph = helper.make_graph(
+        [node], "apet_score", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("basis_index", TensorProto.INT64, [1, 33])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.onnx.contrib", 1)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "bad.onnx")
+    trt_plugin.ensure_plugin_registered(trt)
+    _, _, parser, ok = parse(trt, tmp_path / "bad.onnx")
+    assert not ok and "Could not create the plugin" in parser.get_error(0).desc()
+    assert "num_basis=33 is outside [1, 32]" in capfd.readouterr().err
