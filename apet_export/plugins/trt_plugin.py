@@ -57,8 +57,9 @@ def _plugin_classes(trt):
             self.num_outputs = 2
             self.attributes = dict(attributes)
             self.phase = phase
-            # The kernel's cost depends on num_basis only through the shapes TensorRT already keys on.
-            self.timing_cache_id = f"m{attributes['num_basis']}"
+            # Of the attributes only num_basis changes the kernel's cost, and it is already in basis_index's
+            # shape, which TensorRT keys timings on: instances may share timings.
+            self.timing_cache_id = ""
 
         # ---- core / build ----------------------------------------------------------------------
         def get_capability_interface(self, capability_type):
