@@ -107,3 +107,12 @@ def test_graphs_parse_in_tensorrt_rtx(qwen_build, graph):
         assert inputs["position_ids"] == (3, -1, -1)
     else:
         assert inputs["pixel_values"] == (-1, 1176) and inputs["window_index"] == (-1,)
+
+
+def test_visualize_draws_the_merged_grid(qwen_build, tmp_path):
+    from apet_export.visualize import visualize_build
+
+    image = tmp_path / "portrait.png"
+    synthetic_image(4, (300, 500)).save(image)
+    visualize_build(qwen_build, image, None, tmp_path / "out.png")
+    assert (tmp_path / "out.png").stat().st_size > 10_000
