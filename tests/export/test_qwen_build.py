@@ -116,3 +116,38 @@ def test_visualize_draws_the_merged_grid(qwen_build, tmp_path):
     synthetic_image(4, (300, 500)).save(image)
     visualize_build(qwen_build, image, None, tmp_path / "out.png")
     assert (tmp_path / "out.png").stat().st_size > 10_000
+
+
+def test_vision_engine_builds_ahead_of_time_for_a_range_of_resolutions(qwen_build):
+    """TensorRT-RTX on CPU: vision.onnx → SM89 engine with one profile over 16..64 merged tokens per image and
+    the budget `keep` as a shape input (fp32 head-dim-16 attention marked decomposable, as DESIGN.md notes)."""
+    from apet_export.compat import import_tensorrt
+
+    try:
+        trt = import_tensorrt()
+    except MissingDependencyError as error:
+        pytest.skip(str(error))
+    if not hasattr(trt, "ComputeCapability"):
+        pytest.skip("ahead-of-time builds need TensorRT-RTX (set_compute_capability)")
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(qwen_build / "vision.onnx"))
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionOutputLayer
+            layer.attention.decomposable = True
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    profile = builder.create_optimization_profile()
+    low, typical, high = 16, 54, 64  # merged tokens per image (tiny preset's min/max pixels)
+    for name, per_token in (("pixel_values", (4, 1176)), ("patch_positions", (4, 2)), ("window_id", (4,)), ("window_index", (1,))):
+        shapes = [(per_token[0] * n, *per_token[1:]) for n in (low, typical, high)]
+        profile.set_shape(name, *shapes)
+    profile.set_shape_input("keep", [11], [16], [high])  # the runtime caps keep at each image's N
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 1_000_000
