@@ -48,7 +48,8 @@ class ModelFamily:
         raise NotImplementedError
 
     def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees)."""
+        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees).
+        Traced into vision.onnx with the graph inputs before `keep` (families may add layout inputs)."""
         raise NotImplementedError
 
     def vision_features_and_attention(self, model, pixel_values: torch.Tensor):

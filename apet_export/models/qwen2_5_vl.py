@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,13 @@ class QwenVLFamily(ModelFamily):
     def vision_features(self, model, pixel_values, patch_positions, window_index, window_id) -> torch.Tensor:
         """The ViT + merger written without data-dependent shapes (what vision.onnx traces), reading the HF
         modules' weights: window attention as a mask from window_id, full-attention blocks unmasked (one image).
+        HF's forward splits q/k/v per window with Python-side lengths (cu_seqlens.tolist()), which cannot trace.
 
-        pixel_values [P, C·t·p·p], patch_positions [P, 2], window_index [P/4], window_id [P] -> [1, N, H]."""
+            pixel_values [P, C·t·p·p] ─patch_embed─► [P, Dv] ─gather window_index─► window order
+            patch_positions [P, 2] ─rotary─► cos, sin [P, Dh] ─gather window_index─► window order
+            window_id [P] ─equal─► mask [P, P] (0 / -1e9) for window blocks; none for full blocks
+            blocks ─► merger [N, H] ─gather argsort(window_index)─► [1, N, H] raster order of the merged grid
+        """
         visual = model.model.visual
         unit = visual.spatial_merge_unit
         hidden = visual.patch_embed(pixel_values)  # [P, Dv]
@@ -159,8 +165,6 @@ class QwenVLFamily(ModelFamily):
     @staticmethod
     def _attention(attn, hidden, cos, sin, mask):
         """hidden [P, Dv] -> [P, Dv]; the HF block's attention as one SDPA (-> one ONNX Attention node)."""
-        import sys
-
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         patches = hidden.shape[0]
         q, k, v = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [P, h, Dh]
