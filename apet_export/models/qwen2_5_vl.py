@@ -2,8 +2,8 @@
 attention and a 2x2 patch merger; Qwen2 text model with 3-D M-RoPE).
 
     image ─processor─► pixel_values [P, C·t·p·p] (P patches: any resolution within min/max pixels), grid (t, h, w)
-          ─precompute (numpy, per image)─► patch_positions [P, 2], window_index [P/4], window_id [P]
-    vision.onnx: patch embed → window order → blocks (window / full attention) → merger → raster order
+          ─precompute (numpy, per image)─► patch_positions [P, 2], window_index [P/4], window_patch [W, S], window_slot [P]
+    vision.onnx: patch embed → window order → blocks (padded windows batched / full attention) → merger → raster order
           ─► features [1, N, H] (N = P/4 merged tokens) ─ApET stage 1 (keep)─► image_embeds [1, T, H], keep_index [1, T]
 
 One image per vision call (Qwen packs images along the patch axis; per image keeps the graph free of
@@ -69,23 +69,37 @@ class QwenProcessor:
         self.image_processor.save_pretrained(path)
 
 
+def window_patches(window_size: int, merge: int, patch_size: int) -> int:
+    """S, the patches of a full attention window (window_size pixels, whole merge units: 64 for Qwen2.5-VL)."""
+    return (window_size // merge // patch_size * merge) ** 2
+
+
 def window_layout(grid_thw: tuple[int, int, int], merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
     """The per-image tensors the vision graph takes besides the pixels, from transformers' own helpers.
 
     patch_positions [P, 2]: (row, col) of each patch in the processor's block-major order (rotary input);
-    window_index [P/m²]: merged units in window order; window_id [P]: window of each patch in window order.
+    window_index [P/m²]: merged units in window order (HF's window permutation);
+    window_patch [W, S]: the patches (window order) of each window, padded with -1 to S = patches of a full
+        window, so window attention is one batched attention over [W, heads, S, S] (edge windows are smaller);
+    window_slot [P]: where each patch (window order) sits in the flattened [W * S] windows.
     """
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
     grid = torch.tensor([grid_thw])
     positions = get_vision_position_ids(grid, merge)  # [P, 2]
     window_index, cu_window = get_vision_window_index(grid, merge, window_size, patch_size)
-    patches = positions.shape[0]
-    window_id = np.searchsorted(cu_window.numpy()[1:], np.arange(patches), side="right")  # [P]
+    bounds = cu_window.numpy().astype(np.int64)  # [W + 1] patch offsets of the windows, window order
+    size = window_patches(window_size, merge, patch_size)
+    window_patch = np.full((len(bounds) - 1, size), -1, np.int64)
+    window_slot = np.empty(positions.shape[0], np.int64)
+    for window, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        window_patch[window, : end - start] = np.arange(start, end)
+        window_slot[start:end] = window * size + np.arange(end - start)
     return {
         "patch_positions": positions.numpy().astype(np.int64),
         "window_index": window_index.numpy().astype(np.int64),
-        "window_id": window_id.astype(np.int64),
+        "window_patch": window_patch,
+        "window_slot": window_slot,
     }
 
 
@@ -133,14 +147,15 @@ class QwenVLFamily(ModelFamily):
                           config.text_config.hidden_size)
 
     # -- vision -----------------------------------------------------------------------------------------
-    def vision_features(self, model, pixel_values, patch_positions, window_index, window_id) -> torch.Tensor:
+    def vision_features(self, model, pixel_values, patch_positions, window_index, window_patch, window_slot) -> torch.Tensor:
         """The ViT + merger written without data-dependent shapes (what vision.onnx traces), reading the HF
-        modules' weights: window attention as a mask from window_id, full-attention blocks unmasked (one image).
-        HF's forward splits q/k/v per window with Python-side lengths (cu_seqlens.tolist()), which cannot trace.
+        modules' weights: window attention batched over padded windows, full-attention blocks unmasked (one
+        image). HF's forward splits q/k/v per window with Python-side lengths (cu_seqlens.tolist()): no trace.
 
             pixel_values [P, C·t·p·p] ─patch_embed─► [P, Dv] ─gather window_index─► window order
             patch_positions [P, 2] ─rotary─► cos, sin [P, Dh] ─gather window_index─► window order
-            window_id [P] ─equal─► mask [P, P] (0 / -1e9) for window blocks; none for full blocks
+            window blocks: q/k/v ─gather window_patch─► [W, h, S, Dh] ─attention (pad keys masked)─► gather window_slot
+            full blocks: one attention over [1, h, P, Dh]
             blocks ─► merger [N, H] ─gather argsort(window_index)─► [1, N, H] raster order of the merged grid
         """
         visual = model.model.visual
@@ -153,25 +168,34 @@ class QwenVLFamily(ModelFamily):
 
         hidden = to_window_order(hidden)
         cos, sin = (to_window_order(f) for f in visual.rotary_pos_emb(hidden, patch_positions))  # [P, Dh]
-        same_window = window_id[:, None] == window_id[None, :]  # [P, P]
-        window_mask = torch.where(same_window, 0.0, MASKED).to(hidden.dtype)
+        size = window_patch.shape[1]
+        padding = torch.where(window_patch >= 0, 0.0, MASKED).to(hidden.dtype)[:, None, None, :]  # [W, 1, 1, S] keys
+        padding = padding.expand(-1, -1, size, -1)  # [W, 1, S, S]: onnxruntime's Attention broadcasts no query axis
+        windows = (window_patch.clamp(min=0), padding, window_slot)
         for index, block in enumerate(visual.blocks):
-            mask = None if index in visual.fullatt_block_indexes else window_mask
-            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            layout = None if index in visual.fullatt_block_indexes else windows
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, layout)
             hidden = hidden + block.mlp(block.norm2(hidden))
         merged = visual.merger(hidden)  # [N, H] in window order
         return merged[torch.argsort(window_index)][None]  # [1, N, H] raster order of the merged grid
 
     @staticmethod
-    def _attention(attn, hidden, cos, sin, mask):
-        """hidden [P, Dv] -> [P, Dv]; the HF block's attention as one SDPA (-> one ONNX Attention node)."""
+    def _attention(attn, hidden, cos, sin, windows=None):
+        """hidden [P, Dv] -> [P, Dv]; the HF block's attention as one SDPA (-> one ONNX Attention node), over
+        the whole image (windows None) or batched over the padded windows (gather index, key padding, slots)."""
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         patches = hidden.shape[0]
         q, k, v = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [P, h, Dh]
         q, k = apply_rotary(q, k, cos, sin)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, h, P, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        return attn.proj(out[0].transpose(0, 1).reshape(patches, -1))
+        if windows is None:
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, h, P, Dh]
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)  # [1, h, P, Dh]
+            return attn.proj(out[0].transpose(0, 1).reshape(patches, -1))
+        gather, padding, slot = windows  # [W, S], [W, 1, S, S], [P]
+        q, k, v = (t[gather].transpose(1, 2) for t in (q, k, v))  # [W, h, S, Dh]; padded rows repeat patch 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=padding, scale=attn.scaling)  # [W, h, S, Dh]
+        out = out.transpose(1, 2).reshape(-1, q.shape[1] * q.shape[3])[slot]  # [P, h·Dh], padded rows dropped
+        return attn.proj(out)
 
     def eager_features(self, model, feed: dict[str, np.ndarray], with_attention: bool = False):
         """The reference: HF's own visual forward (cu_seqlens, per-window attention) on the feed's image."""
@@ -199,11 +223,13 @@ class QwenVLFamily(ModelFamily):
         config = model.config.vision_config if model is not None else None
         # C·t·p·p values per patch row (1176 for every released Qwen2.5-VL)
         patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2 if config else 1176
+        layout_window = window_patches(config.window_size, config.spatial_merge_size, config.patch_size) if config else 64
         inputs = [
             TensorSpec("pixel_values", "float32", ("patches", patch_dim)),
             TensorSpec("patch_positions", "int64", ("patches", 2)),
             TensorSpec("window_index", "int64", ("merged",)),
-            TensorSpec("window_id", "int64", ("patches",)),
+            TensorSpec("window_patch", "int64", ("windows", layout_window)),
+            TensorSpec("window_slot", "int64", ("patches",)),
             TensorSpec("keep", "int64", ()),
         ]
         outputs = [
@@ -225,8 +251,10 @@ class QwenVLFamily(ModelFamily):
         pixel_values = torch.randn(math.prod(grid), patch_dim, generator=generator)
         merged = torch.export.Dim("merged", min=2, max=65536)
         patches = merge * merge * merged
-        inputs = (pixel_values, *(torch.from_numpy(layout[k]) for k in ("patch_positions", "window_index", "window_id")))
-        dynamic = ({0: patches}, {0: patches}, {0: merged}, {0: patches})
+        names = ("patch_positions", "window_index", "window_patch", "window_slot")
+        inputs = (pixel_values, *(torch.from_numpy(layout[k]) for k in names))
+        windows = torch.export.Dim("windows", min=1, max=65536)
+        dynamic = ({0: patches}, {0: patches}, {0: merged}, {0: windows}, {0: patches})
         return inputs, dynamic, math.prod(grid) // (merge * merge)
 
     # -- runtime ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_manifest_is_the_graphs_io_contract(qwen_build):
     vision = manifest.files["vision"]
     assert [(t.name, t.shape) for t in vision.inputs] == [
         ("pixel_values", ("patches", 1176)), ("patch_positions", ("patches", 2)), ("window_index", ("merged",)),
-        ("window_id", ("patches",)), ("keep", ()),
+        ("window_patch", ("windows", 64)), ("window_slot", ("patches",)), ("keep", ()),
     ]
     assert [t.shape for t in vision.outputs] == [(1, "keep", 64), (1, "keep"), (1, "merged")]
     llm_positions = next(t for t in manifest.files["llm"].inputs if t.name == "position_ids")
@@ -144,9 +144,10 @@ def test_vision_engine_builds_ahead_of_time_for_a_range_of_resolutions(qwen_buil
     config.set_compute_capability(trt.ComputeCapability.SM89, 0)
     profile = builder.create_optimization_profile()
     low, typical, high = 16, 54, 64  # merged tokens per image (tiny preset's min/max pixels)
-    for name, per_token in (("pixel_values", (4, 1176)), ("patch_positions", (4, 2)), ("window_id", (4,)), ("window_index", (1,))):
+    for name, per_token in (("pixel_values", (4, 1176)), ("patch_positions", (4, 2)), ("window_slot", (4,)), ("window_index", (1,))):
         shapes = [(per_token[0] * n, *per_token[1:]) for n in (low, typical, high)]
         profile.set_shape(name, *shapes)
+    profile.set_shape("window_patch", (1, 64), (6, 64), (9, 64))  # windows of 4 x 4 merged tokens
     profile.set_shape_input("keep", [11], [16], [high])  # the runtime caps keep at each image's N
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)

@@ -12,7 +12,7 @@ from apet_export.models.qwen2_5_vl import QwenVLFamily
 from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
 from apet_export.runtime.images import synthetic_image
 
-LAYOUT = ("pixel_values", "patch_positions", "window_index", "window_id")
+LAYOUT = ("pixel_values", "patch_positions", "window_index", "window_patch", "window_slot")
 
 
 def manifest(method="apet", budget=None):
