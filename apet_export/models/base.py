@@ -124,4 +124,3 @@ class ModelFamily:
     def decode_position_ids(self, position: int, delta: int) -> np.ndarray:
         """position_ids [1, 1] of the token at cache position `position`."""
         return np.array([[position + delta]], np.int64)
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from apet_export.errors import ParityError
@@ -12,14 +11,6 @@ from apet_export.manifest import load_manifest
 from apet_export.parity.report import ParityRow, print_table, write_report
 from apet_export.parity.vision import vision_parity
 from apet_export.runtime.images import load_image, synthetic_image
-
-
-def preprocess(build_dir: Path, images) -> np.ndarray:
-    """PIL images -> pixel_values [K, 3, S, S] float32 with the build's saved processor."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
-    return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
 
 
 def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=(1, 2)) -> list[dict]:
