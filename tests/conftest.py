@@ -39,3 +39,9 @@ def siglip_qwen2_build(tmp_path_factory) -> Path:
 def any_build(request) -> Path:
     fixture = {"tiny-llava": "llava_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_build"}[request.param]
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture(scope="session")
+def qwen_build(tmp_path_factory) -> Path:
+    """tiny-qwen2.5-vl (dynamic-resolution ViT + M-RoPE text model), ApET fps at the 30% default, all artifacts."""
+    return _build(tmp_path_factory, "tiny-qwen2.5-vl")
