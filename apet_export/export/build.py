@@ -37,6 +37,7 @@ class BuildOptions:
     precision: str = "fp32"
     opset: int = 23
     llm: bool = True
+    stage2_layer: int | None = None  # split the decoder at layer K with ApET stage 2 between (llm_split.py)
     force: bool = False
     trust_remote_code: bool = False
 
@@ -77,6 +78,11 @@ def check_options(options: BuildOptions) -> None:
         )
     if options.precision not in ("fp32", "fp16"):
         raise InvalidInputError(f"precision {options.precision!r} is not supported: choose fp32 or fp16")
+    if options.stage2_layer is not None and (options.method != "apet" or not options.llm):
+        raise InvalidInputError(
+            "--stage2-layer needs --method apet and the LLM graphs: drop --no-llm / choose --method apet, "
+            "or drop --stage2-layer"
+        )
     out = Path(options.out)
     if out.exists() and not options.force:
         raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
@@ -108,6 +114,12 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
             dims = family.vision_dims(model)
             minimum = budget_floor(options.method, options.compression)
+            if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
+                from apet_export.compression.stages import average_budget_floor
+                from apet_export.export.llm_split import check_stage2_layer
+
+                check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
+                minimum = average_budget_floor(options.compression.num_basis)
             validate_budget(options.budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
 
@@ -155,7 +167,13 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 notes=notes,
                 tool_versions=tool_versions(),
             )
-            if options.llm:
+            if options.llm and options.stage2_layer is not None:
+                from apet_export.export.llm_split import export_split_llm_artifacts
+
+                task = step(f"llm_a.onnx, stage2.onnx, llm_b.onnx: decoder split at layer {options.stage2_layer}")
+                export_split_llm_artifacts(model, family, staging, manifest, options.precision, options.stage2_layer)
+                progress.update(task, completed=1)
+            elif options.llm:
                 from apet_export.export.llm import export_llm_artifacts
 
                 task = step("llm.onnx: decoder with fused attention and KV cache")

@@ -186,9 +186,9 @@ def export_stage2(config: ApetConfig, hidden: int, path: Path, dtype: torch.dtyp
 
 
 def export_split_llm_artifacts(model, family, out_dir: Path, manifest, precision: str, layer: int) -> None:
-    """Write llm_a.onnx, stage2.onnx and llm_b.onnx (split at `layer`) and record them in the manifest.
-
-    The embedding table and the LLM dims come from export_llm_artifacts' bookkeeping, minus llm.onnx."""
+    """Write llm_a.onnx, stage2.onnx and llm_b.onnx (split at `layer`) and record them in the manifest,
+    with the embedding table and the LLM dims exactly as the one-graph build writes them."""
+    export_llm_artifacts(model, family, out_dir, manifest, precision, write_graph=False)
     language_model, lm_head = family.language_model(model), family.lm_head(model)
     config = language_model.config
     num_layers = len(language_model.layers)
@@ -205,7 +205,3 @@ def export_split_llm_artifacts(model, family, out_dir: Path, manifest, precision
     manifest.files["stage2"] = ArtifactSpec(PART_FILES["stage2"], tuple(inputs), tuple(outputs))
     manifest.stage2 = {"layer": layer, "budget_ratio": [3, 1], "min_budget": manifest.compression.num_basis + 1}
 
-
-def export_embeddings_and_dims(model, family, out_dir: Path, manifest, precision: str) -> None:
-    """embeddings.safetensors and the LLM dims, exactly as the one-graph build writes them."""
-    export_llm_artifacts(model, family, out_dir, manifest, precision, write_graph=False)
