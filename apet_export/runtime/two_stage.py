@@ -143,6 +143,20 @@ def onnxrt_two_stage_runner(build_dir, manifest: Manifest) -> TwoStageLlmRunner:
 
 # -- eager torch parts (the reference) --------------------------------------------------------------
 
+def eager_stage2(hidden: np.ndarray, start: int, length: int, keep: int, config) -> dict[str, np.ndarray]:
+    """stage2.onnx's outputs computed with the library's public apet_compress on the span, spliced back:
+    a path independent of the traced Stage2Graph, as eager_vision is for vision.onnx."""
+    import torch
+
+    from apet_export.compression import apet_compress
+
+    states = torch.from_numpy(hidden)  # [B, L1, H]
+    with torch.inference_mode():
+        out = apet_compress(states[:, start : start + length], keep, config)
+        compressed = torch.cat([states[:, :start], out.tokens, states[:, start + length :]], dim=1)  # [B, L2, H]
+    return {"compressed_states": compressed.numpy(), "keep_index": out.index.numpy(), "scores": out.scores.numpy()}
+
+
 class TorchPart:
     """Hugging Face decoder layers [first, last) called one by one with the model's own rotary embedding
     and causal mask; the last part ends with the final norm and the head."""
@@ -175,10 +189,7 @@ class TorchPart:
 
 
 def torch_two_stage_runner(model, family, manifest: Manifest) -> TwoStageLlmRunner:
-    import torch
     from transformers import DynamicCache
-
-    from apet_export.compression import apet_compress
 
     language_model, lm_head = family.language_model(model), family.lm_head(model)
     layer = manifest.stage2["layer"]
@@ -186,12 +197,7 @@ def torch_two_stage_runner(model, family, manifest: Manifest) -> TwoStageLlmRunn
     second = TorchPart(language_model, lm_head, range(layer, len(language_model.layers)))
 
     def stage2(hidden, start, length, keep):
-        """The library's public apet_compress on the span, spliced back: an independent path from the
-        traced Stage2Graph, as eager_vision is for vision.onnx."""
-        states = torch.from_numpy(hidden)  # [B, L1, H]
-        with torch.inference_mode():
-            out = apet_compress(states[:, start : start + length], keep, manifest.compression)
-        return torch.cat([states[:, :start], out.tokens, states[:, start + length :]], dim=1).numpy()
+        return eager_stage2(hidden, start, length, keep, manifest.compression)["compressed_states"]
 
     def new_caches(batch):  # one cache per part; each part only touches its own (global) layer indices
         config = language_model.config
