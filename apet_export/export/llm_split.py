@@ -203,5 +203,6 @@ def export_split_llm_artifacts(model, family, out_dir: Path, manifest, precision
         manifest.files[name] = ArtifactSpec(PART_FILES[name], tuple(inputs), tuple(outputs))
     inputs, outputs = export_stage2(manifest.compression, config.hidden_size, out_dir / PART_FILES["stage2"], dtype, manifest.opset)
     manifest.files["stage2"] = ArtifactSpec(PART_FILES["stage2"], tuple(inputs), tuple(outputs))
-    manifest.stage2 = {"layer": layer, "budget_ratio": [3, 1], "min_budget": manifest.compression.num_basis + 1}
+    # the runtime reads "layer"; the rest documents the build (budgets: compression/stages.py)
+    manifest.stage2 = {"layer": layer, "num_layers": num_layers, "budget_split": "3:1", "files": ["llm_a", "stage2", "llm_b"]}
 

@@ -108,12 +108,13 @@ class OnnxrtPart:
         self.past = [t for t in spec.inputs if t.name.startswith("past_")]
         self.output_names = [t.name for t in spec.outputs]
         self.dtype = np.dtype(spec.inputs[0].dtype)
+        self.input_name = spec.inputs[0].name
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {t.name: np.zeros((batch, t.shape[1], 0, t.shape[3]), self.dtype) for t in self.past}
 
     def __call__(self, feed: dict, cache: dict):
-        first = next(iter(feed))  # inputs_embeds or hidden_states
+        first = self.input_name  # inputs_embeds or hidden_states
         feed = {**feed, first: feed[first].astype(self.dtype, copy=False), **cache}
         outputs = self.session.run(self.output_names, feed)
         presents = {t.name: value for t, value in zip(self.past, outputs[1:], strict=True)}  # same order
@@ -164,6 +165,7 @@ class TorchPart:
     def __init__(self, language_model, lm_head, layers: range):
         self.language_model, self.lm_head, self.layers = language_model, lm_head, layers
         self.with_head = layers.stop == len(language_model.layers)
+        self.input_name = "inputs_embeds" if layers.start == 0 else "hidden_states"  # as the part graphs
 
     def __call__(self, feed: dict, cache):
         import torch
@@ -171,7 +173,7 @@ class TorchPart:
 
         lm = self.language_model
         with torch.inference_mode():
-            hidden = torch.from_numpy(next(iter(feed.values()))).to(lm.dtype)  # [B, S, H]
+            hidden = torch.from_numpy(feed[self.input_name]).to(lm.dtype)  # [B, S, H]
             position_ids = torch.from_numpy(feed["position_ids"])  # [B, S]
             mask = create_causal_mask(
                 config=lm.config, inputs_embeds=hidden, attention_mask=torch.from_numpy(feed["attention_mask"]),
