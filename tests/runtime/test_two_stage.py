@@ -145,3 +145,12 @@ def test_budget_resolution_and_errors(llava_two_stage_build, llava_build):
         resolve_budgets(two, 64, budget1=96)
     with pytest.raises(InvalidInputError, match="no ApET stage 2"):
         resolve_budgets(one, budget1=96, budget2=32)
+
+
+def test_parity_command_on_a_two_stage_build(llava_two_stage_build):
+    from apet_export.parity.run import run_parity
+
+    sections = run_parity(llava_two_stage_build, budgets=[64], pair=(80, 24))
+    assert set(sections) == {"vision", "stage2", "e2e"}
+    assert {row.check for row in sections["e2e"]} == {"greedy 32 tokens k=80/24"}
+    assert all(row.passed for rows in sections.values() for row in rows)
