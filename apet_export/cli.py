@@ -16,6 +16,15 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 status_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # off stdout's streamed text
 
 
+def stage_pair(budget1: int | None, budget2: int | None) -> tuple[int, int] | None:
+    """--budget1/--budget2 of a two-stage build, given together (--budget2 alone has no stage 1)."""
+    if budget1 is None and budget2 is None:
+        return None
+    if budget1 is None or budget2 is None:
+        raise click.BadParameter("give --budget1 and --budget2 together")
+    return budget1, budget2
+
+
 def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -43,9 +52,11 @@ def cli():
               help="default visual-token budget (runtime input; default 64, Qwen2.5-VL: 30% of each image's tokens)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
+@click.option("--stage2-layer", type=int, default=None,
+              help="ApET stage 2 after decoder layer K: llm_a.onnx + stage2.onnx + llm_b.onnx (--budget is then the average, 64 = 96/32)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
-def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, force, trust_remote_code):
+def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, force, trust_remote_code):
     """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
     from apet_export.config import ApetConfig
     from apet_export.export.build import BuildOptions
@@ -55,7 +66,7 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
     options = BuildOptions(
         model=model, out=out, method=method, budget=budget, precision=precision, llm=not no_llm, force=force,
         compression=ApetConfig(num_basis=num_basis, selection=selection, ridge=ridge, fps_start=start),
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stage2_layer=stage2_layer,
     )
     run_build(options, console=status_console)
 
@@ -65,11 +76,14 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
 @click.option("--images", "-i", multiple=True, type=click.Path(path_type=Path), help="images to check with (default: generated)")
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: 16,64,192,N)")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
-def parity(build_dir, images, budgets, e2e):
+@click.option("--budget1", type=int, default=None, help="two-stage builds: e2e at this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: e2e at this stage-2 budget")
+def parity(build_dir, images, budgets, e2e, budget1, budget2):
     """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure."""
     from apet_export.parity.run import run_parity
 
-    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console)
+    pair = stage_pair(budget1, budget2)
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair)
 
 
 @cli.command()
@@ -100,13 +114,15 @@ def visualize(build_dir, image, budget, output):
               help="image(s) to ask about (default: a generated test picture)")
 @click.option("--prompt", required=True)
 @click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
+@click.option("--budget1", type=int, default=None, help="two-stage builds: tokens kept by stage 1 (vision)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: tokens kept by stage 2 (LLM layer K)")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
-def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
+def run(build_dir, images, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p, seed, as_json):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
@@ -119,7 +135,7 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
         generation = pipeline.generate(
             pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed,
+            top_p=top_p, seed=seed, budget1=budget1, budget2=budget2,
         )
         for event in generation.events():
             if as_json:
@@ -147,13 +163,16 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
+@click.option("--budget1", type=int, default=None, help="two-stage builds: also measure this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: ... and this stage-2 budget")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
     from apet_export.bench import rows_as_dicts, run_bench
 
-    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    pair = stage_pair(budget1, budget2)
+    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console, pairs=[pair] if pair else None)
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 

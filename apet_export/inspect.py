@@ -43,6 +43,8 @@ def inspect_build(build_dir: Path, console: Console) -> None:
         ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
         ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),
         *((f"note {i + 1}", note) for i, note in enumerate(manifest.notes)),
+        *((("ApET stage 2", f"after decoder layer {manifest.stage2['layer']} (llm_a | stage2 | llm_b); budget = "
+                                f"average of the stages, 64 = 96/32"),) if manifest.stage2 else ()),
     ):
         summary.add_row(key, str(value))
     console.print(summary)

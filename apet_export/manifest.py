@@ -27,6 +27,7 @@ class Manifest:
     files: dict[str, ArtifactSpec]  # "vision", "vision_plugin", "llm", ...
     plugin: dict = field(default_factory=dict)  # ApetScore op identity, when vision_plugin exists
     notes: list[str] = field(default_factory=list)  # what was not built and why
+    stage2: dict = field(default_factory=dict)  # ApET stage 2 in the LLM: {"layer": K, ...}; {} = one stage
     tool_versions: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     apet_export_version: str = __version__
@@ -46,6 +47,7 @@ class Manifest:
             "files": {name: spec.to_dict() for name, spec in self.files.items()},
             "plugin": self.plugin,
             "notes": self.notes,
+            "stage2": self.stage2,
             "tool_versions": self.tool_versions,
         }
 
