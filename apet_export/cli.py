@@ -40,7 +40,7 @@ def cli():
 @click.option("--ridge", default=1e-5, show_default=True, help="ridge lambda of the least squares")
 @click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
 @click.option("--budget", default=64, show_default=True, help="default visual-token budget (runtime input)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="graph precision: fp16 = vision tower, projector and LLM in fp16 (ApET stays fp32), what fp16 TensorRT engines need")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
