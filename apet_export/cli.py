@@ -61,6 +61,27 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--target", "targets", default="current", show_default=True,
+              help="comma-separated compute capabilities (sm80,sm89; TensorRT-RTX builds them ahead of time) or 'current'")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="expected graph precision (engines are strongly typed: fp16 engines need `build --precision fp16`)")
+@click.option("--artifact", "artifacts", multiple=True, help="only these manifest artifacts (default: every ONNX graph)")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimisation level 0..5 (0: fastest build)")
+@click.option("--max-batch", default=4, show_default=True, help="upper end of the batch axis in every profile")
+@click.option("--max-context", type=int, default=None, help="cap of the LLM sequence axes (default: the model's context)")
+def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_context):
+    """Build TensorRT engines for BUILD_DIR's ONNX graphs into BUILD_DIR/engines/ (atomically)."""
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    options = EngineOptions(
+        targets=tuple(t for t in targets.split(",") if t.strip()), precision=precision,
+        artifacts=tuple(artifacts) or None, optimization_level=opt_level, max_batch=max_batch, max_context=max_context,
+    )
+    build_engines(build_dir, options, console=status_console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--images", "-i", multiple=True, type=click.Path(path_type=Path), help="images to check with (default: generated)")
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: 16,64,192,N)")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
