@@ -28,6 +28,7 @@ class BenchRow:
     prefill_speedup: float = 1.0  # measured: prefill_ms(N) / prefill_ms(budget)
     ideal_speedup: float = 1.0  # prefill_tokens(N) / prefill_tokens(budget)
     total_speedup: float = 1.0  # (vision + prefill)(N) / (vision + prefill)(budget)
+    backend: str = ""
 
     @property
     def efficiency(self) -> float:
@@ -80,7 +81,7 @@ def run_bench(
                 vision_ms=statistics.median(r.vision_ms for r in results),
                 prefill_ms=statistics.median(r.prefill_ms for r in results),
                 decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in results),
-                peak_rss_mib=peak_rss_mib(),
+                peak_rss_mib=peak_rss_mib(), backend=backend,
             )
     reference = rows[full]
     for row in rows.values():
@@ -90,6 +91,25 @@ def run_bench(
     ordered = [rows[b] for b in budgets]
     print_bench(ordered, console, f"{build_dir} on {backend} ({runs} runs, median)")
     return ordered
+
+
+def run_bench_with_tensorrt(
+    build_dir: Path, backend: str = "onnxruntime", budgets: list[int] | None = None, runs: int = 5,
+    max_new_tokens: int = 16, console: Console | None = None, tensorrt: bool = True,
+) -> list[BenchRow]:
+    """run_bench on `backend`, then on the TensorRT engines too where this machine runs them; otherwise
+    one line says why TensorRT was skipped."""
+    from apet_export.runtime.backends.trt import unavailable_reason
+
+    console = console or Console()
+    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    if tensorrt and backend != "tensorrt":
+        skipped = unavailable_reason(build_dir, load_manifest(build_dir))
+        if skipped:
+            console.print(f"tensorrt: skipped ({skipped})")
+        else:
+            rows += run_bench(build_dir, "tensorrt", budgets, runs, max_new_tokens, console)
+    return rows
 
 
 def print_bench(rows: list[BenchRow], console: Console, title: str) -> None:

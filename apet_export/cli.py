@@ -120,7 +120,7 @@ def visualize(build_dir, image, budget, output):
               help="image(s) to ask about (default: a generated test picture)")
 @click.option("--prompt", required=True)
 @click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
@@ -162,18 +162,20 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: N,192,128,64)")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
+              help="also time the TensorRT engines where TensorRT and a GPU are present (else say why not)")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, tensorrt):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
-    from apet_export.bench import rows_as_dicts, run_bench
+    from apet_export.bench import rows_as_dicts, run_bench_with_tensorrt
 
-    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    rows = run_bench_with_tensorrt(build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt)
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 

@@ -224,7 +224,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
             "precision": manifest.precision,
             "targets": [t.name for t in targets],
             "settings": {
-                "strongly_typed": True, "builder_optimization_level": options.optimization_level,
+                "strongly_typed": True, "tf32": False, "builder_optimization_level": options.optimization_level,
                 "max_batch": options.max_batch,
                 "max_context": options.max_context or manifest.dims.get("max_context"),
                 "decomposable_attention": True, "timing_cache": f"{ENGINES_DIR}/{TIMING_CACHE}",

@@ -107,6 +107,8 @@ def build_engine(
     marked = mark_attention_decomposable(trt, network)
     config = builder.create_builder_config()
     config.builder_optimization_level = optimization_level
+    if hasattr(trt.BuilderFlag, "TF32"):  # fp32 in the graph means fp32 (ApET's ridge system needs it)
+        config.clear_flag(trt.BuilderFlag.TF32)
     set_target(trt, config, capability)
     add_profiles(trt, builder, config, network, profiles)
     if timing_cache is None or isinstance(timing_cache, bytes):

@@ -28,15 +28,17 @@ def first_difference(a: list[int], b: list[int]) -> str:
 
 
 def e2e_parity(
-    build_dir: Path, manifest: Manifest, image, budgets: list[int] | None = None, max_new_tokens: int = 32
+    build_dir: Path, manifest: Manifest, image, budgets: list[int] | None = None, max_new_tokens: int = 32,
+    backend: str = "onnxruntime",
 ) -> list[ParityRow]:
+    """Greedy generation on `backend` (onnxruntime or tensorrt) against the torch backend."""
     rows = []
     atol = LOGITS_ATOL[manifest.precision]
-    with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend="onnxruntime") as candidate:
+    with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend=backend) as candidate:
         for budget in budgets or manifest.budgets_within((64, manifest.budget["max"])):
             expected = reference.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
             actual = candidate.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
-            check = f"greedy {max_new_tokens} tokens k={budget}"
+            check = f"greedy {max_new_tokens} tokens k={budget}" + ("" if backend == "onnxruntime" else f" {backend}")
             mismatches = sum(x != y for x, y in zip(expected.token_ids, actual.token_ids, strict=False))
             mismatches += abs(len(expected.token_ids) - len(actual.token_ids))
             rows.append(ParityRow(

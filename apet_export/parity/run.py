@@ -36,13 +36,22 @@ def run_parity(
     images += [synthetic_image(seed) for seed in range(len(images), 2)]  # batch 2 needs two
     pixel_values = preprocess(build_dir, images)
 
-    sections = {"vision": vision_parity(build_dir, manifest, pixel_values, budgets)}
+    from apet_export.runtime.backends.trt import available_engines, unavailable_reason
+
+    skipped = unavailable_reason(build_dir, manifest)  # TensorRT runs where it can, and says why not
+    engines = None if skipped else available_engines(build_dir, manifest)
+    sections = {"vision": vision_parity(build_dir, manifest, pixel_values, budgets, tensorrt=engines)}
     print_table(sections["vision"], console, title="vision graphs vs eager PyTorch")
     if e2e and "llm" in manifest.files:
         from apet_export.parity.e2e import e2e_parity
 
         sections["e2e"] = e2e_parity(build_dir, manifest, images[0])
         print_table(sections["e2e"], console, title="end-to-end generation: onnxruntime vs torch")
+        if engines and "llm" in engines:
+            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt")
+            print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
+    if skipped:
+        console.print(f"tensorrt: skipped ({skipped})")
     path = write_report(build_dir, sections)
     failed = [row for rows in sections.values() for row in rows if not row.passed]
     if failed:

@@ -1,4 +1,5 @@
-"""Vision parity: eager PyTorch vs onnxruntime on vision.onnx and vision.plugin.onnx, via Polygraphy.
+"""Vision parity: eager PyTorch vs onnxruntime (and TensorRT engines, where a GPU runs them) on vision.onnx
+and vision.plugin.onnx, via Polygraphy.
 
 For every (graph, budget, batch) the Comparator runs both runners on the same feed and checks each
 output against its tolerance; keep_index must be identical.
@@ -38,9 +39,11 @@ def tolerances(precision: str) -> dict[str, tuple[float, float]]:
 
 
 def vision_parity(
-    build_dir: Path, manifest: Manifest, pixel_values: np.ndarray, budgets: list[int], batches=(1, 2)
+    build_dir: Path, manifest: Manifest, pixel_values: np.ndarray, budgets: list[int], batches=(1, 2),
+    tensorrt: dict[str, str] | None = None,
 ) -> list[ParityRow]:
-    """pixel_values [K, 3, S, S] (K >= max(batches)) -> one row per graph, budget, batch and output."""
+    """pixel_values [K, 3, S, S] (K >= max(batches)) -> one row per graph (and runtime), budget, batch and
+    output. tensorrt: {artifact: engine path} of the engines to check too (this GPU's), or None."""
     quiet_polygraphy()
     limits = tolerances(manifest.precision)
     feeds = [
@@ -62,16 +65,28 @@ def vision_parity(
             lambda path=path, plugin=graph == "vision_plugin": onnxruntime_session(path, apet_score=plugin),
             name=f"onnxruntime:{path.name}",
         )
-        results = Comparator.run([reference, runner], data_loader=feeds)
-        with np.errstate(divide="ignore", invalid="ignore"):  # relative diffs of exact zeros
-            accuracy = Comparator.compare_accuracy(results, compare_func=compare)
-        (iterations,) = accuracy[0].values()  # one compare func, one runner pair
-        for feed, outputs in zip(feeds, iterations, strict=True):
-            for name, result in outputs.items():
-                atol, rtol = limits[name]
-                rows.append(ParityRow(
-                    check=f"{path.name} k={int(feed['keep'])} b={feed['pixel_values'].shape[0]}",
-                    output=name, max_abs=float(result.max_absdiff), max_rel=float(result.max_reldiff),
-                    atol=atol, rtol=rtol, passed=bool(result),
-                ))
+        rows += _compare(reference, runner, path.name, feeds, compare, limits)
+        if tensorrt and graph in tensorrt:
+            from apet_export.runtime.backends.trt import vision_runner
+
+            runner = vision_runner(build_dir, manifest, graph)
+            rows += _compare(reference, runner, f"tensorrt:{tensorrt[graph]}", feeds, compare, limits)
+    return rows
+
+
+def _compare(reference, runner, label: str, feeds, compare, limits) -> list[ParityRow]:
+    """Run both runners on every feed; one row per feed and output."""
+    results = Comparator.run([reference, runner], data_loader=feeds)
+    with np.errstate(divide="ignore", invalid="ignore"):  # relative diffs of exact zeros
+        accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+    (iterations,) = accuracy[0].values()  # one compare func, one runner pair
+    rows = []
+    for feed, outputs in zip(feeds, iterations, strict=True):
+        for name, result in outputs.items():
+            atol, rtol = limits[name]
+            rows.append(ParityRow(
+                check=f"{label} k={int(feed['keep'])} b={feed['pixel_values'].shape[0]}",
+                output=name, max_abs=float(result.max_absdiff), max_rel=float(result.max_reldiff),
+                atol=atol, rtol=rtol, passed=bool(result),
+            ))
     return rows
