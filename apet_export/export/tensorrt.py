@@ -163,7 +163,7 @@ class Stages:
 
 def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), console: Console | None = None) -> dict:
     """Build the engines of every (target, ONNX artifact) into DIR/engines/; returns manifest["engines"]."""
-    from apet_export.export.trt_network import build_engine, make_logger
+    from apet_export.export.trt_network import build_engine, has_timing_cache, make_logger
     from apet_export.export.trt_profiles import profiles_for
 
     console = console or Console(stderr=True)
@@ -216,7 +216,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
                     "build_seconds": round(time.perf_counter() - start, 2), "decomposable_attention": marked,
                     "profiles": [p.to_dict() for p in profiles],
                 })
-        if timing_cache is not None and not isinstance(timing_cache, bytes):
+        if has_timing_cache(trt) and timing_cache is not None and not isinstance(timing_cache, bytes):
             (staging / TIMING_CACHE).write_bytes(bytes(timing_cache.serialize()))
         staging.chmod(0o755)
         record = {
@@ -227,7 +227,9 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
                 "strongly_typed": True, "tf32": False, "builder_optimization_level": options.optimization_level,
                 "max_batch": options.max_batch,
                 "max_context": options.max_context or manifest.dims.get("max_context"),
-                "decomposable_attention": True, "timing_cache": f"{ENGINES_DIR}/{TIMING_CACHE}",
+                "decomposable_attention": True,
+                # TensorRT-RTX does not time tactics ahead of time: no cache to save there
+                "timing_cache": f"{ENGINES_DIR}/{TIMING_CACHE}" if has_timing_cache(trt) else None,
             },
             "files": files,
             "skipped": skipped,

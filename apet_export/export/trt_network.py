@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apet_export.compat import is_tensorrt_rtx
 from apet_export.errors import EngineBuildError
 from apet_export.export.trt_profiles import Profile
 
@@ -96,12 +97,18 @@ def set_target(trt, config, capability) -> None:
         config.set_compute_capability(capability, 0)
 
 
+def has_timing_cache(trt) -> bool:
+    """TensorRT-RTX builds without timing (its timing-cache calls are deprecated no-ops)."""
+    return not is_tensorrt_rtx(trt)
+
+
 def build_engine(
     trt, builder, logger, path: Path, profiles: list[Profile], capability, timing_cache=None,
     optimization_level: int = 3,
 ):
     """(serialized engine bytes, timing cache, number of attentions marked decomposable).
-    timing_cache: the ITimingCache of a previous build, or the bytes of a saved one, or None."""
+    timing_cache: the ITimingCache of a previous build, or the bytes of a saved one, or None (returned
+    unchanged where TensorRT has no timing cache)."""
     logger.errors.clear()
     network, _parser = parse_onnx(trt, builder, logger, path)
     marked = mark_attention_decomposable(trt, network)
@@ -111,9 +118,10 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
     set_target(trt, config, capability)
     add_profiles(trt, builder, config, network, profiles)
-    if timing_cache is None or isinstance(timing_cache, bytes):
-        timing_cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if has_timing_cache(trt):
+        if timing_cache is None or isinstance(timing_cache, bytes):
+            timing_cache = config.create_timing_cache(timing_cache or b"")
+        config.set_timing_cache(timing_cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = "; ".join(e.splitlines()[0][:300] for e in logger.errors[-MAX_REPORTED_ERRORS:]) or "no message"
