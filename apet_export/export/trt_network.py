@@ -19,9 +19,10 @@ from apet_export.export.trt_profiles import Profile
 MAX_REPORTED_ERRORS = 3
 
 
-def make_logger(trt):
-    """A TensorRT logger that keeps the errors (for our one-line exception) and drops the rest
-    (the parser warns about every int64 binding, which is how our graphs are meant to be)."""
+def make_logger(trt, echo: bool = False):
+    """A TensorRT logger that keeps the errors (for our one-line exception; echo=True also prints them,
+    for runtimes) and drops the rest (the parser warns about every int64 binding, as our graphs intend)."""
+    import sys
 
     class CollectingLogger(trt.ILogger):
         def __init__(self):
@@ -31,6 +32,8 @@ def make_logger(trt):
         def log(self, severity, message):
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.errors.append(message)
+                if echo:
+                    print(f"TensorRT: {message}", file=sys.stderr)
 
     return CollectingLogger()
 

@@ -262,3 +262,28 @@ def test_tensorrt_generation_matches_onnxruntime(tmp_path_factory):
             tokens[backend] = result.token_ids
             print(backend, result.summary())
     assert tokens["tensorrt"] == tokens["onnxruntime"]
+
+
+def test_device_kv_cache_ping_pong_without_copies():
+    """The cache the tensorrt backend binds: past and present are contiguous views of two fixed buffers
+    that swap roles each step (run here on CPU tensors; on a GPU the same buffers live in device memory)."""
+    import torch
+
+    from apet_export.errors import ApetExportError
+    from apet_export.runtime.backends.trt import DeviceKVCache
+
+    cache = DeviceKVCache(["key_0", "value_0"], batch=1, kv_heads=2, head_dim=4, capacity=8, dtype=torch.float16, device="cpu")
+    past, present = cache.bindings(new_tokens=5)  # prefill
+    assert past["past_key_0"].shape == (1, 2, 0, 4) and present["present_key_0"].shape == (1, 2, 5, 4)
+    present["present_key_0"].fill_(1.0)  # what the engine writes
+    buffers = [b.data_ptr() for pair in cache.buffers for b in pair]
+    cache.advance(5)
+    past, present = cache.bindings(new_tokens=1)  # decode: last step's present is this step's past
+    assert past["past_key_0"].is_contiguous() and past["past_key_0"].shape == (1, 2, 5, 4)
+    assert bool((past["past_key_0"] == 1.0).all()) and present["present_key_0"].shape == (1, 2, 6, 4)
+    assert past["past_key_0"].data_ptr() != present["present_key_0"].data_ptr()
+    assert [b.data_ptr() for pair in cache.buffers for b in pair] == buffers  # nothing reallocated
+    cache.advance(1)
+    cache.advance(1)
+    with pytest.raises(ApetExportError, match="holds 8 tokens; this step needs 9"):
+        cache.bindings(new_tokens=2)

@@ -103,14 +103,13 @@ def available_engines(build_dir: Path, manifest: Manifest) -> dict[str, str]:
 def vision_runner(build_dir: Path, manifest: Manifest, artifact: str = "vision") -> TrtVisionRunner:
     """A (not yet active) runner of this GPU's engine of a vision artifact, for parity checks."""
     from apet_export.compat import import_tensorrt
-    from apet_export.export.trt_network import make_logger
 
     trt = import_tensorrt()
     files = select_engines(build_dir, manifest, trt.__name__, trt.__version__, current_target())
     if artifact == "vision_plugin":
         _register_plugin_or_fail(trt, artifact)
-    runtime = trt.Runtime(make_logger(trt))
-    return TrtVisionRunner(trt, runtime, Path(build_dir) / files[artifact]["path"], name=f"tensorrt:{artifact}")
+    path = Path(build_dir) / files[artifact]["path"]
+    return TrtVisionRunner(trt, path, manifest.files[artifact].inputs, name=f"tensorrt:{artifact}")
 
 
 def _register_plugin_or_fail(trt, artifact: str) -> None:
@@ -122,11 +121,15 @@ def _register_plugin_or_fail(trt, artifact: str) -> None:
 
 
 class _Engine:
-    """A deserialized engine and its I/O names; `context(profile)` gives an execution context."""
+    """A deserialized engine (with the runtime and logger it needs alive) and its I/O names."""
 
-    def __init__(self, trt, runtime, path: Path):
+    def __init__(self, trt, path: Path):
+        from apet_export.export.trt_network import make_logger
+
         self.trt, self.path = trt, path
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        self.logger = make_logger(trt, echo=True)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineCompatibilityError(
                 f"{trt.__name__} {trt.__version__} could not load {path} (built for another version or GPU): "
@@ -165,25 +168,27 @@ def _launch(context, stream, outputs: dict) -> None:
     for name, tensor in outputs.items():
         context.set_tensor_address(name, tensor.data_ptr())
     if not context.execute_async_v3(stream):
-        raise ApetExportError("TensorRT failed to run the engine (see the TensorRT log above)")
+        raise ApetExportError("TensorRT failed to run the engine (its errors are printed above)")
 
 
 class TrtVisionRunner(BaseRunner):
-    def __init__(self, trt, runtime, path: Path, name: str = "tensorrt-vision"):
+    """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against)."""
+
+    def __init__(self, trt, path: Path, inputs, name: str = "tensorrt-vision"):
         super().__init__(name=name, prefix="trt-vision-runner")
-        self.trt, self.runtime, self.path = trt, runtime, path
+        self.trt, self.path, self.inputs = trt, path, inputs
 
     def activate_impl(self):
         import torch
 
         self.stream = torch.cuda.current_stream().cuda_stream
-        self.engine = _Engine(self.trt, self.runtime, self.path)
+        self.engine = _Engine(self.trt, self.path)
         self.context = self.engine.context(0, self.stream)
 
     def get_input_metadata_impl(self):
         metadata = TensorMetadata()
-        for name in self.engine.inputs:
-            metadata.add(name, None, None)
+        for spec in self.inputs:
+            metadata.add(spec.name, np.dtype(spec.dtype), spec.shape)
         return metadata
 
     def infer_impl(self, feed_dict):
@@ -214,13 +219,15 @@ class TrtVisionRunner(BaseRunner):
 class DeviceKVCache:
     """past_*/present_* ping-pong buffers on the GPU (see the module docstring)."""
 
-    def __init__(self, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int, dtype):
+    def __init__(
+        self, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device: str = "cuda"
+    ):
         import torch
 
         self.names, self.length, self.capacity = names, 0, capacity
         self.shape = (batch, kv_heads, head_dim)
         size = batch * kv_heads * capacity * head_dim
-        self.buffers = [(torch.empty(size, dtype=dtype, device="cuda"), torch.empty(size, dtype=dtype, device="cuda"))
+        self.buffers = [(torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
                         for _ in names]
         self.current = 0  # which buffer of each pair holds the past
 
@@ -245,22 +252,23 @@ class DeviceKVCache:
 class TrtLlmRunner(BaseRunner):
     """llm engine; profile "prefill" for the prompt (no cache), "decode" for one token at a time."""
 
-    def __init__(self, trt, runtime, path: Path, profiles: list[str], name: str = "tensorrt-llm"):
+    def __init__(self, trt, path: Path, inputs, profiles: list[str], name: str = "tensorrt-llm"):
         super().__init__(name=name, prefix="trt-llm-runner")
-        self.trt, self.runtime, self.path, self.profile_names = trt, runtime, path, profiles
+        self.trt, self.path, self.inputs, self.profile_names = trt, path, inputs, profiles
 
     def activate_impl(self):
         import torch
 
         self.stream = torch.cuda.current_stream().cuda_stream
-        self.engine = _Engine(self.trt, self.runtime, self.path)
+        self.engine = _Engine(self.trt, self.path)
         self.contexts = {name: self.engine.context(i, self.stream) for i, name in enumerate(self.profile_names)}
         self.logits = None  # [B, V] device buffer, allocated once per batch size
 
-    def get_input_metadata_impl(self):
+    def get_input_metadata_impl(self):  # the cache is bound separately (device buffers)
         metadata = TensorMetadata()
-        for name in ("inputs_embeds", "attention_mask", "position_ids"):
-            metadata.add(name, None, None)
+        for spec in self.inputs:
+            if not spec.name.startswith("past_"):
+                metadata.add(spec.name, np.dtype(spec.dtype), spec.shape)
         return metadata
 
     def infer_impl(self, feed_dict, cache: DeviceKVCache = None):
@@ -299,7 +307,6 @@ class TrtBackend(Backend):
         from safetensors.numpy import load_file
 
         from apet_export.compat import import_tensorrt
-        from apet_export.export.trt_network import make_logger
 
         target = current_target()
         trt = import_tensorrt()
@@ -312,12 +319,13 @@ class TrtBackend(Backend):
                 )
         if self.vision_graph == "vision_plugin":
             _register_plugin_or_fail(trt, self.vision_graph)
-        self.logger = make_logger(trt)
-        runtime = trt.Runtime(self.logger)
-        self.vision = TrtVisionRunner(trt, runtime, self.build_dir / files[self.vision_graph]["path"])
+        vision = self.vision_graph
+        self.vision = TrtVisionRunner(trt, self.build_dir / files[vision]["path"], self.manifest.files[vision].inputs)
         self.vision.activate()
         llm = files["llm"]
-        self.llm = TrtLlmRunner(trt, runtime, self.build_dir / llm["path"], [p["name"] for p in llm["profiles"]])
+        self.llm = TrtLlmRunner(
+            trt, self.build_dir / llm["path"], self.manifest.files["llm"].inputs, [p["name"] for p in llm["profiles"]]
+        )
         self.llm.activate()
         self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
         return self
