@@ -146,6 +146,24 @@ def register_plugins(trt) -> str | None:
     return None
 
 
+def check_options(build_dir: Path, manifest, options: EngineOptions) -> None:
+    if options.precision is not None and options.precision != manifest.precision:
+        raise InvalidInputError(
+            f"the graphs in {build_dir} are {manifest.precision} and TensorRT networks are strongly typed (an "
+            f"engine has its graph's precision): rebuild with `apet-export build --precision {options.precision} "
+            f"--out {build_dir} --force`, then run `apet-export engine` again"
+        )
+    if options.max_batch < 1:
+        raise InvalidInputError(f"max batch must be >= 1, got {options.max_batch}")
+    if not 0 <= options.optimization_level <= 5:
+        raise InvalidInputError(f"the builder optimisation level must be within 0..5, got {options.optimization_level}")
+    context = manifest.dims.get("max_context")
+    if options.max_context is not None and not (context and 2 <= options.max_context <= context):
+        raise InvalidInputError(
+            f"max context {options.max_context} must be within 2..{context} (the model's context): choose a cap in that range"
+        )
+
+
 class Stages:
     """A spinner per stage on a terminal; one plain line per finished stage otherwise (CI logs)."""
 
@@ -169,14 +187,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     console = console or Console(stderr=True)
     build_dir = Path(build_dir).resolve()
     manifest = load_manifest(build_dir)
-    if options.precision is not None and options.precision != manifest.precision:
-        raise InvalidInputError(
-            f"the graphs in {build_dir} are {manifest.precision} and TensorRT networks are strongly typed (an "
-            f"engine has its graph's precision): rebuild with `apet-export build --precision {options.precision} "
-            f"--out {build_dir} --force`, then run `apet-export engine` again"
-        )
-    if options.max_batch < 1 or not 0 <= options.optimization_level <= 5:
-        raise InvalidInputError("max_batch must be >= 1 and the optimisation level within 0..5")
+    check_options(build_dir, manifest, options)
     graphs = onnx_artifacts(build_dir, manifest, options.artifacts)
     trt = import_tensorrt()
     targets = resolve_targets(trt, options.targets, current_gpu_target())

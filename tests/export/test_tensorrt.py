@@ -287,3 +287,20 @@ def test_device_kv_cache_ping_pong_without_copies():
     cache.advance(1)
     with pytest.raises(ApetExportError, match="holds 8 tokens; this step needs 9"):
         cache.bindings(new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "sm70"], "cannot build engines for sm70: choose from"),
+        (["--target", "sm89", "--precision", "fp16"], "rebuild with `apet-export build --precision fp16"),
+        (["--target", "sm89", "--max-context", "99999"], "max context 99999 must be within 2..2048"),
+        (["--target", "sm89", "--artifact", "nope"], "unknown ONNX artifact 'nope'"),
+    ],
+)
+def test_engine_command_errors_are_one_line(capsys, llava_build, args, message):
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "engine", str(llava_build), *args)
+    assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (llava_build / "engines").exists() and not list(llava_build.glob(".engines*"))
