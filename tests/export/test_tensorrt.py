@@ -104,6 +104,9 @@ def test_fp16_engines_for_sm80_and_sm89(fp16_engines):
     llm = next(f for f in record["files"] if f["artifact"] == "llm")
     assert [p["name"] for p in llm["profiles"]] == ["prefill", "decode"]
     assert record["settings"]["timing_cache"] is None  # TensorRT-RTX: no timing at build time
+    from apet_export.inspect import engines_summary
+
+    assert f"by {trt.__name__} {trt.__version__}, fp16, targets sm80, sm89" in engines_summary(record)
     assert not list(fp16_engines.glob(".engines*"))  # no staging left behind
 
 
