@@ -110,6 +110,21 @@ def test_fp16_engines_for_sm80_and_sm89(fp16_engines):
     assert not list(fp16_engines.glob(".engines*"))  # no staging left behind
 
 
+def test_fp16_vision_graphs_match_eager_fp32_within_fp16_tolerance(fp16_engines):
+    """build --precision fp16: tower + projector in fp16, ApET in fp32; the kept tokens stay identical."""
+    from apet_export.parity.run import preprocess
+    from apet_export.parity.vision import TOLERANCES_FP16, vision_parity
+    from apet_export.runtime.images import synthetic_image
+
+    manifest = load_manifest(fp16_engines)
+    pixel_values = preprocess(fp16_engines, [synthetic_image(0), synthetic_image(1)])
+    rows = vision_parity(fp16_engines, manifest, pixel_values, [64])
+    for output in TOLERANCES_FP16:
+        worst = max((r for r in rows if r.output == output), key=lambda r: r.max_abs)
+        print(f"fp16 {output}: largest abs diff {worst.max_abs:.3g} ({worst.check})")
+    assert rows and all(row.passed for row in rows)
+
+
 def test_profiles_come_from_the_manifest_axis_names(llava_build):
     manifest = load_manifest(llava_build)
     (vision,) = profiles_for(manifest, "vision", max_batch=3)
