@@ -74,17 +74,17 @@ def select_engines(build_dir: Path, manifest: Manifest, trt_name: str, trt_versi
 
 def unavailable_reason(build_dir: Path, manifest: Manifest) -> str | None:
     """Why the tensorrt backend cannot run this build here (for parity/bench to say), or None."""
+    import torch
+
     from apet_export.compat import import_tensorrt
 
+    if not torch.cuda.is_available():  # checked first: cheap, and the usual reason on CPU machines
+        return "no CUDA GPU"
     try:
         trt = import_tensorrt()
     except ApetExportError:
         return "TensorRT not installed"
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
         select_engines(build_dir, manifest, trt.__name__, trt.__version__, current_target())
     except ApetExportError as error:
         return str(error)
