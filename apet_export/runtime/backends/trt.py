@@ -11,7 +11,8 @@ context (ping-pong). A step binds past_* to the first P*... elements of one buff
 two swap. Only the step's embeddings go up and its logits come down (the sampler runs on the host).
 
 Everything CUDA-side (tensorrt, torch.cuda buffers) is imported when a runner activates, so this module
-imports on any machine; what needs no GPU (engine selection, version and target checks) is tested here.
+imports on any machine. Tested without a GPU: engine selection, version and target checks, and the runners
+themselves against a stand-in engine on CPU memory (tests/runtime/test_trt_backend.py).
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ class _Engine:
         return context
 
 
+def _stream(device: str) -> int:
+    """The CUDA stream handle the engines run on (torch's current stream; 0 off the GPU, for tests)."""
+    import torch
+
+    return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
 def _bind_inputs(context, feeds: dict) -> None:
     """Input shapes and addresses by name: device tensors, or host arrays for shape tensors (keep)."""
     for name, value in feeds.items():
@@ -172,16 +187,15 @@ def _launch(context, stream, outputs: dict) -> None:
 
 
 class TrtVisionRunner(BaseRunner):
-    """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against)."""
+    """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against).
+    device: "cuda" (tests pass "cpu" with a stand-in engine)."""
 
-    def __init__(self, trt, path: Path, inputs, name: str = "tensorrt-vision"):
+    def __init__(self, trt, path: Path, inputs, name: str = "tensorrt-vision", device: str = "cuda"):
         super().__init__(name=name, prefix="trt-vision-runner")
-        self.trt, self.path, self.inputs = trt, path, inputs
+        self.trt, self.path, self.inputs, self.device = trt, path, inputs, device
 
     def activate_impl(self):
-        import torch
-
-        self.stream = torch.cuda.current_stream().cuda_stream
+        self.stream = _stream(self.device)
         self.engine = _Engine(self.trt, self.path)
         self.context = self.engine.context(0, self.stream)
 
@@ -197,18 +211,18 @@ class TrtVisionRunner(BaseRunner):
         start = time.perf_counter()
         feeds = {}
         for name in self.engine.inputs:
-            value = np.ascontiguousarray(feed_dict[name])
+            value = np.require(feed_dict[name], requirements="C")  # ascontiguousarray would make keep 1-d
             if self.engine.on_host(name):  # the budget: a shape tensor, read from host memory
                 feeds[name] = value.astype(np.int64)
             else:
-                feeds[name] = torch.from_numpy(value).cuda().to(self.engine.torch_dtype(name))
+                feeds[name] = torch.from_numpy(value).to(self.device, self.engine.torch_dtype(name))
         _bind_inputs(self.context, feeds)  # now the output shapes ([B, keep, H] ...) are known
         outputs = {
-            name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.engine.torch_dtype(name), device="cuda")
+            name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.engine.torch_dtype(name), device=self.device)
             for name in self.engine.outputs
         }
         _launch(self.context, self.stream, outputs)
-        torch.cuda.current_stream().synchronize()
+        _synchronize(self.device)
         self.inference_time = time.perf_counter() - start
         return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
 
@@ -252,14 +266,12 @@ class DeviceKVCache:
 class TrtLlmRunner(BaseRunner):
     """llm engine; profile "prefill" for the prompt (no cache), "decode" for one token at a time."""
 
-    def __init__(self, trt, path: Path, inputs, profiles: list[str], name: str = "tensorrt-llm"):
+    def __init__(self, trt, path: Path, inputs, profiles: list[str], name: str = "tensorrt-llm", device: str = "cuda"):
         super().__init__(name=name, prefix="trt-llm-runner")
-        self.trt, self.path, self.inputs, self.profile_names = trt, path, inputs, profiles
+        self.trt, self.path, self.inputs, self.profile_names, self.device = trt, path, inputs, profiles, device
 
     def activate_impl(self):
-        import torch
-
-        self.stream = torch.cuda.current_stream().cuda_stream
+        self.stream = _stream(self.device)
         self.engine = _Engine(self.trt, self.path)
         self.contexts = {name: self.engine.context(i, self.stream) for i, name in enumerate(self.profile_names)}
         self.logits = None  # [B, V] device buffer, allocated once per batch size
@@ -278,13 +290,13 @@ class TrtLlmRunner(BaseRunner):
         new_tokens = feed_dict["inputs_embeds"].shape[1]
         phase = "decode" if new_tokens == 1 and cache.length > 0 and "decode" in self.contexts else "prefill"
         context = self.contexts[phase]
-        feeds = {name: torch.from_numpy(np.ascontiguousarray(feed_dict[name])).cuda().to(self.engine.torch_dtype(name))
+        feeds = {name: torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device, self.engine.torch_dtype(name))
                  for name in ("inputs_embeds", "attention_mask", "position_ids")}
         past, present = cache.bindings(new_tokens)
         feeds.update(past)
         shape = (feeds["inputs_embeds"].shape[0], self.engine.engine.get_tensor_shape("logits")[-1])
         if self.logits is None or tuple(self.logits.shape) != shape:
-            self.logits = torch.empty(shape, dtype=self.engine.torch_dtype("logits"), device="cuda")
+            self.logits = torch.empty(shape, dtype=self.engine.torch_dtype("logits"), device=self.device)
         _bind_inputs(context, feeds)
         _launch(context, self.stream, {"logits": self.logits, **present})
         cache.advance(new_tokens)
