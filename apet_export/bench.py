@@ -33,6 +33,7 @@ class BenchRow:
     ideal_speedup: float = 1.0  # prefill_tokens(N) / prefill_tokens(budget)
     total_speedup: float = 1.0  # (vision + prefill)(N) / (vision + prefill)(budget)
     budget2: int | None = None  # stage 2 (LLM layer K); None on one-stage builds
+    backend: str = ""
 
     @property
     def label(self) -> str:
@@ -116,7 +117,7 @@ def run_bench(
             vision_ms=statistics.median(r.vision_ms for r in runs_of_case),
             prefill_ms=statistics.median(r.prefill_ms for r in runs_of_case),
             decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs_of_case),
-            peak_rss_mib=peaks[first, second],
+            peak_rss_mib=peaks[first, second], backend=backend,
         )
     reference = rows[cases[0]]
     for row in rows.values():
@@ -136,6 +137,24 @@ def prefill_tokens(manifest, result) -> float:
     layer, num_layers = manifest.stage2["layer"], manifest.dims["num_layers"]
     second = result.prompt_tokens + result.image_tokens_stage2
     return (layer * first + (num_layers - layer) * second) / num_layers
+def run_bench_with_tensorrt(
+    build_dir: Path, backend: str = "onnxruntime", budgets: list[int] | None = None, runs: int = 5,
+    max_new_tokens: int = 16, console: Console | None = None, tensorrt: bool = True,
+    pairs: list[tuple[int, int]] | None = None,
+) -> list[BenchRow]:
+    """run_bench on `backend`, then on the TensorRT engines too where this machine runs them; otherwise
+    one line says why TensorRT was skipped."""
+    from apet_export.runtime.backends.trt import unavailable_reason
+
+    console = console or Console()
+    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console, pairs)
+    if tensorrt and backend != "tensorrt":
+        skipped = unavailable_reason(build_dir, load_manifest(build_dir))
+        if skipped:
+            console.print(f"tensorrt: skipped ({skipped})")
+        else:
+            rows += run_bench(build_dir, "tensorrt", budgets, runs, max_new_tokens, console, pairs)
+    return rows
 
 
 def print_bench(rows: list[BenchRow], console: Console, title: str) -> None:

@@ -50,7 +50,7 @@ def cli():
 @click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
 @click.option("--budget", type=int, default=None,
               help="default visual-token budget (runtime input; default 64, Qwen2.5-VL: 30% of each image's tokens)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="graph precision: fp16 = vision tower, projector and LLM in fp16 (ApET stays fp32), what fp16 TensorRT engines need")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
 @click.option("--stage2-layer", type=int, default=None,
               help="ApET stage 2 after decoder layer K: llm_a.onnx + stage2.onnx + llm_b.onnx (--budget is then the average, 64 = 96/32)")
@@ -69,6 +69,27 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
         trust_remote_code=trust_remote_code, stage2_layer=stage2_layer,
     )
     run_build(options, console=status_console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--target", "targets", default="current", show_default=True,
+              help="comma-separated compute capabilities (sm80,sm89; TensorRT-RTX builds them ahead of time) or 'current'")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="expected graph precision (engines are strongly typed: fp16 engines need `build --precision fp16`)")
+@click.option("--artifact", "artifacts", multiple=True, help="only these manifest artifacts (default: every ONNX graph)")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimisation level 0..5 (0: fastest build)")
+@click.option("--max-batch", default=4, show_default=True, help="upper end of the batch axis in every profile")
+@click.option("--max-context", type=int, default=None, help="cap of the LLM sequence axes (default: the model's context)")
+def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_context):
+    """Build TensorRT engines for BUILD_DIR's ONNX graphs into BUILD_DIR/engines/ (atomically)."""
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    options = EngineOptions(
+        targets=tuple(t for t in targets.split(",") if t.strip()), precision=precision,
+        artifacts=tuple(artifacts) or None, optimization_level=opt_level, max_batch=max_batch, max_context=max_context,
+    )
+    build_engines(build_dir, options, console=status_console)
 
 
 @cli.command()
@@ -116,7 +137,7 @@ def visualize(build_dir, image, budget, output):
 @click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
 @click.option("--budget1", type=int, default=None, help="two-stage builds: tokens kept by stage 1 (vision)")
 @click.option("--budget2", type=int, default=None, help="two-stage builds: tokens kept by stage 2 (LLM layer K)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
@@ -158,21 +179,25 @@ def run(build_dir, images, prompt, budget, budget1, budget2, backend, max_new_to
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: N,192,128,64)")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
 @click.option("--budget1", type=int, default=None, help="two-stage builds: also measure this stage-1 budget (with --budget2)")
 @click.option("--budget2", type=int, default=None, help="two-stage builds: ... and this stage-2 budget")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2):
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
+              help="also time the TensorRT engines where TensorRT and a GPU are present (else say why not)")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2, tensorrt):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
-    from apet_export.bench import rows_as_dicts, run_bench
+    from apet_export.bench import rows_as_dicts, run_bench_with_tensorrt
 
     pair = stage_pair(budget1, budget2)
-    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console, pairs=[pair] if pair else None)
+    rows = run_bench_with_tensorrt(
+        build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 

@@ -134,7 +134,8 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             notes: list[str] = []
             task = step("vision.onnx: tower + ApET stage 1 + projector")
             inputs, outputs = export_vision(
-                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset
+                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset,
+                precision=options.precision,
             )
             files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
             progress.update(task, completed=1)
@@ -146,7 +147,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 task = step("vision.plugin.onnx: ApetScore plugin node")
                 export_vision(
                     model, family, options.method, options.compression, staging / "vision.plugin.onnx",
-                    use_plugin=True, opset=options.opset,
+                    use_plugin=True, opset=options.opset, precision=options.precision,
                 )
                 files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
                 plugin = {

@@ -45,7 +45,13 @@ def run_parity(
     images = [load_image(p) for p in image_paths] if image_paths else []
     # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
     images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]
-    sections = {"vision": vision_parity(build_dir, manifest, vision_feeds(build_dir, manifest, images, budgets))}
+
+    from apet_export.runtime.backends.trt import available_engines, unavailable_reason
+
+    skipped = unavailable_reason(build_dir, manifest)  # TensorRT runs where it can, and says why not
+    engines = None if skipped else available_engines(build_dir, manifest)
+    feeds = vision_feeds(build_dir, manifest, images, budgets)
+    sections = {"vision": vision_parity(build_dir, manifest, feeds, tensorrt=engines)}
     print_table(sections["vision"], console, title="vision graphs vs eager PyTorch")
     if manifest.stage2:
         from apet_export.parity.stage2 import stage2_parity
@@ -57,6 +63,11 @@ def run_parity(
 
         sections["e2e"] = e2e_parity(build_dir, manifest, images[0], pair=pair)
         print_table(sections["e2e"], console, title="end-to-end generation: onnxruntime vs torch")
+        if engines and "llm" in engines:
+            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt")
+            print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
+    if skipped:
+        console.print(f"tensorrt: skipped ({skipped})")
     path = write_report(build_dir, sections)
     failed = [row for rows in sections.values() for row in rows if not row.passed]
     if failed:

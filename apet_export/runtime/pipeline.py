@@ -81,7 +81,7 @@ class Generation:
         return self.result
 
 
-BACKENDS = {"onnxruntime", "torch"}
+BACKENDS = {"onnxruntime", "torch", "tensorrt"}
 
 
 class Pipeline:
@@ -106,6 +106,10 @@ class Pipeline:
             from apet_export.runtime.backends.torch import TorchBackend
 
             runner = TorchBackend(build_dir, manifest)
+        elif backend == "tensorrt":
+            from apet_export.runtime.backends.trt import TrtBackend
+
+            runner = TrtBackend(build_dir, manifest, vision_graph=vision_graph)
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
         manifest.file(build_dir, "llm_a" if manifest.stage2 else "llm")  # a vision-only build cannot generate: say so now
