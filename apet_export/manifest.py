@@ -28,6 +28,7 @@ class Manifest:
     plugin: dict = field(default_factory=dict)  # ApetScore op identity, when vision_plugin exists
     notes: list[str] = field(default_factory=list)  # what was not built and why
     tool_versions: dict = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)  # calibrated builds: precision, method, samples, cache keys
     schema_version: int = SCHEMA_VERSION
     apet_export_version: str = __version__
 
@@ -47,6 +48,7 @@ class Manifest:
             "plugin": self.plugin,
             "notes": self.notes,
             "tool_versions": self.tool_versions,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     @classmethod
