@@ -89,7 +89,12 @@ def quantize_int8(graph: Path, out: Path, ranges_file: Path, method: str, exclud
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
         use_external_data_format=is_large(graph), calibrate_method=calibration_method(method),
         calibration_cache_path=str(ranges_file),
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True,
+            # Q/DQ on the inputs of MatMul / Conv / Gemm only (TensorRT's placement); quantised outputs
+            # would put Q/DQ on reshapes and adds, and onnxruntime 1.31 mis-types their propagation.
+            "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
+        },
     )
 
 
