@@ -36,7 +36,9 @@ class CalibrationOptions:
     out: Path | None = None  # default: DIR-<precision>
     llm_bits: int = 8  # weight-only bits of llm.onnx for int8 builds (4 or 8)
     batch_size: int = 1
-    feeds_per_pass: int = 4  # feeds whose intermediate outputs are held at once
+    # Feeds whose intermediate outputs are held at once. 1: memory stays one feed's worth, and feeds of
+    # different shapes (prompt lengths, a last partial batch) never meet in one of onnxruntime's histograms.
+    feeds_per_pass: int = 1
     seed: int = 0
     cache_dir: Path | None = None  # default: DIR/calibration-cache
     force: bool = False

@@ -59,7 +59,7 @@ def nodes_in(model, prefixes: tuple[str, ...]) -> list[str]:
     return [node.name for node in model.graph.node if node.name.startswith(prefixes)]
 
 
-def collect_ranges(graph: Path, reader, method: str, feeds_per_pass: int = 4):
+def collect_ranges(graph: Path, reader, method: str, feeds_per_pass: int = 1):
     """Run the graph over the reader's feeds and return onnxruntime's TensorsData (ranges of the inputs
     and outputs of every MatMul / Conv / Gemm). The reader is consumed `feeds_per_pass` feeds at a time,
     so intermediate outputs of at most that many feeds are held in memory."""

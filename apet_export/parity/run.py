@@ -24,11 +24,15 @@ def preprocess(build_dir: Path, images) -> np.ndarray:
 
 def run_parity(
     build_dir: Path, image_paths: list[Path] | None = None, budgets: list[int] | None = None,
-    e2e: bool = True, console: Console | None = None,
+    e2e: bool = True, console: Console | None = None, thresholds=None,
 ) -> dict[str, list[ParityRow]]:
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    if manifest.quantization:  # a calibrated build: its accuracy cost against fp32 and eager PyTorch
+        from apet_export.parity.quantized import run_quantized_parity
+
+        return {"accuracy": run_quantized_parity(build_dir, image_paths, thresholds, console)}
     budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
     for budget in budgets:
         manifest.check_budget(budget)
