@@ -40,6 +40,8 @@ def inspect_build(build_dir: Path, console: Console) -> None:
         ("budget", f"default {manifest.budget['default']}, range [{manifest.budget['min']}, {manifest.budget['max']}]"),
         ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),
         ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
+        *((("quantization", ", ".join(f"{k}={v}" for k, v in manifest.quantization.items() if k != "graphs")),)
+          if manifest.quantization else ()),
         ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),
         *((f"note {i + 1}", note) for i, note in enumerate(manifest.notes)),
     ):
