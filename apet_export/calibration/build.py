@@ -125,12 +125,12 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
                 continue
             graph = manifest.file(source, name)
             target = staging / manifest.files[name].path
-            model = _load_names(graph)
+            model = _load_graph(graph)
             exclude = quantize.nodes_in(model, quantize.FLOAT_SUBGRAPHS)
             graph_ranges = ranges_file
             if name != "vision":  # same tower and projector, other tensor names: translate the ranges
                 graph_ranges = cache.cache_path(cache_dir, name, cache.cache_key(cache.file_sha256(graph), vision_key, {}))
-                translated = quantize.translate_ranges(cache.load_ranges(ranges_file), _load_names(vision_graph), model)
+                translated = quantize.translate_ranges(cache.load_ranges(ranges_file), _load_graph(vision_graph), model)
                 cache.save_ranges(translated, graph_ranges)
             if options.precision == "int8":
                 quantize.quantize_int8(graph, target, graph_ranges, options.method, exclude)
@@ -151,7 +151,7 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
                 console.print(f"calibrating llm.onnx on {len(dataset.images)} image + prompt prefills")
                 llm_ranges, llm_key, hit = _llm_ranges(source, llm_graph, dataset, fingerprint, settings, cache_dir, keep, options)
                 console.print(f"  ranges {'read from' if hit else 'saved to'} {llm_ranges}")
-                exclude = [n.name for n in _load_names(llm_graph).graph.node if "lm_head" in n.name]
+                exclude = [n.name for n in _load_graph(llm_graph).graph.node if "lm_head" in n.name]
                 quantize.quantize_fp8(llm_graph, target, cache.load_ranges(llm_ranges), exclude)
                 graphs["llm"] = "fp8 QDQ (activations per tensor, weights per channel); lm_head in float"
 
@@ -178,7 +178,7 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
     return manifest
 
 
-def _load_names(graph: Path):
+def _load_graph(graph: Path):
     import onnx
 
     return onnx.load(str(graph), load_external_data=False)

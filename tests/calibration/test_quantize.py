@@ -199,3 +199,26 @@ def test_tensorrt_rtx_parses_the_fp8_llm(fp8_build):
     quantize_layers = [network.get_layer(i) for i in range(network.num_layers)
                        if network.get_layer(i).type == trt.LayerType.QUANTIZE]
     assert quantize_layers and {layer.get_output(0).dtype for layer in quantize_layers} == {trt.DataType.FP8}
+
+
+def test_int4_weight_only_llm_runs_on_onnxruntime(llava_build, tmp_path):
+    from apet_export.runtime.sessions import onnxruntime_session
+
+    target = tmp_path / "llm.onnx"
+    quantize.quantize_weights(llava_build / "llm.onnx", target, bits=4)
+    nbits = [n for n in onnx.load(str(target)).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {4}
+    manifest = load_manifest(llava_build)
+    dims, hidden = manifest.dims, manifest.files["llm"].inputs[0].shape[2]
+    feed = {"inputs_embeds": np.random.default_rng(0).normal(size=(1, 7, hidden)).astype(np.float32),
+            "attention_mask": np.ones((1, 7), np.int64), "position_ids": np.arange(7, dtype=np.int64)[None]}
+    for i in range(dims["num_layers"]):
+        for kind in ("key", "value"):
+            feed[f"past_{kind}_{i}"] = np.zeros((1, dims["num_kv_heads"], 0, dims["head_dim"]), np.float32)
+    expected = onnxruntime_session(llava_build / "llm.onnx").run(["logits"], feed)[0]
+    actual = onnxruntime_session(target).run(["logits"], feed)[0]
+    cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
+    print(f"int4 weight-only logits: cosine {cosine:.4f} to fp32, max abs diff {np.abs(expected - actual).max():.3g}")
+    assert 0.9 < cosine < 1.0
+    with pytest.raises(InvalidInputError, match="4 or 8 bits"):
+        quantize.quantize_weights(llava_build / "llm.onnx", target, bits=3)
