@@ -64,3 +64,17 @@ def import_tensorrt(prefer: str | None = None):
 
 def is_tensorrt_rtx(trt) -> bool:
     return trt.__name__.startswith("tensorrt_rtx")
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """onnxruntime.quantization 1.31 logs a pre-processing hint on the root logger at every call and prints
+    histogram progress to stdout: neither says anything about the user's calibration."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None):
+            yield
+    finally:
+        root.setLevel(level)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apet_export.compat import quiet_quantization
 from apet_export.errors import InvalidInputError
 
 PRECISIONS = ("int8", "fp8")
@@ -66,7 +67,7 @@ def collect_ranges(graph: Path, reader, method: str, feeds_per_pass: int = 1):
     from onnxruntime.quantization.calibrate import create_calibrator
 
     reader.limit = max(1, feeds_per_pass)
-    with tempfile.TemporaryDirectory(prefix="apet-calibrate.") as scratch:
+    with tempfile.TemporaryDirectory(prefix="apet-calibrate.") as scratch, quiet_quantization():
         calibrator = create_calibrator(
             Path(graph), list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(scratch) / "augmented.onnx"),
             calibrate_method=calibration_method(method), use_external_data_format=is_large(graph),
@@ -83,19 +84,20 @@ def quantize_int8(graph: Path, out: Path, ranges_file: Path, method: str, exclud
     """INT8 QDQ through onnxruntime, reading the cached ranges (no calibration pass happens here)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    quantize_static(
-        str(graph), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-        use_external_data_format=is_large(graph), calibrate_method=calibration_method(method),
-        calibration_cache_path=str(ranges_file),
-        extra_options={
-            "ActivationSymmetric": True, "WeightSymmetric": True,
-            # Q/DQ on the inputs of MatMul / Conv / Gemm only (TensorRT's placement); quantised outputs
-            # would put Q/DQ on reshapes and adds, and onnxruntime 1.31 mis-types their propagation.
-            "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
-        },
-    )
+    with quiet_quantization():
+        quantize_static(
+            str(graph), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            use_external_data_format=is_large(graph), calibrate_method=calibration_method(method),
+            calibration_cache_path=str(ranges_file),
+            extra_options={
+                "ActivationSymmetric": True, "WeightSymmetric": True,
+                # Q/DQ on the inputs of MatMul / Conv / Gemm only (TensorRT's placement); quantised outputs
+                # would put Q/DQ on reshapes and adds, and onnxruntime 1.31 mis-types their propagation.
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OP_TYPES),
+            },
+        )
 
 
 def amax(ranges, tensor: str) -> float:
