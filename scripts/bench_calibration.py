@@ -35,7 +35,9 @@ def default_images() -> Path:
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="default: scikit-image's samples")
 @click.option("--samples", default=16, show_default=True)
 @click.option("--runs", default=3, show_default=True)
-def main(build_dir: Path, precision: str, method: str, images: Path | None, samples: int, runs: int):
+@click.option("--rounds", default=2, show_default=True, help="fp32 / quantised benches alternate this many times")
+@click.option("--reuse", is_flag=True, help="keep an existing quantised build (skip calibrate and parity)")
+def main(build_dir: Path, precision: str, method: str, images: Path | None, samples: int, runs: int, rounds: int, reuse: bool):
     from apet_export.bench import run_bench
     from apet_export.calibration.build import CalibrationOptions, calibrate
     from apet_export.errors import ParityError
@@ -46,23 +48,28 @@ def main(build_dir: Path, precision: str, method: str, images: Path | None, samp
     if not (build_dir / "manifest.json").exists():
         build(BuildOptions(model=PRESET, out=build_dir))
     quantised = build_dir.with_name(f"{build_dir.name}-{precision}")
-    start = time.perf_counter()
-    calibrate(CalibrationOptions(build_dir=build_dir, images=images or default_images(), precision=precision,
-                                 method=method, samples=samples, out=quantised, force=True), console=console)
-    console.print(f"calibrate: {time.perf_counter() - start:.0f} s")
-    try:
-        run_quantized_parity(quantised, console=console)
-    except ParityError as error:  # still report the speed
-        console.print(f"[red]{error}[/red]")
+    if not (reuse and (quantised / "manifest.json").exists()):
+        start = time.perf_counter()
+        calibrate(CalibrationOptions(build_dir=build_dir, images=images or default_images(), precision=precision,
+                                     method=method, samples=samples, out=quantised, force=True), console=console)
+        console.print(f"calibrate: {time.perf_counter() - start:.0f} s")
+        try:
+            run_quantized_parity(quantised, console=console)
+        except ParityError as error:  # still report the speed
+            console.print(f"[red]{error}[/red]")
     budgets = [576, 64]
-    fp32 = run_bench(build_dir, "onnxruntime", budgets, runs=runs, max_new_tokens=8, console=console)
-    quant = run_bench(quantised, "onnxruntime", budgets, runs=runs, max_new_tokens=8, console=console)
+    # Alternate the two builds so a change in machine load hits both; each round gives its own ratios.
+    pairs = []
+    for _ in range(rounds):
+        fp32 = run_bench(build_dir, "onnxruntime", budgets, runs=runs, max_new_tokens=8, console=console)
+        quant = run_bench(quantised, "onnxruntime", budgets, runs=runs, max_new_tokens=8, console=console)
+        pairs += list(zip(fp32, quant, strict=True))
     table = Table(title=f"{precision} / fp32 on onnxruntime CPU ({runs} runs, median; > 1 = quantised is faster)")
     for column in ("budget", "vision ms fp32", f"vision ms {precision}", "vision speed-up", "prefill ms fp32",
                    f"prefill ms {precision}", "prefill speed-up", "decode tok/s fp32", f"decode tok/s {precision}",
                    "decode speed-up"):
         table.add_column(column, justify="right")
-    for a, b in zip(fp32, quant, strict=True):
+    for a, b in pairs:
         table.add_row(
             str(a.budget), f"{a.vision_ms:.0f}", f"{b.vision_ms:.0f}", f"{a.vision_ms / b.vision_ms:.2f}x",
             f"{a.prefill_ms:.0f}", f"{b.prefill_ms:.0f}", f"{a.prefill_ms / b.prefill_ms:.2f}x",
