@@ -70,11 +70,13 @@ def is_tensorrt_rtx(trt) -> bool:
 def quiet_quantization():
     """onnxruntime.quantization 1.31 logs a pre-processing hint on the root logger at every call and prints
     histogram progress to stdout: neither says anything about the user's calibration."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(None):
             yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

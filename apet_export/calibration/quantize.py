@@ -126,7 +126,7 @@ def weight_axis(node, initializers: dict) -> int:
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
-    return initializers[node.input[1]].dims.__len__() - 1
+    return len(initializers[node.input[1]].dims) - 1
 
 
 def quantize_fp8(graph: Path, out: Path, ranges, exclude: list[str]) -> None:
@@ -145,31 +145,41 @@ def quantize_fp8(graph: Path, out: Path, ranges, exclude: list[str]) -> None:
     quantized_activations: dict[str, str] = {}  # tensor -> its dequantised name (shared by every consumer)
     zero = numpy_helper.from_array(np.zeros((), np.float32).astype("float8_e4m3fn"), "fp8_zero_point")
     new_inits.append(zero)
+    quantized_weights: dict[str, str] = {}  # weight -> its dequantised name (tied weights are quantised once)
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OP_TYPES and node.name not in excluded and node.input[1] in initializers:
-            activation, weight_name = node.input[0], node.input[1]
-            if activation in ranges.data and activation not in initializers:
-                if activation not in quantized_activations:
-                    scale = numpy_helper.from_array(np.array(max(amax(ranges, activation), 1e-12) / FP8_E4M3_MAX, np.float32), f"{activation}_fp8_scale")
-                    new_inits.append(scale)
-                    q_out, dq_out = f"{activation}_fp8", f"{activation}_fp8_dequantized"
-                    new_nodes.append(helper.make_node("QuantizeLinear", [activation, scale.name, zero.name], [q_out], name=f"{node.name}/input_QuantizeLinear"))
-                    new_nodes.append(helper.make_node("DequantizeLinear", [q_out, scale.name, zero.name], [dq_out], name=f"{node.name}/input_DequantizeLinear"))
-                    quantized_activations[activation] = dq_out
-                node.input[0] = quantized_activations[activation]
+        if node.op_type not in QUANTIZED_OP_TYPES or node.name in excluded or node.input[1] not in initializers:
+            continue
+        activation, weight_name = node.input[0], node.input[1]
+        if activation in ranges.data and activation not in initializers:
+            if activation not in quantized_activations:
+                value = np.array(max(amax(ranges, activation), 1e-12) / FP8_E4M3_MAX, np.float32)
+                scale = numpy_helper.from_array(value, f"{activation}_fp8_scale")
+                new_inits.append(scale)
+                q_out, dq_out = f"{activation}_fp8", f"{activation}_fp8_dequantized"
+                new_nodes += [
+                    helper.make_node("QuantizeLinear", [activation, scale.name, zero.name], [q_out],
+                                     name=f"{node.name}/input_QuantizeLinear"),
+                    helper.make_node("DequantizeLinear", [q_out, scale.name, zero.name], [dq_out],
+                                     name=f"{node.name}/input_DequantizeLinear"),
+                ]
+                quantized_activations[activation] = dq_out
+            node.input[0] = quantized_activations[activation]
+        if weight_name not in quantized_weights:
             axis = weight_axis(node, initializers)
             values, scale = fp8_weight(numpy_helper.to_array(initializers[weight_name]).astype(np.float32), axis)
             q_weight = numpy_helper.from_array(values, f"{weight_name}_fp8")
             q_weight.data_type = TensorProto.FLOAT8E4M3FN
             w_scale = numpy_helper.from_array(scale, f"{weight_name}_fp8_scale")
-            w_zero = numpy_helper.from_array(np.zeros(scale.shape, np.float32).astype("float8_e4m3fn"), f"{weight_name}_fp8_zero_point")
+            w_zero = numpy_helper.from_array(np.zeros(scale.shape, np.float32).astype("float8_e4m3fn"),
+                                             f"{weight_name}_fp8_zero_point")
             new_inits += [q_weight, w_scale, w_zero]
             new_nodes.append(helper.make_node(
                 "DequantizeLinear", [q_weight.name, w_scale.name, w_zero.name], [f"{weight_name}_dequantized"],
                 name=f"{node.name}/weight_DequantizeLinear", axis=axis,
             ))
-            node.input[1] = f"{weight_name}_dequantized"
-    # Q/DQ nodes go first; a topological sort puts each before its consumer (activations may be produced later)
+            quantized_weights[weight_name] = f"{weight_name}_dequantized"
+        node.input[1] = quantized_weights[weight_name]
+    # the new Q/DQ nodes are appended; the topological sort below moves each before its consumer
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
     used = {name for node in model.graph.node for name in node.input}
@@ -223,7 +233,8 @@ def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32
     )
     quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=4, algo_config=config)
-    quantizer.process()
+    with quiet_quantization():  # one INFO line per node otherwise
+        quantizer.process()
     save(quantizer.model.model, out, large=is_large(graph))
 
 
