@@ -126,6 +126,10 @@ def run_bench(
         row.total_speedup = (reference.vision_ms + reference.prefill_ms) / (row.vision_ms + row.prefill_ms)
     ordered = list(rows.values())
     print_bench(ordered, console, f"{build_dir} on {backend} ({runs} runs, median)")
+    if manifest.quantization:  # speed and accuracy cost side by side
+        from apet_export.parity.quantized import print_accuracy_summary
+
+        print_accuracy_summary(build_dir, manifest, console)
     return ordered
 
 

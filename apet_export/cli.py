@@ -99,12 +99,50 @@ def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_c
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
 @click.option("--budget1", type=int, default=None, help="two-stage builds: e2e at this stage-1 budget (with --budget2)")
 @click.option("--budget2", type=int, default=None, help="two-stage builds: e2e at this stage-2 budget")
-def parity(build_dir, images, budgets, e2e, budget1, budget2):
-    """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure."""
+@click.option("--min-cosine-mean", type=float, help="quantised builds: image-embedding cosine mean (default 0.99)")
+@click.option("--min-cosine", type=float, help="quantised builds: image-embedding cosine min (default 0.90)")
+@click.option("--min-keep-overlap", type=float, help="quantised builds: kept-index overlap %% (default 80; fp8 70)")
+@click.option("--max-logit-diff", type=float, help="quantised builds: first-step max|dlogit| / max|logit| (default 0.10; fp8 0.35)")
+@click.option("--min-token-agreement", type=float, help="quantised builds: greedy 32-token agreement (default 0.5; fp8 0.4)")
+def parity(
+    build_dir, images, budgets, e2e, budget1, budget2, min_cosine_mean, min_cosine, min_keep_overlap, max_logit_diff,
+    min_token_agreement,
+):
+    """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure.
+
+    On a quantised build (apet-export calibrate): its accuracy cost against the fp32 build and eager PyTorch."""
+    from apet_export.manifest import load_manifest
+    from apet_export.parity.quantized import AccuracyThresholds
     from apet_export.parity.run import run_parity
 
+    thresholds = AccuracyThresholds.for_precision(
+        load_manifest(build_dir).precision, min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine,
+        min_keep_overlap=min_keep_overlap, max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement,
+    )
     pair = stage_pair(budget1, budget2)
-    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair)
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair, thresholds=thresholds)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--images", "images", type=click.Path(path_type=Path), required=True, help="folder of calibration pictures (recursive)")
+@click.option("--prompts", type=click.Path(path_type=Path), help="text file, one prompt per line (default: a built-in set)")
+@click.option("--precision", type=click.Choice(["int8", "fp8"]), required=True)
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--samples", default=32, show_default=True, help="images to calibrate on (a seeded sample)")
+@click.option("--out", type=click.Path(path_type=Path), help="quantised build to create (default: BUILD_DIR-PRECISION)")
+@click.option("--llm-bits", type=click.Choice(["8", "4"]), default="8", show_default=True, help="int8 builds: weight-only bits of llm.onnx")
+@click.option("--seed", default=0, show_default=True, help="seed of the image sample")
+@click.option("--force", is_flag=True, help="replace an existing --out")
+def calibrate(build_dir, images, prompts, precision, method, samples, out, llm_bits, seed, force):
+    """Calibrate BUILD_DIR's graphs on pictures and write an INT8 / FP8 build beside it."""
+    from apet_export.calibration.build import CalibrationOptions
+    from apet_export.calibration.build import calibrate as run_calibrate
+
+    run_calibrate(CalibrationOptions(
+        build_dir=build_dir, images=images, precision=precision, method=method, samples=samples, prompts=prompts,
+        out=out, llm_bits=int(llm_bits), seed=seed, force=force,
+    ), console=status_console)
 
 
 @cli.command()

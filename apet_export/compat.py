@@ -110,3 +110,19 @@ def _loaded_library_dir(name: str) -> str | None:
     except OSError:
         return None
     return None
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """onnxruntime.quantization 1.31 logs a pre-processing hint on the root logger at every call and prints
+    histogram progress to stdout: neither says anything about the user's calibration."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -42,6 +42,10 @@ class PromptTooLongError(InvalidInputError):
     """A prompt (with its image tokens and new tokens) that does not fit the model's context."""
 
 
+class CalibrationDataError(InvalidInputError):
+    """Calibration images or prompts that are missing, unreadable or too few."""
+
+
 class ArtifactError(ApetExportError):
     """A build directory or artifact that is missing, incomplete or inconsistent."""
 

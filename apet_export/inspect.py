@@ -50,6 +50,8 @@ def inspect_build(build_dir: Path, console: Console) -> None:
                    f"range [{manifest.budget['min']}, {manifest.budget['max']}]"),
         ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),
         ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
+        *((("quantization", ", ".join(f"{k}={v}" for k, v in manifest.quantization.items() if k != "graphs")),)
+          if manifest.quantization else ()),
         ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),
         *((f"note {i + 1}", note) for i, note in enumerate(manifest.notes)),
         *((("ApET stage 2", f"after decoder layer {manifest.stage2['layer']} (llm_a | stage2 | llm_b); budget = "

@@ -31,6 +31,7 @@ class Manifest:
     stage2: dict = field(default_factory=dict)  # ApET stage 2 in the LLM: {"layer": K, ...}; {} = one stage
     tool_versions: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)  # TensorRT engines (`apet-export engine`): files, version, settings
+    quantization: dict = field(default_factory=dict)  # calibrated builds: precision, method, samples, cache keys
     schema_version: int = SCHEMA_VERSION
     apet_export_version: str = __version__
 
@@ -52,6 +53,7 @@ class Manifest:
             "stage2": self.stage2,
             "tool_versions": self.tool_versions,
             "engines": self.engines,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     @classmethod

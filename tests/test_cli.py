@@ -21,7 +21,7 @@ def run_cli(capsys, *args):
 def test_help_lists_the_commands(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for command in ("build", "run", "parity", "bench", "inspect", "visualize"):
+    for command in ("build", "run", "parity", "bench", "inspect", "visualize", "calibrate"):
         assert command in out
 
 

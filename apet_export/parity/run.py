@@ -33,12 +33,16 @@ def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=
 
 def run_parity(
     build_dir: Path, image_paths: list[Path] | None = None, budgets: list[int] | None = None,
-    e2e: bool = True, console: Console | None = None, pair: tuple[int, int] | None = None,
+    e2e: bool = True, console: Console | None = None, pair: tuple[int, int] | None = None, thresholds=None,
 ) -> dict[str, list[ParityRow]]:
     """pair: an explicit (stage-1, stage-2) budget for the e2e check of a two-stage build."""
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    if manifest.quantization:  # a calibrated build: its accuracy cost against fp32 and eager PyTorch
+        from apet_export.parity.quantized import run_quantized_parity
+
+        return {"accuracy": run_quantized_parity(build_dir, image_paths, thresholds, console)}
     budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
     for budget in budgets:
         manifest.check_budget(budget)
