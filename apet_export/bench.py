@@ -58,6 +58,7 @@ def run_bench(
 ) -> list[BenchRow]:
     console = console or Console()
     manifest = load_manifest(build_dir)
+    manifest.check_files(build_dir)  # a damaged build fails before anything is measured
     full = manifest.budget["max"]
     budgets = list(dict.fromkeys(budgets or manifest.budgets_within((full, 192, 128, 64))))
     for budget in budgets:

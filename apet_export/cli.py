@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -112,10 +113,10 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
     from apet_export.runtime.images import synthetic_image
     from apet_export.runtime.pipeline import Pipeline
 
-    if not images:
-        status_console.print("[dim]no --image given: using a generated test picture[/dim]")
     pictures = list(images) or [synthetic_image(0)]
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+        if not images:  # after loading: a broken build gets its error line alone
+            status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         generation = pipeline.generate(
             pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed,
@@ -159,6 +160,7 @@ def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typed errors become one clear line on stderr and exit status 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model file is local: never wait on the network
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

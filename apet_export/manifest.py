@@ -84,7 +84,22 @@ class Manifest:
         path = Path(directory) / self.files[name].path
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing: rebuild with `apet-export build`")
+        from apet_export.artifacts import check_artifact
+
+        check_artifact(directory, path, self.files[name])  # truncated or swapped files: a clear error, not a traceback
         return path
+
+    def model_dir(self, directory: Path) -> Path:
+        """DIR/model (checkpoint + processor), checked to be there: never fall back to the network."""
+        from apet_export.artifacts import check_model_dir
+
+        return check_model_dir(directory)
+
+    def check_files(self, directory: Path) -> None:
+        """Every artifact and model/, before a command prints or loads anything."""
+        for name in self.files:
+            self.file(directory, name)
+        self.model_dir(directory)
 
 
 def load_manifest(directory: Path) -> Manifest:
@@ -100,7 +115,11 @@ def load_manifest(directory: Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path} is not valid JSON ({error}): rebuild with `apet-export build`") from error
+    if not isinstance(data, dict):
+        raise ArtifactError(
+            f"{path} holds a JSON {type(data).__name__}, not the manifest object: rebuild with `apet-export build`"
+        )
     try:
         return Manifest.from_dict(data)
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} is incomplete or malformed ({error}): rebuild with `apet-export build`") from error

@@ -18,7 +18,9 @@ def preprocess(build_dir: Path, images) -> np.ndarray:
     """PIL images -> pixel_values [K, 3, S, S] float32 with the build's saved processor."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
+    from apet_export.artifacts import check_model_dir
+
+    processor = AutoProcessor.from_pretrained(check_model_dir(build_dir), backend="pil", local_files_only=True)
     return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
 
 
@@ -29,6 +31,7 @@ def run_parity(
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    manifest.check_files(build_dir)  # a damaged build fails before any table is printed
     budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
     for budget in budgets:
         manifest.check_budget(budget)

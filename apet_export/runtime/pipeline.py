@@ -104,7 +104,7 @@ class Pipeline:
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
         manifest.file(build_dir, "llm")  # a vision-only build cannot generate: say so now
-        processor = AutoProcessor.from_pretrained(build_dir / "model", backend="pil")
+        processor = AutoProcessor.from_pretrained(manifest.model_dir(build_dir), backend="pil", local_files_only=True)
         try:
             runner.activate()
         except BaseException:

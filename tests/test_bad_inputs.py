@@ -1,0 +1,94 @@
+"""Bad input a new user meets (issue 8): each must end as one `error: ...` line and exit status 1, with
+nothing printed before it and no traceback."""
+
+import shutil
+
+import pytest
+
+from tests.test_cli import run_cli
+
+
+def damaged_copy(build, target, damage: str):
+    """A copy of `build` with one kind of damage."""
+    shutil.copytree(build, target)
+    if damage == "truncated vision.onnx":
+        data = (build / "vision.onnx").read_bytes()
+        (target / "vision.onnx").write_bytes(data[: len(data) // 2])
+    elif damage == "llm.onnx over vision.onnx":
+        shutil.copy(build / "llm.onnx", target / "vision.onnx")
+    elif damage == "truncated llm.onnx":
+        data = (build / "llm.onnx").read_bytes()
+        (target / "llm.onnx").write_bytes(data[: len(data) * 3 // 4])
+    elif damage == "truncated embeddings":
+        data = (build / "embeddings.safetensors").read_bytes()
+        (target / "embeddings.safetensors").write_bytes(data[:1000])
+    elif damage == "garbage embeddings":
+        (target / "embeddings.safetensors").write_bytes(b"\xff" * 64)
+    elif damage == "truncated checkpoint":
+        data = (build / "model" / "model.safetensors").read_bytes()
+        (target / "model" / "model.safetensors").write_bytes(data[:-10])
+    elif damage == "model/ missing":
+        shutil.rmtree(target / "model")
+    elif damage == "manifest is a JSON list":
+        (target / "manifest.json").write_text("[1, 2, 3]\n")
+    elif damage == "manifest misses fields":
+        (target / "manifest.json").write_text('{"schema_version": 1}\n')
+    return target
+
+
+DAMAGES = {
+    "truncated vision.onnx": "vision.onnx is not a readable ONNX model",
+    "llm.onnx over vision.onnx": "vision.onnx is not the graph the manifest describes",
+    "truncated llm.onnx": "llm.onnx is not",
+    "truncated embeddings": "embeddings.safetensors is truncated or corrupt",
+    "garbage embeddings": "embeddings.safetensors is not a readable safetensors file",
+    "truncated checkpoint": "model.safetensors is truncated or corrupt",
+    "model/ missing": "model is missing",
+    "manifest is a JSON list": "holds a JSON list, not the manifest object",
+    "manifest misses fields": "is incomplete or malformed",
+}
+COMMANDS = {
+    "inspect": ["inspect", "{dir}"],
+    "run": ["run", "{dir}", "--prompt", "x", "--max-new-tokens", "2"],
+    "parity": ["parity", "{dir}", "--budgets", "64"],
+    "bench": ["bench", "{dir}", "--budgets", "64", "--runs", "1"],
+    "visualize": ["visualize", "{dir}", "-o", "{dir}/figure.png"],
+}
+
+
+def assert_one_error_line(code, out, err, message):
+    assert code == 1, (out, err)
+    assert out == "", f"partial output before the error: {out!r}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+CASES = [(command, damage) for command in ("inspect", "run", "parity") for damage in DAMAGES]
+CASES += [(command, damage) for command in ("bench", "visualize") for damage in ("truncated vision.onnx", "model/ missing")]
+
+
+@pytest.mark.parametrize(("command", "damage"), CASES)
+def test_damaged_builds(capsys, tmp_path, llava_build, command, damage):
+    target = damaged_copy(llava_build, tmp_path / "damaged", damage)
+    code, out, err = run_cli(capsys, *[a.format(dir=target) for a in COMMANDS[command]])
+    assert_one_error_line(code, out, err, DAMAGES[damage])
+
+
+def test_checkpoints_load_from_local_files_only(llava_build, monkeypatch):
+    """A missing model/ is reported by name, and transformers is never allowed to try the Hub."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    calls = []
+    for cls in (AutoProcessor, LlavaForConditionalGeneration):
+        original = cls.from_pretrained
+
+        def spy(*args, original=original, **kwargs):
+            calls.append(kwargs.get("local_files_only"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    from apet_export.runtime.pipeline import Pipeline
+
+    with Pipeline.from_dir(llava_build, backend="torch"):
+        pass
+    assert calls and all(flag is True for flag in calls), calls
