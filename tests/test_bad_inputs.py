@@ -92,3 +92,19 @@ def test_checkpoints_load_from_local_files_only(llava_build, monkeypatch):
     with Pipeline.from_dir(llava_build, backend="torch"):
         pass
     assert calls and all(flag is True for flag in calls), calls
+
+
+def test_generate_takes_one_image_or_a_list(tmp_path, llava_build):
+    from apet_export.errors import BudgetError
+    from apet_export.runtime.images import synthetic_image
+    from apet_export.runtime.pipeline import Pipeline
+
+    picture = synthetic_image(1)
+    path = tmp_path / "x.png"
+    picture.save(path)
+    with Pipeline.from_dir(llava_build) as pipeline:
+        run = lambda images: pipeline.generate(images, "Hi", max_new_tokens=3, stream=False).token_ids  # noqa: E731
+        expected = run([path])
+        assert run(str(path)) == run(path) == run(picture) == expected
+        with pytest.raises(BudgetError, match="keep=0 is outside"):  # 0 is not "the default"
+            pipeline.generate(picture, "Hi", budget=0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
@@ -161,13 +162,16 @@ class Pipeline:
         self, images, prompt: str, budget: int | None = None, max_new_tokens: int = 64,
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
     ):
-        """Generation (iterable of text deltas) if stream, else the GenerationResult."""
-        images = [load_image(i) if isinstance(i, str | Path) else i for i in images]
+        """Generation (iterable of text deltas) if stream, else the GenerationResult. images: one image or a
+        list, each a path or a PIL image."""
+        if isinstance(images, str | Path | Image.Image):  # one image
+            images = [images]
+        images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
         if not images:
             raise InvalidInputError("at least one image is needed: pass --image")
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        budget = budget or self.manifest.budget["default"]
+        budget = self.manifest.budget["default"] if budget is None else budget  # 0 is out of range, not "default"
         self.manifest.check_budget(budget)
         if self.manifest.method == "none":  # the graph keeps every token whatever the budget
             budget = self.manifest.budget["max"]
