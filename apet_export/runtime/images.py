@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"image {path} does not exist: pass the path of a PNG/JPEG/WebP file")
     try:
-        with Image.open(path) as opened:  # reads the header only: the size is checked before decoding
+        with warnings.catch_warnings():  # check_size reports an oversized image as an error instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)  # reads the header only: the size is checked before decoding
+        with opened:
             return to_rgb(opened, str(path))
     except Image.DecompressionBombError as error:
         raise ImageError(f"{path} is too large to decode safely ({error}): downscale it first") from error
