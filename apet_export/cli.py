@@ -83,7 +83,7 @@ def inspect(build_dir):
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--image", type=click.Path(path_type=Path), help="image to draw (default: a generated test picture)")
 @click.option("--budget", type=int, default=None, help="tokens kept (default: the build's)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="PNG to write")
 def visualize(build_dir, image, budget, output):

@@ -108,3 +108,30 @@ def test_generate_takes_one_image_or_a_list(tmp_path, llava_build):
         assert run(str(path)) == run(path) == run(picture) == expected
         with pytest.raises(BudgetError, match="keep=0 is outside"):  # 0 is not "the default"
             pipeline.generate(picture, "Hi", budget=0)
+
+
+def test_visualize_without_image_and_into_a_folder(capsys, tmp_path, llava_build):
+    target = tmp_path / "figure.png"
+    code, _, err = run_cli(capsys, "visualize", str(llava_build), "-o", str(target))
+    assert code == 0 and target.stat().st_size > 10_000, err
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, out, err = run_cli(capsys, "visualize", str(llava_build), "-o", str(folder))
+    assert_one_error_line(code, out, err, "is a folder: pass the PNG file to write")
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png", "folder"]
+
+
+def test_visualize_labels_the_basis_tokens(tmp_path, llava_build, monkeypatch):
+    """The right panel numbers the M basis tokens at the positions the eager reference selected."""
+    import matplotlib.axes
+
+    from apet_export import visualize
+    from apet_export.manifest import load_manifest
+
+    labels = []
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, **kw: labels.append((x, y, s)) or original(self, x, y, s, **kw))
+    visualize.visualize_build(llava_build, None, 64, tmp_path / "figure.png")
+    manifest = load_manifest(llava_build)
+    assert [s for _, _, s in labels] == [str(i) for i in range(1, manifest.compression.num_basis + 1)]
+    assert len({(x, y) for x, y, _ in labels}) == manifest.compression.num_basis  # distinct tokens
