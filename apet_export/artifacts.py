@@ -17,7 +17,6 @@ from apet_export.config import ArtifactSpec
 from apet_export.errors import ArtifactError
 
 
-
 def rebuild(directory: Path) -> str:
     return f"rebuild with `apet-export build --out {directory} --force`"
 

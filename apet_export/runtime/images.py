@@ -10,7 +10,6 @@ from PIL import Image, UnidentifiedImageError
 
 from apet_export.errors import ImageError
 
-
 MAX_ASPECT_RATIO = 100  # longer side / shorter side; processors resize the shorter side up, so 20000x2 would need ~1G pixels
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNG/TIFF
 
