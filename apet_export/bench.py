@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
@@ -57,6 +58,8 @@ def run_bench(
     max_new_tokens: int = 16, console: Console | None = None,
 ) -> list[BenchRow]:
     console = console or Console()
+    if runs < 1:
+        raise InvalidInputError(f"runs must be >= 1 (the median of the runs is reported), got {runs}")
     manifest = load_manifest(build_dir)
     manifest.check_files(build_dir)  # a damaged build fails before anything is measured
     full = manifest.budget["max"]

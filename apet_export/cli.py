@@ -115,12 +115,12 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
 
     pictures = list(images) or [synthetic_image(0)]
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        if not images:  # after loading: a broken build gets its error line alone
-            status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         generation = pipeline.generate(
             pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed,
         )
+        if not images:  # after the checks: a bad request or build gets its error line alone
+            status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         for event in generation.events():
             if as_json:
                 click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,

@@ -135,3 +135,41 @@ def test_visualize_labels_the_basis_tokens(tmp_path, llava_build, monkeypatch):
     manifest = load_manifest(llava_build)
     assert [s for _, _, s in labels] == [str(i) for i in range(1, manifest.compression.num_basis + 1)]
     assert len({(x, y) for x, y, _ in labels}) == manifest.compression.num_basis  # distinct tokens
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "{build}", "--prompt", "x", "--budget", "0"], "keep=0 is outside (10, 576]"),
+        (["run", "{build}", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
+        (["run", "{build}", "--prompt", "x", "--temperature", "inf"], "temperature must be a finite number"),
+        (["run", "{build}", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
+        (["run", "{build}", "--prompt", "x", "--image", "{tmp}"], "is a folder, not an image"),
+        (["bench", "{build}", "--runs", "0"], "runs must be >= 1"),
+        (["visualize", "{build}", "--budget", "0", "-o", "{tmp}/v.png"], "keep=0 is outside"),
+    ],
+)
+def test_bad_run_options(capsys, tmp_path, llava_build, args, message):
+    code, out, err = run_cli(capsys, *[a.format(build=llava_build, tmp=tmp_path) for a in args])
+    assert_one_error_line(code, out, err, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-basis", "600"], "--num-basis 600 must be smaller than the model's 576 visual tokens"),
+        (["--fps-start", "576"], "--fps-start 576 is not a token index of this model (0 to 575)"),
+    ],
+)
+def test_bad_build_options_need_the_model(capsys, tmp_path, args, message):
+    """Options only the model's token count rules out: refused before any graph is exported."""
+    code, _, err = run_cli(capsys, "build", "--out", str(tmp_path / "out"), "--no-llm", *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and lines[-1].startswith("error: ") and message in lines[-1], err
+    assert "vision.onnx" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_budget_error_when_the_basis_fills_the_image():
+    from apet_export.errors import BudgetError
+
+    assert "choose num_basis below 576" in str(BudgetError(600, 600, 576))  # not "between 601 and 576"

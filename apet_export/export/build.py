@@ -82,6 +82,21 @@ def check_options(options: BuildOptions) -> None:
         raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
 
 
+def check_against_model(options: BuildOptions, num_tokens: int) -> None:
+    """Options that only the model's token count N can rule out (before minutes of export)."""
+    config = options.compression
+    if options.method == "apet" and config.num_basis >= num_tokens:
+        raise InvalidInputError(
+            f"--num-basis {config.num_basis} must be smaller than the model's {num_tokens} visual tokens "
+            f"(each budget must exceed it): choose a smaller --num-basis, e.g. 10"
+        )
+    if isinstance(config.fps_start, int) and config.fps_start >= num_tokens:
+        raise InvalidInputError(
+            f"--fps-start {config.fps_start} is not a token index of this model (0 to {num_tokens - 1}): "
+            f"choose an index below {num_tokens}, or 'norm'"
+        )
+
+
 def build(options: BuildOptions, console: Console | None = None) -> Manifest:
     """Run every build step into a temporary directory, then move it to options.out."""
     from apet_export.export.vision import budget_floor, export_vision
@@ -107,6 +122,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             family = family_for_checkpoint(checkpoint)
             model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
             dims = family.vision_dims(model)
+            check_against_model(options, dims.num_tokens)
             minimum = budget_floor(options.method, options.compression)
             validate_budget(options.budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
