@@ -120,7 +120,12 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             checkpoint = staging / "model"
             source_id = prepare_checkpoint(options.model, checkpoint)
             family = family_for_checkpoint(checkpoint)
-            model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            try:
+                model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
+                raise ArtifactError(
+                    f"cannot load the checkpoint {options.model}: {str(error).replace(str(checkpoint), options.model)}"
+                ) from error
             dims = family.vision_dims(model)
             check_against_model(options, dims.num_tokens)
             minimum = budget_floor(options.method, options.compression)
