@@ -105,16 +105,20 @@ def visualize(build_dir, image, budget, output):
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
-def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary event")
+@click.option("--vision-graph", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
+              help="onnxruntime: vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node)")
+def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json, vision_graph):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
     from apet_export.runtime.images import synthetic_image
     from apet_export.runtime.pipeline import Pipeline
+    from apet_export.runtime.streaming import printable
 
     pictures = list(images) or [synthetic_image(0)]
-    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+    graph = {"plain": "vision", "plugin": "vision_plugin"}[vision_graph]
+    with Pipeline.from_dir(build_dir, backend=backend, vision_graph=graph) as pipeline:
         generation = pipeline.generate(
             pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, seed=seed,
@@ -123,14 +127,15 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
             status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         for event in generation.events():
             if as_json:
-                click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
-                                       "text": event.text, "ms": round(event.ms, 3)}))
+                if event.token_id is not None:  # a final partial character is in the summary's text
+                    click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
+                                           "text": event.text, "ms": round(event.ms, 3)}))
             elif event.text:
-                click.echo(event.text, nl=False)
+                click.echo(printable(event.text), nl=False)  # a model's control bytes must not drive the terminal
                 sys.stdout.flush()
         summary = generation.result.summary()
     if as_json:
-        click.echo(json.dumps({"event": "done", **summary}))
+        click.echo(json.dumps({"event": "summary", **summary}))
     else:
         click.echo()
         status_console.print(

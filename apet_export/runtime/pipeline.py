@@ -101,6 +101,11 @@ class Pipeline:
         elif backend == "torch":
             from apet_export.runtime.backends.torch import TorchBackend
 
+            if vision_graph != "vision":
+                raise InvalidInputError(
+                    f"vision graph {vision_graph!r} runs on the onnxruntime backend; the torch backend is eager "
+                    f"PyTorch: choose backend onnxruntime, or the default vision graph"
+                )
             runner = TorchBackend(build_dir, manifest)
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
