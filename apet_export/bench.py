@@ -3,6 +3,7 @@ compression (budget = N) measured in the same run, next to the ideal speed-up th
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ class BenchRow:
     vision_ms: float
     prefill_ms: float
     decode_tokens_per_s: float
-    peak_rss_mib: float | None
+    peak_rss_mib: float | None  # of a fresh process that loaded the build and ran this budget only
     prefill_speedup: float = 1.0  # measured: prefill_ms(N) / prefill_ms(budget)
     ideal_speedup: float = 1.0  # prefill_tokens(N) / prefill_tokens(budget)
     total_speedup: float = 1.0  # (vision + prefill)(N) / (vision + prefill)(budget)
@@ -33,14 +34,6 @@ class BenchRow:
     @property
     def efficiency(self) -> float:
         return self.prefill_speedup / self.ideal_speedup
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each budget gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_rss_mib() -> float | None:
@@ -51,6 +44,26 @@ def peak_rss_mib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def measure_budget(build_dir: Path, backend: str, budget: int, runs: int, max_new_tokens: int) -> BenchRow:
+    """One budget in the calling process: load the build, warm up, time `runs` generations (medians).
+    peak_rss_mib is the process's peak: loading plus generating at this budget."""
+    image = synthetic_image(0)
+    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+        def generate():
+            return pipeline.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
+
+        generate()  # warm-up
+        results = [generate() for _ in range(runs)]
+    return BenchRow(
+        budget=budget,
+        prefill_tokens=results[0].prompt_tokens + results[0].image_tokens,
+        vision_ms=statistics.median(r.vision_ms for r in results),
+        prefill_ms=statistics.median(r.prefill_ms for r in results),
+        decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in results),
+        peak_rss_mib=peak_rss_mib(),
+    )
 
 
 def run_bench(
@@ -68,24 +81,14 @@ def run_bench(
         manifest.check_budget(budget)
     if full not in budgets:  # the uncompressed reference is always measured in the same run
         budgets.insert(0, full)
-    image = synthetic_image(0)
+    # Each budget runs in a fresh process: a process's peak RSS never goes down, and onnxruntime keeps the
+    # arena memory of a larger budget, so budgets measured one after another in one process would all
+    # report the largest budget's peak. "spawn" starts clean (no memory inherited from this process).
+    context = multiprocessing.get_context("spawn")
     rows: dict[int, BenchRow] = {}
-    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        for budget in budgets:
-            def generate(budget=budget):
-                return pipeline.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
-
-            generate()  # warm-up
-            reset_peak_rss()
-            results = [generate() for _ in range(runs)]
-            rows[budget] = BenchRow(
-                budget=budget,
-                prefill_tokens=results[0].prompt_tokens + results[0].image_tokens,
-                vision_ms=statistics.median(r.vision_ms for r in results),
-                prefill_ms=statistics.median(r.prefill_ms for r in results),
-                decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in results),
-                peak_rss_mib=peak_rss_mib(),
-            )
+    for budget in budgets:
+        with context.Pool(1) as pool:
+            rows[budget] = pool.apply(measure_budget, (build_dir, backend, budget, runs, max_new_tokens))
     reference = rows[full]
     for row in rows.values():
         row.prefill_speedup = reference.prefill_ms / row.prefill_ms
@@ -97,7 +100,7 @@ def run_bench(
 
 
 def print_bench(rows: list[BenchRow], console: Console, title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=title, caption="peak RSS: a fresh process per budget (loading the build + that budget's runs)")
     for column in ("budget", "prefill tokens", "vision ms", "prefill ms", "decode tok/s", "peak RSS MiB",
                    "prefill speed-up", "ideal", "speed-up / ideal", "vision+prefill speed-up"):
         table.add_column(column, justify="right")
