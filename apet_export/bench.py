@@ -73,6 +73,8 @@ def run_bench(
     console = console or Console()
     if runs < 1:
         raise InvalidInputError(f"runs must be >= 1 (the median of the runs is reported), got {runs}")
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     manifest = load_manifest(build_dir)
     manifest.check_files(build_dir)  # a damaged build fails before anything is measured
     full = manifest.budget["max"]

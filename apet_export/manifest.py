@@ -82,6 +82,8 @@ class Manifest:
         if name not in self.files:
             raise ArtifactError(f"the build in {directory} has no {name!r} artifact (it has: {', '.join(self.files)})")
         path = Path(directory) / self.files[name].path
+        if not path.resolve().is_relative_to(Path(directory).resolve()):
+            raise ArtifactError(f"the manifest in {directory} points {name!r} outside the build ({self.files[name].path})")
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing: rebuild with `apet-export build`")
         from apet_export.artifacts import check_artifact
@@ -120,6 +122,11 @@ def load_manifest(directory: Path) -> Manifest:
             f"{path} holds a JSON {type(data).__name__}, not the manifest object: rebuild with `apet-export build`"
         )
     try:
-        return Manifest.from_dict(data)
+        manifest = Manifest.from_dict(data)
+        for key in ("default", "min", "max"):  # read by every command: fail here, not mid-run
+            int(manifest.budget[key])
+        for key in ("image_size", "num_image_tokens"):
+            int(manifest.dims[key])
+        return manifest
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} is incomplete or malformed ({error}): rebuild with `apet-export build`") from error

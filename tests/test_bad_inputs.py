@@ -1,6 +1,7 @@
 """Bad input a new user meets (issue 8): each must end as one `error: ...` line and exit status 1, with
 nothing printed before it and no traceback."""
 
+import json
 import shutil
 
 import pytest
@@ -33,6 +34,14 @@ def damaged_copy(build, target, damage: str):
         (target / "manifest.json").write_text("[1, 2, 3]\n")
     elif damage == "manifest misses fields":
         (target / "manifest.json").write_text('{"schema_version": 1}\n')
+    elif damage == "manifest without budget range":
+        data = json.loads((build / "manifest.json").read_text())
+        data["budget"] = {"default": 64}
+        (target / "manifest.json").write_text(json.dumps(data))
+    elif damage == "manifest points outside":
+        data = json.loads((build / "manifest.json").read_text())
+        data["files"]["llm"]["path"] = "../../llm.onnx"
+        (target / "manifest.json").write_text(json.dumps(data))
     return target
 
 
@@ -46,6 +55,8 @@ DAMAGES = {
     "model/ missing": "model is missing",
     "manifest is a JSON list": "holds a JSON list, not the manifest object",
     "manifest misses fields": "is incomplete or malformed",
+    "manifest without budget range": "is incomplete or malformed ('min')",
+    "manifest points outside": "points 'llm' outside the build",
 }
 COMMANDS = {
     "inspect": ["inspect", "{dir}"],
@@ -146,6 +157,7 @@ def test_visualize_labels_the_basis_tokens(tmp_path, llava_build, monkeypatch):
         (["run", "{build}", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
         (["run", "{build}", "--prompt", "x", "--image", "{tmp}"], "is a folder, not an image"),
         (["bench", "{build}", "--runs", "0"], "runs must be >= 1"),
+        (["bench", "{build}", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["visualize", "{build}", "--budget", "0", "-o", "{tmp}/v.png"], "keep=0 is outside"),
     ],
 )
