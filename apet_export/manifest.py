@@ -108,6 +108,8 @@ def load_manifest(directory: Path) -> Manifest:
     """Read DIR/manifest.json with clear errors for a non-build, a corrupt file, or another schema."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
+    if directory.is_file():
+        raise ArtifactError(f"{directory} is a file: pass the build directory (the folder that holds {MANIFEST_NAME})")
     if not path.is_file():
         raise ArtifactError(
             f"{directory} is not an apet-export build (no {MANIFEST_NAME}): create one with "

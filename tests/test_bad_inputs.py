@@ -157,6 +157,7 @@ def test_visualize_labels_the_basis_tokens(tmp_path, llava_build, monkeypatch):
         (["run", "{build}", "--prompt", "x", "--seed", "-1"], "seed must be an integer >= 0"),
         (["run", "{build}", "--prompt", "x", "--image", "{tmp}"], "is a folder, not an image"),
         (["bench", "{build}", "--runs", "0"], "runs must be >= 1"),
+        (["inspect", "{build}/manifest.json"], "is a file: pass the build directory"),
         (["bench", "{build}", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["visualize", "{build}", "--budget", "0", "-o", "{tmp}/v.png"], "keep=0 is outside"),
     ],
