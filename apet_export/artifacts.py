@@ -3,13 +3,14 @@
 A build can be damaged after it was written: a truncated copy, one graph copied over another, a deleted
 model/ folder. onnxruntime and transformers report such files with long tracebacks (or, for a missing
 model/, by trying the network), so every artifact is checked here first and reported as one ArtifactError
-that names the file and the fix. The checks read headers only (ONNX graphs without their external
-weights, the safetensors JSON header), and each file is checked once per process and version of it.
+that names the file and the fix. The checks read headers only (the protobuf framing of ONNX graphs, with
+the weights skipped; the safetensors JSON header), and each file is checked once per process and version.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -36,40 +37,93 @@ def _once(path: Path, check) -> None:
 
 
 def check_onnx(path: Path, spec: ArtifactSpec, fix: str) -> None:
-    """The graph parses and its input/output names are the manifest's (catches truncation and swaps)."""
-    import onnx
-    from google.protobuf.message import DecodeError
+    """The file is a complete ONNX model whose graph I/O names are the manifest's (catches truncation and
+    one graph copied over another). Reads the protobuf framing only: weights are skipped, not parsed, so
+    a multi-GB graph costs milliseconds and no memory (onnx.load would take seconds and the file's size)."""
 
     def check():
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, ValueError, OSError) as error:
-            raise ArtifactError(f"{path} is not a readable ONNX model (truncated or corrupt: {error}): {fix}") from error
-        found = [v.name for v in model.graph.input], [v.name for v in model.graph.output]
+            inputs, outputs, external = read_graph_io(path)
+        except ValueError as error:
+            raise ArtifactError(f"{path} is not a readable ONNX model ({error}): {fix}") from error
         expected = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-        if found != expected:
+        if (inputs, outputs) != expected:
             raise ArtifactError(
-                f"{path} is not the graph the manifest describes: its inputs are {_names(found[0])} where the "
-                f"manifest lists {_names(expected[0])} (outputs {_names(found[1])} vs {_names(expected[1])}); "
-                f"it is truncated or another graph: {fix}"
+                f"{path} is not the graph the manifest describes: its inputs are {_names(inputs)} where the "
+                f"manifest lists {_names(expected[0])} (outputs {_names(outputs)} vs {_names(expected[1])}); "
+                f"it is another graph: {fix}"
             )
-        _check_external_data(path, model, fix)
+        for location, end in external.items():  # weights stored beside the graph (graphs over 2 GB)
+            data = path.parent / location
+            if not data.is_file() or data.stat().st_size < end:
+                raise ArtifactError(f"{data}, the weights of {path.name}, is missing or truncated: {fix}")
 
     _once(path, check)
 
 
-def _check_external_data(path: Path, model, fix: str) -> None:
-    """Weights stored beside the graph (graphs over 2 GB) exist and are long enough."""
-    needed: dict[str, int] = {}
-    for tensor in model.graph.initializer:
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        if "location" in info:
-            end = int(info.get("offset", 0)) + int(info.get("length", 0))
-            needed[info["location"]] = max(needed.get(info["location"], 0), end)
-    for location, end in needed.items():
-        data = path.parent / location
-        if not data.is_file() or data.stat().st_size < end:
-            raise ArtifactError(f"{data}, the weights of {path.name}, is missing or truncated: {fix}")
+# Field numbers of onnx.proto: ModelProto.graph, GraphProto.initializer / input / output.
+MODEL_GRAPH, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 7, 5, 11, 12
+
+
+def read_graph_io(path: Path) -> tuple[list[str], list[str], dict[str, int]]:
+    """(input names, output names, {external data file: bytes needed}) from the protobuf wire format.
+    ValueError if the file is empty, truncated or not a protobuf with a graph."""
+    from onnx import TensorProto, ValueInfoProto
+
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        graphs = [(start, end) for number, start, end in _fields(buffer, 0, len(buffer)) if number == MODEL_GRAPH]
+        if not graphs:
+            raise ValueError("no graph in it")
+        inputs, outputs, external = [], [], {}
+        for number, start, end in _fields(buffer, *graphs[-1]):
+            try:
+                if number in (GRAPH_INPUT, GRAPH_OUTPUT):
+                    name = ValueInfoProto.FromString(buffer[start:end]).name
+                    (inputs if number == GRAPH_INPUT else outputs).append(name)
+                elif number == GRAPH_INITIALIZER and end - start < 1 << 16:  # a large one holds its data inline
+                    info = {e.key: e.value for e in TensorProto.FromString(buffer[start:end]).external_data}
+                    if "location" in info:
+                        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
+                        external[info["location"]] = max(external.get(info["location"], 0), needed)
+            except Exception as error:  # protobuf's DecodeError (its module differs between backends)
+                raise ValueError(f"a corrupt graph entry: {error}") from error
+    return inputs, outputs, external
+
+
+def _fields(buffer, start: int, end: int):
+    """(field number, value start, value end) of every field of the message in buffer[start:end]."""
+    position = start
+    while position < end:
+        tag, position = _varint(buffer, position, end)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:  # varint
+            value_start = position
+            _, position = _varint(buffer, position, end)
+        elif wire_type == 2:  # length-delimited: sub-messages, strings, bytes
+            length, value_start = _varint(buffer, position, end)
+            position = value_start + length
+        elif wire_type in (1, 5):  # fixed 64 / 32 bit
+            value_start, position = position, position + (8 if wire_type == 1 else 4)
+        else:
+            raise ValueError(f"not protobuf (wire type {wire_type} at byte {position})")
+        if position > end:
+            raise ValueError(f"truncated: a field needs {position - end} bytes more than there are")
+        yield number, value_start, position
+
+
+def _varint(buffer, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if position >= end or shift > 63:
+            raise ValueError("truncated, or not protobuf (a number runs past its end)")
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
 
 
 def check_safetensors(path: Path, fix: str, spec: ArtifactSpec | None = None) -> None:

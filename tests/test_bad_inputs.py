@@ -20,6 +20,16 @@ def damaged_copy(build, target, damage: str):
     elif damage == "truncated llm.onnx":
         data = (build / "llm.onnx").read_bytes()
         (target / "llm.onnx").write_bytes(data[: len(data) * 3 // 4])
+    elif damage == "empty vision.onnx":
+        (target / "vision.onnx").write_bytes(b"")
+    elif damage == "truncated llm.onnx.data":  # a graph over 2 GB keeps its weights beside it
+        import onnx
+
+        from apet_export.export.onnx_graph import save_model
+
+        save_model(onnx.load(str(build / "llm.onnx")), target / "llm.onnx", external_data_above=1024)
+        data = (target / "llm.onnx.data").read_bytes()
+        (target / "llm.onnx.data").write_bytes(data[: len(data) // 2])
     elif damage == "truncated embeddings":
         data = (build / "embeddings.safetensors").read_bytes()
         (target / "embeddings.safetensors").write_bytes(data[:1000])
@@ -48,7 +58,9 @@ def damaged_copy(build, target, damage: str):
 DAMAGES = {
     "truncated vision.onnx": "vision.onnx is not a readable ONNX model",
     "llm.onnx over vision.onnx": "vision.onnx is not the graph the manifest describes",
-    "truncated llm.onnx": "llm.onnx is not",
+    "truncated llm.onnx": "llm.onnx is not a readable ONNX model (truncated",
+    "empty vision.onnx": "vision.onnx is not a readable ONNX model (the file is empty)",
+    "truncated llm.onnx.data": "llm.onnx.data, the weights of llm.onnx, is missing or truncated",
     "truncated embeddings": "embeddings.safetensors is truncated or corrupt",
     "garbage embeddings": "embeddings.safetensors is not a readable safetensors file",
     "truncated checkpoint": "model.safetensors is truncated or corrupt",
