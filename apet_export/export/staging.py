@@ -20,8 +20,10 @@ from pathlib import Path
 
 from apet_export.errors import ArtifactError
 
-# .NAME.build-PID-RANDOM (staging) and .NAME.old-PID (a replaced build being deleted)
-LEFTOVER = re.compile(r"^\..+\.(?:build|old)-(\d+)(?:-[^/]*)?$")
+# .NAME.build-PID-RANDOM (staging; RANDOM is mkdtemp's 8 characters) and .NAME.old-PID (a replaced build
+# being deleted). Narrow patterns: these folders are deleted without asking.
+STAGING = re.compile(r"^\..+\.build-(\d+)-[a-z0-9_]{8}$")
+REPLACED = re.compile(r"^\..+\.old-(\d+)$")
 
 
 def _unwritable(out: Path, error: OSError) -> ArtifactError:
@@ -48,8 +50,8 @@ def remove_stale(parent: Path) -> list[Path]:
     """Delete the staging folders of builds in `parent` whose process is gone (killed, crashed)."""
     removed = []
     for entry in parent.iterdir():
-        match = LEFTOVER.match(entry.name)
-        if match and entry.is_dir() and not _process_exists(int(match.group(1))):
+        match = STAGING.match(entry.name) or (REPLACED.match(entry.name) if (entry / "manifest.json").is_file() else None)
+        if match and entry.is_dir() and not entry.is_symlink() and not _process_exists(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed

@@ -50,14 +50,17 @@ def test_sigterm_cleans_up_and_a_second_build_of_the_same_dir_fails(capsys, tmp_
 
 
 def test_stale_staging_of_dead_builds_is_removed(tmp_path):
-    dead = tmp_path / ".old.build-4194999-abc"  # above Linux's largest pid: no such process
-    alive = tmp_path / f".other.build-{os.getpid()}-xyz"
+    dead = tmp_path / ".old.build-4194999-abcd_123"  # above Linux's largest pid: no such process
+    alive = tmp_path / f".other.build-{os.getpid()}-xyz12345"
     replaced = tmp_path / ".gone.old-4194999"
-    for folder in (dead, alive, replaced):
+    unrelated = [tmp_path / ".cache.old-4194999", tmp_path / ".x.build-4194999-notmkdtemp"]  # not ours: kept
+    for folder in (dead, alive, replaced, *unrelated):
         (folder / "model").mkdir(parents=True)
+    (replaced / "manifest.json").write_text("{}")
     lock, folder = staging.prepare(tmp_path / "new", force=False)
     try:
         assert not dead.exists() and not replaced.exists() and alive.exists()
+        assert all(folder.exists() for folder in unrelated)
         assert folder.name.startswith(f".new.build-{os.getpid()}-")
         with pytest.raises(ArtifactError, match=f"process {os.getpid()}"):  # the lock is held
             staging.prepare(tmp_path / "new", force=False)
