@@ -40,7 +40,8 @@ def cli():
 @click.option("--selection", type=click.Choice(["fps", "dpc"]), default="fps", show_default=True)
 @click.option("--ridge", default=1e-5, show_default=True, help="ridge lambda of the least squares")
 @click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
-@click.option("--budget", default=64, show_default=True, help="default visual-token budget (runtime input)")
+@click.option("--budget", type=int, default=None,
+              help="default visual-token budget (runtime input; default 64, Qwen2.5-VL: 30% of each image's tokens)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
 @click.option("--force", is_flag=True, help="replace an existing --out")

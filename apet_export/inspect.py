@@ -38,7 +38,8 @@ def inspect_build(build_dir: Path, console: Console) -> None:
         ("family", manifest.family),
         ("method", manifest.method),
         ("compression", f"M={config.num_basis} selection={config.selection} ridge={config.ridge:g} fps_start={config.fps_start}"),
-        ("budget", f"default {manifest.budget['default']}, range [{manifest.budget['min']}, {manifest.budget['max']}]"),
+        ("budget", f"default {manifest.budget['default'] or format(manifest.budget.get('ratio', 0), '.0%') + ' of each image'}, "
+                   f"range [{manifest.budget['min']}, {manifest.budget['max']}]"),
         ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),
         ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
         ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),

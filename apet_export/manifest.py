@@ -125,10 +125,10 @@ def load_manifest(directory: Path) -> Manifest:
         )
     try:
         manifest = Manifest.from_dict(data)
-        for key in ("default", "min", "max"):  # read by every command: fail here, not mid-run
+        for key in ("min", "max"):  # read by every command: fail here, not mid-run
             int(manifest.budget[key])
-        for key in ("image_size", "num_image_tokens"):
-            int(manifest.dims[key])
+        if manifest.budget.get("default") is not None:  # None: the family's share of each image's tokens
+            int(manifest.budget["default"])
         return manifest
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} is incomplete or malformed ({error}): rebuild with `apet-export build`") from error

@@ -14,7 +14,7 @@ from apet_export.runtime.images import load_image, synthetic_image
 from apet_export.runtime.sessions import onnxruntime_session
 
 
-def basis_positions(build_dir: Path, manifest, pixel_values: np.ndarray, budget: int) -> list[int]:
+def basis_positions(build_dir: Path, manifest, feed: dict[str, np.ndarray], budget: int) -> list[int]:
     """ApET's basis tokens in FPS order, from the eager reference (the graphs do not output them)."""
     if manifest.method != "apet":
         return []
@@ -26,7 +26,7 @@ def basis_positions(build_dir: Path, manifest, pixel_values: np.ndarray, budget:
     family = get_family(manifest.family)
     model, _ = family.load(manifest.model_dir(build_dir))
     with torch.inference_mode():
-        features = family.vision_features(model, torch.from_numpy(pixel_values))  # [1, N, D]
+        features, _ = family.eager_features(model, feed)  # [1, N, D]
         return apet_compress(features, budget, manifest.compression).basis_index[0].tolist()
 
 
@@ -38,40 +38,47 @@ def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from apet_export.parity.run import preprocess
+    from apet_export.models.registry import get_family
 
     build_dir, output = Path(build_dir), Path(output)
     if output.is_dir():
         raise InvalidInputError(f"-o {output} is a folder: pass the PNG file to write, e.g. {output / 'apet.png'}")
     manifest = load_manifest(build_dir)
-    budget = manifest.budget["default"] if budget is None else budget
-    manifest.check_budget(budget)
+    budget = manifest.budget["default"] if budget is None else budget  # None: the family's share of the tokens
+    if budget is not None:
+        manifest.check_budget(budget)
     image = load_image(image_path) if image_path is not None else synthetic_image(0)
-    pixel_values = preprocess(build_dir, [image])  # [1, 3, S, S]
+    family = get_family(manifest.family)
+    feeds, layouts = family.vision_feeds(family.load_processor(manifest.model_dir(build_dir)), [image], budget, manifest)
+    (feed, *_), (layout, *_) = feeds, layouts
     session = onnxruntime_session(manifest.file(build_dir, "vision"))
-    _, keep_index, scores = session.run(None, {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)})
-    basis = basis_positions(build_dir, manifest, pixel_values, budget)
+    _, keep_index, scores = session.run(None, feed)
+    basis = basis_positions(build_dir, manifest, feed, keep_index.shape[1])
 
-    num_tokens = scores.shape[1]
-    grid = math.isqrt(num_tokens)
-    side = pixel_values.shape[-1]
-    patch = side / grid
-    shown = pixel_values[0].transpose(1, 2, 0)
-    shown = (shown - shown.min()) / max(float(np.ptp(shown)), 1e-6)  # undo normalisation for display
+    num_tokens, budget = scores.shape[1], keep_index.shape[1]
+    if layout is None:  # square input [1, 3, S, S], square token grid
+        rows = cols = math.isqrt(num_tokens)
+        shown = feed["pixel_values"][0].transpose(1, 2, 0)
+        shown = (shown - shown.min()) / max(float(np.ptp(shown)), 1e-6)  # undo normalisation for display
+    else:  # dynamic resolution: a (t, rows, cols) merged grid over the image as the processor resized it
+        _, rows, cols = layout
+        shown = np.asarray(image.resize((cols * 28, rows * 28)), dtype=np.float32) / 255
+    height, width = shown.shape[:2]
+    patch = width / cols
 
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 5.4))
     left.imshow(shown)
     left.set_title("input (as the model sees it)")
     middle.imshow(shown)
-    heat = middle.imshow(scores[0].reshape(grid, grid), cmap="inferno", alpha=0.6, extent=(0, side, side, 0))
+    heat = middle.imshow(scores[0].reshape(rows, cols), cmap="inferno", alpha=0.6, extent=(0, width, height, 0))
     middle.set_title(f"{manifest.method} score per token")
     figure.colorbar(heat, ax=middle, fraction=0.046)
     right.imshow(shown * 0.35)
     for index in keep_index[0]:
-        row, col = divmod(int(index), grid)
+        row, col = divmod(int(index), cols)
         right.add_patch(Rectangle((col * patch, row * patch), patch, patch, fill=False, edgecolor="lime", lw=1.2))
     for order, index in enumerate(basis, start=1):  # numbered in selection (FPS) order
-        row, col = divmod(index, grid)
+        row, col = divmod(index, cols)
         right.add_patch(Rectangle((col * patch, row * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
         right.text((col + 0.5) * patch, (row + 0.5) * patch, str(order), color="cyan", fontsize=7,
                    ha="center", va="center", fontweight="bold")

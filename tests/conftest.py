@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on the CPU through Triton's interpreter; triton reads the flag when it is first
+# imported (its own tl.* helpers are @jit functions), so it is set before anything can import triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 
@@ -36,3 +39,9 @@ def siglip_qwen2_build(tmp_path_factory) -> Path:
 def any_build(request) -> Path:
     fixture = {"tiny-llava": "llava_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_build"}[request.param]
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture(scope="session")
+def qwen_build(tmp_path_factory) -> Path:
+    """tiny-qwen2.5-vl (dynamic-resolution ViT + M-RoPE text model), ApET fps at the 30% default, all artifacts."""
+    return _build(tmp_path_factory, "tiny-qwen2.5-vl")

@@ -32,7 +32,7 @@ class BuildOptions:
     out: Path = Path("build/tiny-llava")
     method: str = "apet"
     compression: ApetConfig = field(default_factory=ApetConfig)
-    budget: int = 64
+    budget: int | None = None  # None: the family's default (64 tokens; Qwen2.5-VL: 30% of each image)
     precision: str = "fp32"
     opset: int = 23
     llm: bool = True
@@ -117,15 +117,17 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             source_id = prepare_checkpoint(options.model, checkpoint)
             family = family_for_checkpoint(checkpoint)
             try:
-                model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+                model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
             except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
                 raise ArtifactError(
                     f"cannot load the checkpoint {options.model}: {str(error).replace(str(checkpoint), options.model)}"
                 ) from error
-            dims = family.vision_dims(model)
+            dims = family.vision_dims(model, processor)
             check_against_model(options, dims.num_tokens)
             minimum = budget_floor(options.method, options.compression)
-            validate_budget(options.budget, minimum, dims.num_tokens)
+            default_budget = options.budget if options.budget is not None else family.default_budget
+            if default_budget is not None:
+                validate_budget(default_budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
 
             files: dict[str, ArtifactSpec] = {}
@@ -164,7 +166,11 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 },
                 method=options.method,
                 compression=options.compression,
-                budget={"default": options.budget, "min": minimum + 1, "max": dims.num_tokens},
+                budget={
+                    "default": default_budget, "min": minimum + 1, "max": dims.num_tokens,
+                    # default None: keep this share of each image's tokens (dynamic resolution)
+                    **({"ratio": family.default_keep_ratio} if family.default_keep_ratio else {}),
+                },
                 precision=options.precision,
                 opset=options.opset,
                 files=files,

@@ -48,10 +48,10 @@ class VisionTower(nn.Module):
         super().__init__()
         self.model, self.family, self.with_attention = model, family, with_attention
 
-    def forward(self, pixel_values):  # [B, 3, S, S] -> features [B, N, Dv] (, attention [B, N])
+    def forward(self, *inputs):  # pixel_values [B, 3, S, S] (+ family inputs) -> [B, N, Dv] (, attention [B, N])
         if self.with_attention:
-            return self.family.vision_features_and_attention(self.model, pixel_values)
-        return self.family.vision_features(self.model, pixel_values), None
+            return self.family.vision_features_and_attention(self.model, *inputs)
+        return self.family.vision_features(self.model, *inputs), None
 
 
 class ApetStage(nn.Module):
@@ -83,13 +83,19 @@ class VisionGraph(nn.Module):
         super().__init__()
         if method not in EXPORTABLE_METHODS:
             raise InvalidInputError(f"method {method!r} cannot be exported: choose one of {', '.join(EXPORTABLE_METHODS)}")
+        if method not in family.exportable_methods:
+            raise InvalidInputError(
+                f"method {method!r} is not available for the {family.name} family: choose one of "
+                f"{', '.join(family.exportable_methods)}"
+            )
         self.family, self.method, self.config = family, method, config
         self.model = model  # registered first, so the projector's node names are /vision/multi_modal_projector/...
         self.tower = VisionTower(model, family, with_attention=method == "visionzip")
         self.apet = ApetStage(config, use_plugin)
 
-    def forward(self, pixel_values, keep):
-        features, attention = self.tower(pixel_values)  # [B, N, Dv], [B, N] for visionzip
+    def forward(self, *inputs):
+        *vision_inputs, keep = inputs  # pixel_values (+ the family's layout inputs), budget
+        features, attention = self.tower(*vision_inputs)  # [B, N, Dv], [B, N] for visionzip
         batch, num_tokens = features.shape[:2]
         budget = keep.item() if isinstance(keep, torch.Tensor) else keep
         if self.method == "none":
@@ -116,23 +122,22 @@ def export_vision(
     Returns the graph's (inputs, outputs) specs, as the manifest records them."""
     graph = VisionGraph(model, family, method, config, use_plugin).eval()
     dims = family.vision_dims(model)
-    inputs_spec, outputs_spec = family.vision_io(dims)
-    pixel_values, _ = family.dummy_vision_inputs(model, batch=2)
+    inputs_spec, outputs_spec = family.vision_io(dims, model)
+    example, dynamic, num_tokens = family.export_example(model)
     # any budget in range: it is a graph input, nothing is specialised to it
-    keep = torch.tensor(min(dims.num_tokens, max(config.num_basis + 2, dims.num_tokens // 4)))
+    keep = torch.tensor(min(num_tokens, max(config.num_basis + 2, num_tokens // 4)))
     translations = {torch.ops.aten.sort.stable: sort_stable_translation}
     if use_plugin:
         from apet_export.plugins.apet_score import apet_score, onnx_translation, register_onnx_schema
 
         register_onnx_schema()
         translations[apet_score._opoverload] = onnx_translation
-    batch = torch.export.Dim("batch", min=1, max=1024)
     try:
         with torch.no_grad(), quiet_export():
             program = torch.onnx.export(
-                graph, (pixel_values, keep), dynamo=True, opset_version=opset,
+                graph, (*example, keep), dynamo=True, opset_version=opset,
                 input_names=[s.name for s in inputs_spec], output_names=[s.name for s in outputs_spec],
-                dynamic_shapes={"pixel_values": {0: batch}, "keep": None},
+                dynamic_shapes={"inputs": (*dynamic, None)},  # forward(*inputs)
                 custom_translation_table=translations, verbose=False,
             )
     except Exception as error:  # the exporter raises many types; keep the cause attached

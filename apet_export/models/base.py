@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from apet_export.config import TensorSpec
@@ -27,16 +28,28 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
+    exportable_methods: tuple[str, ...] = ("apet", "visionzip", "none")
+    default_budget: int | None = 64  # tokens kept per image when the build names no budget
+    default_keep_ratio: float | None = None  # set: the default budget is this share of each image's tokens
+    llm_position_shape: tuple = ("batch", "sequence")  # llm.onnx position_ids axes ((3, ...) for M-RoPE)
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory."""
         raise NotImplementedError
 
-    def vision_dims(self, model) -> VisionDims:
+    def load_processor(self, path: Path):
+        """The saved processor (anything with .tokenizer and .image_processor)."""
+        from transformers import AutoProcessor
+
+        # backend="pil": the saved processor resizes identically with or without torchvision installed.
+        return AutoProcessor.from_pretrained(path, backend="pil", local_files_only=True)  # never the network
+
+    def vision_dims(self, model, processor=None) -> VisionDims:
         raise NotImplementedError
 
     def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees)."""
+        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees).
+        Traced into vision.onnx with the graph inputs before `keep` (families may add layout inputs)."""
         raise NotImplementedError
 
     def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
@@ -58,7 +71,7 @@ class ModelFamily:
     def image_token_id(self, model) -> int:
         raise NotImplementedError
 
-    def vision_io(self, dims: VisionDims) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """(inputs, outputs) of vision.onnx; dynamic axes are named ('batch', 'keep')."""
         inputs = [
             TensorSpec("pixel_values", "float32", ("batch", 3, dims.image_size, dims.image_size)),
@@ -75,3 +88,39 @@ class ModelFamily:
         side = self.vision_dims(model).image_size
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, 3, side, side, generator=generator), torch.tensor(keep, dtype=torch.int64)
+
+    def export_example(self, model):
+        """(vision graph inputs without keep, their dynamic shapes, N of the example) for tracing."""
+        pixel_values, _ = self.dummy_vision_inputs(model, batch=2)
+        return (pixel_values,), ({0: torch.export.Dim("batch", min=1, max=1024)},), self.vision_dims(model).num_tokens
+
+    def eager_features(self, model, feed: dict[str, np.ndarray], with_attention: bool = False):
+        """The eager reference of the vision graph's features for a feed: (features [B, N, D], VisionZip's
+        importance [B, N] or None)."""
+        pixel_values = torch.from_numpy(feed["pixel_values"])
+        if with_attention:
+            return self.vision_features_and_attention(model, pixel_values)
+        return self.vision_features(model, pixel_values), None
+
+    # -- runtime hooks: how the pipeline feeds the vision graph and positions the LLM tokens --------------
+    def vision_feeds(self, processor, images, budget: int | None, manifest):
+        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here."""
+        pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+        budget = manifest.budget["max"] if manifest.method == "none" else budget or manifest.budget["default"]
+        return [{"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}], [None] * len(images)
+
+    def e2e_budgets(self, manifest) -> list[int]:
+        """Budgets of the end-to-end parity check: 64 and N (no compression)."""
+        return manifest.budgets_within((64, manifest.budget["max"]))
+
+    def feed_label(self, feed: dict[str, np.ndarray]) -> str:
+        return f"b={feed['pixel_values'].shape[0]}"
+
+    def position_ids(self, ids: list[int], image_token_id: int, layouts, keep_index) -> tuple[np.ndarray, int]:
+        """(position_ids of the merged prompt [1, L], rope delta): contiguous 0..L-1 (1-D RoPE)."""
+        length = sum(1 for t in ids if t != image_token_id) + sum(len(k) for k in keep_index)
+        return np.arange(length, dtype=np.int64)[None], 0
+
+    def decode_position_ids(self, position: int, delta: int) -> np.ndarray:
+        """position_ids [1, 1] of the token at cache position `position`."""
+        return np.array([[position + delta]], np.int64)

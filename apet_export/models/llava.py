@@ -37,7 +37,7 @@ class LlavaFamily(ModelFamily):
         )
         return model, processor
 
-    def vision_dims(self, model) -> VisionDims:
+    def vision_dims(self, model, processor=None) -> VisionDims:
         config = model.config
         vision = config.vision_config
         grid = vision.image_size // vision.patch_size

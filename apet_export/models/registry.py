@@ -13,6 +13,7 @@ from apet_export.compat import quiet_libraries
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
+from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
 
 FAMILIES: dict[str, ModelFamily] = {}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -24,6 +25,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 register_family(LlavaFamily())
+register_family(QwenVLFamily())
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ PRESETS: dict[str, Preset] = {
                lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, QWEN2_0_5B_TEXT),
                "CLIP-L/336 tower + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
                tiny=False),
+        Preset("tiny-qwen2.5-vl", "qwen2_5_vl", build_random_qwen2_5_vl,
+               "Qwen2.5-VL ViT (4 blocks, window + full attention, 2x2 merger; 16-64 tokens/image) + 4-layer "
+               "M-RoPE text model, random weights"),
     )
 }
 

@@ -38,14 +38,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, max_length: int = 2048) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = 512, max_length: int = 2048, extra_special_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE, eos_token: str = "</s>",
+) -> PreTrainedTokenizerFast:
+    """The tiny BPE tokenizer. Defaults: LLaVA-1.5 (`<image>`). Other families pass their named special tokens
+    (e.g. {"image_token": "<|image_pad|>", ...}), appended after SPECIAL_TOKENS, their template and EOS."""
+    named = extra_special_tokens or {"image_token": "<image>"}  # -> tokenizer.image_token(_id), used by processors
+    specials = SPECIAL_TOKENS + [t for t in (*named.values(), eos_token) if t not in SPECIAL_TOKENS]
+    specials = list(dict.fromkeys(specials))
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         show_progress=False,
     )
@@ -58,12 +66,12 @@ def build_tiny_tokenizer(vocab_size: int = 512, max_length: int = 2048) -> PreTr
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},  # -> tokenizer.image_token(_id), used by LlavaProcessor
+        extra_special_tokens=named,
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from apet_export.manifest import Manifest
+from apet_export.models.registry import get_family
 from apet_export.parity.report import ParityRow
 from apet_export.runtime.pipeline import Pipeline
 
@@ -32,7 +33,7 @@ def e2e_parity(
 ) -> list[ParityRow]:
     rows = []
     with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend="onnxruntime") as candidate:
-        for budget in budgets or manifest.budgets_within((64, manifest.budget["max"])):
+        for budget in budgets or get_family(manifest.family).e2e_budgets(manifest):
             expected = reference.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
             actual = candidate.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
             check = f"greedy {max_new_tokens} tokens k={budget}"

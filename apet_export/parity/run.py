@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from apet_export.errors import ParityError
@@ -14,14 +13,22 @@ from apet_export.parity.vision import vision_parity
 from apet_export.runtime.images import load_image, synthetic_image
 
 
-def preprocess(build_dir: Path, images) -> np.ndarray:
-    """PIL images -> pixel_values [K, 3, S, S] float32 with the build's saved processor."""
-    from transformers import AutoProcessor
+def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=(1, 2)) -> list[dict]:
+    """The vision-graph feeds of the first 1 and 2 images at each budget, built as the pipeline builds them
+    (one batched feed for LLaVA, one per image for dynamic-resolution families; repeats dropped)."""
+    from apet_export.models.registry import get_family
 
-    from apet_export.artifacts import check_model_dir
-
-    processor = AutoProcessor.from_pretrained(check_model_dir(build_dir), backend="pil", local_files_only=True)
-    return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+    family = get_family(manifest.family)
+    processor = family.load_processor(manifest.model_dir(build_dir))
+    feeds, seen = [], set()
+    for budget in budgets:
+        for batch in batches:
+            for feed in family.vision_feeds(processor, images[:batch], budget, manifest)[0]:
+                key = (family.feed_label(feed), int(feed["keep"]))
+                if key not in seen:
+                    seen.add(key)
+                    feeds.append(feed)
+    return feeds
 
 
 def run_parity(
@@ -36,10 +43,9 @@ def run_parity(
     for budget in budgets:
         manifest.check_budget(budget)
     images = [load_image(p) for p in image_paths] if image_paths else []
-    images += [synthetic_image(seed) for seed in range(len(images), 2)]  # batch 2 needs two
-    pixel_values = preprocess(build_dir, images)
-
-    sections = {"vision": vision_parity(build_dir, manifest, pixel_values, budgets)}
+    # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
+    images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]
+    sections = {"vision": vision_parity(build_dir, manifest, vision_feeds(build_dir, manifest, images, budgets))}
     print_table(sections["vision"], console, title="vision graphs vs eager PyTorch")
     if e2e and "llm" in manifest.files:
         from apet_export.parity.e2e import e2e_parity

@@ -26,16 +26,12 @@ TOLERANCES = {
 }
 
 
-def vision_parity(
-    build_dir: Path, manifest: Manifest, pixel_values: np.ndarray, budgets: list[int], batches=(1, 2)
-) -> list[ParityRow]:
-    """pixel_values [K, 3, S, S] (K >= max(batches)) -> one row per graph, budget, batch and output."""
+def vision_parity(build_dir: Path, manifest: Manifest, feeds: list[dict]) -> list[ParityRow]:
+    """Vision-graph feeds (see parity.run.vision_feeds) -> one row per graph, feed and output."""
+    from apet_export.models.registry import get_family
+
     quiet_polygraphy()
-    feeds = [
-        {"pixel_values": np.ascontiguousarray(pixel_values[:batch]), "keep": np.array(budget, dtype=np.int64)}
-        for budget in budgets
-        for batch in batches
-    ]
+    family = get_family(manifest.family)
     compare = SimpleCompareFunc(
         atol={name: tol[0] for name, tol in TOLERANCES.items()},
         rtol={name: tol[1] for name, tol in TOLERANCES.items()},
@@ -58,7 +54,7 @@ def vision_parity(
             for name, result in outputs.items():
                 atol, rtol = TOLERANCES[name]
                 rows.append(ParityRow(
-                    check=f"{path.name} k={int(feed['keep'])} b={feed['pixel_values'].shape[0]}",
+                    check=f"{path.name} k={int(feed['keep'])} {family.feed_label(feed)}",
                     output=name, max_abs=float(result.max_absdiff), max_rel=float(result.max_reldiff),
                     atol=atol, rtol=rtol, passed=bool(result),
                 ))

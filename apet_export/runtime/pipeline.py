@@ -85,12 +85,15 @@ BACKENDS = {"onnxruntime", "torch"}
 
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
+        from apet_export.models.registry import get_family
+
         self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
         self.tokenizer = processor.tokenizer
+        self.family = get_family(manifest.family)  # vision feeds and LLM positions differ by family
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
-        from transformers import AutoProcessor
+        from apet_export.models.registry import get_family
 
         build_dir = Path(build_dir)
         manifest = load_manifest(build_dir)
@@ -110,7 +113,7 @@ class Pipeline:
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
         manifest.file(build_dir, "llm")  # a vision-only build cannot generate: say so now
-        processor = AutoProcessor.from_pretrained(manifest.model_dir(build_dir), backend="pil", local_files_only=True)
+        processor = get_family(manifest.family).load_processor(manifest.model_dir(build_dir))
         try:
             runner.activate()
         except BaseException:
@@ -177,7 +180,8 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budget = self.manifest.budget["default"] if budget is None else budget  # 0 is out of range, not "default"
-        self.manifest.check_budget(budget)
+        if budget is not None:  # None: the family's share of each image's tokens
+            self.manifest.check_budget(budget)
         if self.manifest.method == "none":  # the graph keeps every token whatever the budget
             budget = self.manifest.budget["max"]
         ids = self.prompt_ids(prompt, len(images))
@@ -188,25 +192,28 @@ class Pipeline:
                 f"(each image given is placed before the prompt)"
             )
         num_text = sum(1 for t in ids if t != image_token_id)
-        self.check_context(num_text, len(images), budget, max_new_tokens)
+        self.check_context(num_text, len(images), budget or self.manifest.budget["max"], max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
         generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text))
         return generation if stream else generation.run()
 
     def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
         start = time.perf_counter()
-        pixel_values = self.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
-        vision = self.backend.vision.infer(
-            {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}, check_inputs=False
-        )
-        embeds = self.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
+        image_token_id = self.manifest.dims["image_token_id"]
+        feeds, layouts = self.family.vision_feeds(self.processor, images, budget, self.manifest)
+        image_embeds, keep_index = [], []  # per image: [T_i, H], [T_i]
+        for feed in feeds:  # one batched feed (LLaVA) or one per image (dynamic resolution)
+            vision = self.backend.vision.infer(feed, check_inputs=False)
+            image_embeds += list(vision["image_embeds"])
+            keep_index += list(vision["keep_index"])
+        embeds = self.merge_embeddings(ids, image_embeds)  # [1, L, H]
+        positions, rope_delta = self.family.position_ids(ids, image_token_id, layouts, keep_index)  # [(3,) 1, L]
         vision_ms = (time.perf_counter() - start) * 1e3
 
         length = embeds.shape[1]
         start = time.perf_counter()
         logits, cache = self.backend.llm.infer(
-            {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64),
-             "position_ids": np.arange(length, dtype=np.int64)[None]},
+            {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64), "position_ids": positions},
             check_inputs=False, cache=self.backend.new_cache(1),
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
@@ -230,7 +237,7 @@ class Pipeline:
             logits, cache = self.backend.llm.infer(
                 {"inputs_embeds": self.backend.embed(np.array([[token]], np.int64)),
                  "attention_mask": np.ones((1, position + 1), np.int64),
-                 "position_ids": np.array([[position]], np.int64)},
+                 "position_ids": self.family.decode_position_ids(position, rope_delta)},
                 check_inputs=False, cache=cache,
             )
             decode_ms.append((time.perf_counter() - start) * 1e3)
@@ -239,6 +246,6 @@ class Pipeline:
             yield TokenEvent(len(generated), None, tail, 0.0)
         return GenerationResult(
             text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
-            image_tokens=len(images) * budget, vision_ms=vision_ms, prefill_ms=prefill_ms,
+            image_tokens=sum(len(k) for k in keep_index), vision_ms=vision_ms, prefill_ms=prefill_ms,
             decode_ms=decode_ms, first_logits=first_logits,
         )

@@ -21,13 +21,15 @@ def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
 
 def test_16_bit_picture_as_the_model_sees_it(tmp_path, llava_build):
     """The preprocessed pixels of a 16-bit picture equal those of its 8-bit version."""
-    from apet_export.parity.run import preprocess
+    from apet_export.models.registry import get_family
 
+    processor = get_family("llava").load_processor(llava_build / "model")
+    preprocess = lambda images: processor.image_processor(images, return_tensors="np")["pixel_values"]  # noqa: E731
     rng = np.random.default_rng(0)
     eight = rng.integers(0, 256, (120, 160), dtype=np.uint8)
     Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "p16.png")
-    pixels16 = preprocess(llava_build, [load_image(tmp_path / "p16.png")])
-    pixels8 = preprocess(llava_build, [Image.fromarray(eight).convert("RGB")])
+    pixels16 = preprocess([load_image(tmp_path / "p16.png")])
+    pixels8 = preprocess([Image.fromarray(eight).convert("RGB")])
     np.testing.assert_array_equal(pixels16, pixels8)
     assert pixels16.std() > 0.5  # a real picture, not a white page
 

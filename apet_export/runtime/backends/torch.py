@@ -22,15 +22,13 @@ from apet_export.models.registry import get_family
 from apet_export.runtime.backends.base import Backend
 
 
-def eager_vision(model, family, manifest: Manifest, pixel_values: torch.Tensor, keep: int) -> dict[str, np.ndarray]:
-    """pixel_values [B, 3, S, S], budget -> the vision graph's outputs, computed eagerly."""
+def eager_vision(model, family, manifest: Manifest, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A vision-graph feed (pixel_values [B, 3, S, S] or the family's inputs, keep) -> its outputs, eagerly."""
     with torch.inference_mode():
-        aux = {}
-        if manifest.method == "visionzip":
-            features, aux["cls_attention"] = family.vision_features_and_attention(model, pixel_values)
-        else:
-            features = family.vision_features(model, pixel_values)  # [B, N, Dv]
-        out = get_method(manifest.method)(features, keep, manifest.compression, **aux)
+        visionzip = manifest.method == "visionzip"
+        features, attention = family.eager_features(model, feed, with_attention=visionzip)  # [B, N, Dv]
+        aux = {"cls_attention": attention} if visionzip else {}
+        out = get_method(manifest.method)(features, int(feed["keep"]), manifest.compression, **aux)
         embeds = family.project(model, out.tokens)
     outputs = {"image_embeds": embeds.float(), "keep_index": out.index, "scores": out.scores.float()}
     return OrderedDict((name, np.ascontiguousarray(t.numpy())) for name, t in outputs.items())
@@ -57,8 +55,7 @@ class TorchVisionRunner(BaseRunner):
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
-        pixel_values = torch.from_numpy(feed_dict["pixel_values"])
-        outputs = eager_vision(self.model, self.family, self.manifest, pixel_values, int(feed_dict["keep"]))
+        outputs = eager_vision(self.model, self.family, self.manifest, feed_dict)
         self.inference_time = time.perf_counter() - start  # read by Polygraphy's Comparator
         return outputs
 
