@@ -17,6 +17,15 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 status_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # off stdout's streamed text
 
 
+def stage_pair(budget1: int | None, budget2: int | None) -> tuple[int, int] | None:
+    """--budget1/--budget2 of a two-stage build, given together (--budget2 alone has no stage 1)."""
+    if budget1 is None and budget2 is None:
+        return None
+    if budget1 is None or budget2 is None:
+        raise click.BadParameter("give --budget1 and --budget2 together")
+    return budget1, budget2
+
+
 def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -42,11 +51,13 @@ def cli():
 @click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
 @click.option("--budget", type=int, default=None,
               help="default visual-token budget (runtime input; default 64, Qwen2.5-VL: 30% of each image's tokens)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="graph precision: fp16 = vision tower, projector and LLM in fp16 (ApET stays fp32), what fp16 TensorRT engines need")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
+@click.option("--stage2-layer", type=int, default=None,
+              help="ApET stage 2 after decoder layer K: llm_a.onnx + stage2.onnx + llm_b.onnx (--budget is then the average, 64 = 96/32)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
-def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, force, trust_remote_code):
+def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, force, trust_remote_code):
     """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
     from apet_export.config import ApetConfig
     from apet_export.export.build import BuildOptions
@@ -56,9 +67,30 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
     options = BuildOptions(
         model=model, out=out, method=method, budget=budget, precision=precision, llm=not no_llm, force=force,
         compression=ApetConfig(num_basis=num_basis, selection=selection, ridge=ridge, fps_start=start),
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stage2_layer=stage2_layer,
     )
     run_build(options, console=status_console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--target", "targets", default="current", show_default=True,
+              help="comma-separated compute capabilities (sm80,sm89; TensorRT-RTX builds them ahead of time) or 'current'")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="expected graph precision (engines are strongly typed: fp16 engines need `build --precision fp16`)")
+@click.option("--artifact", "artifacts", multiple=True, help="only these manifest artifacts (default: every ONNX graph)")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimisation level 0..5 (0: fastest build)")
+@click.option("--max-batch", default=4, show_default=True, help="upper end of the batch axis in every profile")
+@click.option("--max-context", type=int, default=None, help="cap of the LLM sequence axes (default: the model's context)")
+def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_context):
+    """Build TensorRT engines for BUILD_DIR's ONNX graphs into BUILD_DIR/engines/ (atomically)."""
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    options = EngineOptions(
+        targets=tuple(t for t in targets.split(",") if t.strip()), precision=precision,
+        artifacts=tuple(artifacts) or None, optimization_level=opt_level, max_batch=max_batch, max_context=max_context,
+    )
+    build_engines(build_dir, options, console=status_console)
 
 
 @cli.command()
@@ -66,11 +98,14 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
 @click.option("--images", "-i", multiple=True, type=click.Path(path_type=Path), help="images to check with (default: generated)")
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: 16,64,192,N)")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
-def parity(build_dir, images, budgets, e2e):
+@click.option("--budget1", type=int, default=None, help="two-stage builds: e2e at this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: e2e at this stage-2 budget")
+def parity(build_dir, images, budgets, e2e, budget1, budget2):
     """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure."""
     from apet_export.parity.run import run_parity
 
-    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console)
+    pair = stage_pair(budget1, budget2)
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair)
 
 
 @cli.command()
@@ -101,15 +136,18 @@ def visualize(build_dir, image, budget, output):
               help="image(s) to ask about (default: a generated test picture)")
 @click.option("--prompt", required=True)
 @click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--budget1", type=int, default=None, help="two-stage builds: tokens kept by stage 1 (vision)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: tokens kept by stage 2 (LLM layer K)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary event")
 @click.option("--vision-graph", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
-              help="onnxruntime: vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node)")
-def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json, vision_graph):
+              help="vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node; not on torch)")
+def run(build_dir, images, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p, seed, as_json,
+        vision_graph):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
@@ -122,7 +160,7 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
     with Pipeline.from_dir(build_dir, backend=backend, vision_graph=graph) as pipeline:
         generation = pipeline.generate(
             pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed,
+            top_p=top_p, seed=seed, budget1=budget1, budget2=budget2,
         )
         if not images:  # after the checks: a bad request or build gets its error line alone
             status_console.print("[dim]no --image given: using a generated test picture[/dim]")
@@ -148,18 +186,25 @@ def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature,
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: N,192,128,64)")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
+@click.option("--budget1", type=int, default=None, help="two-stage builds: also measure this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: ... and this stage-2 budget")
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
+              help="also time the TensorRT engines where TensorRT and a GPU are present (else say why not)")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2, tensorrt):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
-    from apet_export.bench import rows_as_dicts, run_bench
+    from apet_export.bench import rows_as_dicts, run_bench_with_tensorrt
 
-    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    pair = stage_pair(budget1, budget2)
+    rows = run_bench_with_tensorrt(
+        build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 

@@ -66,3 +66,19 @@ class ExportError(ApetExportError):
 
 class ParityError(ApetExportError):
     """An artifact disagrees with eager PyTorch beyond its tolerance."""
+
+
+class EngineTargetError(InvalidInputError):
+    """A GPU target (compute capability) the installed TensorRT cannot build engines for."""
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse a graph or build its engine."""
+
+
+class EngineCompatibilityError(ArtifactError):
+    """An engine built by another TensorRT version, or for another GPU, than the one loading it."""
+
+
+class DeviceError(ApetExportError):
+    """The operation needs a CUDA GPU and none is usable."""

@@ -45,3 +45,21 @@ def any_build(request) -> Path:
 def qwen_build(tmp_path_factory) -> Path:
     """tiny-qwen2.5-vl (dynamic-resolution ViT + M-RoPE text model), ApET fps at the 30% default, all artifacts."""
     return _build(tmp_path_factory, "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def llava_two_stage_build(tmp_path_factory) -> Path:
+    """tiny-llava split at layer 2 of 4: llm_a + stage2 + llm_b."""
+    return _build(tmp_path_factory, "tiny-llava", stage2_layer=2)
+
+
+@pytest.fixture(scope="session")
+def siglip_qwen2_two_stage_build(tmp_path_factory) -> Path:
+    """tiny-llava-siglip-qwen2 split at layer 2 of 4."""
+    return _build(tmp_path_factory, "tiny-llava-siglip-qwen2", stage2_layer=2)
+
+
+@pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
+def any_two_stage_build(request) -> Path:
+    fixture = {"tiny-llava": "llava_two_stage_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_two_stage_build"}
+    return request.getfixturevalue(fixture[request.param])

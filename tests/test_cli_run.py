@@ -44,14 +44,11 @@ def test_plugin_vision_graph_from_the_cli(capsys, llava_build):
 
 
 def test_bench_measures_each_budget_in_its_own_process(llava_build, monkeypatch):
-    """The parent process never loads the build: each budget's peak RSS is its own process's."""
+    """Peak RSS comes from a fresh process per budget, not from this one (whose peak never goes down)."""
     from apet_export import bench
 
-    def not_here(*args, **kwargs):
-        raise AssertionError("the parent process must not load the build")
-
-    monkeypatch.setattr(bench, "Pipeline", type("NoPipeline", (), {"from_dir": staticmethod(not_here)}))
+    monkeypatch.setattr(bench, "peak_rss_mib", lambda: -1.0)  # what this process would report
     rows = bench.run_bench(llava_build, budgets=[64], runs=1, max_new_tokens=2)  # children import afresh
     assert [r.budget for r in rows] == [576, 64]
-    assert all(r.peak_rss_mib and r.peak_rss_mib > 50 for r in rows)
+    assert all(r.peak_rss_mib and r.peak_rss_mib > 50 for r in rows), [r.peak_rss_mib for r in rows]
     assert rows[1].peak_rss_mib <= rows[0].peak_rss_mib * 1.05  # 64 tokens need no more than 576

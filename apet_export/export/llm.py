@@ -140,8 +140,9 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
     finish_and_save(program.model_proto, path, "/llm", inputs, outputs)
 
 
-def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str) -> None:
-    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest."""
+def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str, write_graph: bool = True) -> None:
+    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest.
+    write_graph=False: only the embedding table and the dims (a split build writes its own graphs)."""
     language_model, lm_head = family.language_model(model), family.lm_head(model)
     config = language_model.config
     dtype = torch.float16 if precision == "fp16" else torch.float32
@@ -150,9 +151,10 @@ def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str)
         len(language_model.layers), config.hidden_size, graph.num_kv_heads, graph.head_dim, config.vocab_size,
         "float16" if precision == "fp16" else "float32", family.llm_position_shape,
     )
-    export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
+    if write_graph:
+        export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
+        manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
     graph.to(torch.float32)  # the model object is shared with the caller
-    manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
 
     # The runtime embeds token ids itself (then splices image rows in): ship the table beside the graph.
     from safetensors.torch import save_file

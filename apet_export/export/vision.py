@@ -4,6 +4,11 @@
                                                                  └► scores [B, N]
     tokens ─projector─► image_embeds [B, T, H]          (T = keep, an int64 scalar input, M < T <= N)
 
+Precision fp16 (`build --precision fp16`, what fp16 TensorRT engines need: TensorRT networks are strongly
+typed, so the precision lives in the graph): the tower and projector run in fp16, ApET stays fp32 inside
+(FPS distances, the ridge system and the scores need its range), and the graph's I/O stay fp32
+(pixel_values in, image_embeds out), so runtimes feed and read every build the same way.
+
 Two variants: ApET in standard ONNX ops (vision.onnx), and with FPS + scoring as one ApetScore plugin
 node (vision.plugin.onnx). The projector is per-token, so projecting the T kept tokens equals
 project-then-select.
@@ -79,8 +84,12 @@ class ApetStage(nn.Module):
 class VisionGraph(nn.Module):
     """The module traced into vision.onnx (see the module docstring)."""
 
-    def __init__(self, model, family: ModelFamily, method: str, config: ApetConfig, use_plugin: bool = False):
+    def __init__(
+        self, model, family: ModelFamily, method: str, config: ApetConfig, use_plugin: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
+        self.dtype = dtype  # of the tower and projector; ApET always computes in fp32
         if method not in EXPORTABLE_METHODS:
             raise InvalidInputError(f"method {method!r} cannot be exported: choose one of {', '.join(EXPORTABLE_METHODS)}")
         if method not in family.exportable_methods:
@@ -94,8 +103,8 @@ class VisionGraph(nn.Module):
         self.apet = ApetStage(config, use_plugin)
 
     def forward(self, *inputs):
-        *vision_inputs, keep = inputs  # pixel_values (+ the family's layout inputs), budget
-        features, attention = self.tower(*vision_inputs)  # [B, N, Dv], [B, N] for visionzip
+        pixel_values, *layout, keep = inputs  # pixel_values (+ the family's layout inputs), budget
+        features, attention = self.tower(pixel_values.to(self.dtype), *layout)  # [B, N, Dv], [B, N] for visionzip
         batch, num_tokens = features.shape[:2]
         budget = keep.item() if isinstance(keep, torch.Tensor) else keep
         if self.method == "none":
@@ -110,17 +119,18 @@ class VisionGraph(nn.Module):
             else:
                 scores = attention
                 tokens, index = visionzip_select(features.float(), scores, budget)
-        embeds = self.family.project(self.model, tokens.to(features.dtype))
-        return embeds, index, scores
+        embeds = self.family.project(self.model, tokens.to(features.dtype))  # [B, T, H]
+        return embeds.float(), index, scores.float()
 
 
 def export_vision(
     model, family: ModelFamily, method: str, config: ApetConfig, path: Path, *,
-    use_plugin: bool = False, opset: int = 23,
+    use_plugin: bool = False, opset: int = 23, precision: str = "fp32",
 ):
     """Trace the vision graph and write it to `path` (ONNX, external data beside it when > 2 GB).
     Returns the graph's (inputs, outputs) specs, as the manifest records them."""
-    graph = VisionGraph(model, family, method, config, use_plugin).eval()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    graph = VisionGraph(model, family, method, config, use_plugin, dtype).eval()
     dims = family.vision_dims(model)
     inputs_spec, outputs_spec = family.vision_io(dims, model)
     example, dynamic, num_tokens = family.export_example(model)
@@ -132,6 +142,7 @@ def export_vision(
 
         register_onnx_schema()
         translations[apet_score._opoverload] = onnx_translation
+    model.to(dtype)  # the model object is shared with the caller: restored once the graph is saved
     try:
         with torch.no_grad(), quiet_export():
             program = torch.onnx.export(
@@ -140,7 +151,12 @@ def export_vision(
                 dynamic_shapes={"inputs": (*dynamic, None)},  # forward(*inputs)
                 custom_translation_table=translations, verbose=False,
             )
+        # the graph's initializers still point at the parameters: save before restoring them to fp32
+        finish_and_save(program.model_proto, path, "/vision", inputs_spec, outputs_spec)
+    except ExportError:
+        raise
     except Exception as error:  # the exporter raises many types; keep the cause attached
         raise ExportError(f"exporting the vision graph ({method}, plugin={use_plugin}) failed: {error}") from error
-    finish_and_save(program.model_proto, path, "/vision", inputs_spec, outputs_spec)
+    finally:
+        model.to(torch.float32)
     return inputs_spec, outputs_spec

@@ -33,8 +33,9 @@ def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=
 
 def run_parity(
     build_dir: Path, image_paths: list[Path] | None = None, budgets: list[int] | None = None,
-    e2e: bool = True, console: Console | None = None,
+    e2e: bool = True, console: Console | None = None, pair: tuple[int, int] | None = None,
 ) -> dict[str, list[ParityRow]]:
+    """pair: an explicit (stage-1, stage-2) budget for the e2e check of a two-stage build."""
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -45,13 +46,29 @@ def run_parity(
     images = [load_image(p) for p in image_paths] if image_paths else []
     # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
     images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]
-    sections = {"vision": vision_parity(build_dir, manifest, vision_feeds(build_dir, manifest, images, budgets))}
+
+    from apet_export.runtime.backends.trt import available_engines, unavailable_reason
+
+    skipped = unavailable_reason(build_dir, manifest)  # TensorRT runs where it can, and says why not
+    engines = None if skipped else available_engines(build_dir, manifest)
+    feeds = vision_feeds(build_dir, manifest, images, budgets)
+    sections = {"vision": vision_parity(build_dir, manifest, feeds, tensorrt=engines)}
     print_table(sections["vision"], console, title="vision graphs vs eager PyTorch")
-    if e2e and "llm" in manifest.files:
+    if manifest.stage2:
+        from apet_export.parity.stage2 import stage2_parity
+
+        sections["stage2"] = stage2_parity(build_dir, manifest)
+        print_table(sections["stage2"], console, title="ApET stage 2 (stage2.onnx) vs eager apet_compress")
+    if e2e and ("llm" in manifest.files or manifest.stage2):
         from apet_export.parity.e2e import e2e_parity
 
-        sections["e2e"] = e2e_parity(build_dir, manifest, images[0])
+        sections["e2e"] = e2e_parity(build_dir, manifest, images[0], pair=pair)
         print_table(sections["e2e"], console, title="end-to-end generation: onnxruntime vs torch")
+        if engines and "llm" in engines:
+            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt")
+            print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
+    if skipped:
+        console.print(f"tensorrt: skipped ({skipped})")
     path = write_report(build_dir, sections)
     failed = [row for rows in sections.values() for row in rows if not row.passed]
     if failed:

@@ -35,6 +35,7 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)  # one per generated token after the first
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (parity)
+    image_tokens_stage2: int | None = None  # two-stage builds: visual tokens that layers >= K see, all images
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -44,6 +45,7 @@ class GenerationResult:
         return {
             "text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+            **({"image_tokens_stage2": self.image_tokens_stage2} if self.image_tokens_stage2 is not None else {}),
             "generated_tokens": len(self.token_ids), "vision_ms": round(self.vision_ms, 3),
             "prefill_ms": round(self.prefill_ms, 3),
             "decode_ms_per_token": round(float(np.mean(self.decode_ms)), 3) if self.decode_ms else None,
@@ -80,7 +82,7 @@ class Generation:
         return self.result
 
 
-BACKENDS = {"onnxruntime", "torch"}
+BACKENDS = {"onnxruntime", "torch", "tensorrt"}
 
 
 class Pipeline:
@@ -110,9 +112,13 @@ class Pipeline:
                     f"PyTorch: choose backend onnxruntime, or the default vision graph"
                 )
             runner = TorchBackend(build_dir, manifest)
+        elif backend == "tensorrt":
+            from apet_export.runtime.backends.trt import TrtBackend
+
+            runner = TrtBackend(build_dir, manifest, vision_graph=vision_graph)
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
-        manifest.file(build_dir, "llm")  # a vision-only build cannot generate: say so now
+        manifest.file(build_dir, "llm_a" if manifest.stage2 else "llm")  # a vision-only build cannot generate: say so now
         processor = get_family(manifest.family).load_processor(manifest.model_dir(build_dir))
         try:
             runner.activate()
@@ -169,9 +175,13 @@ class Pipeline:
     def generate(
         self, images, prompt: str, budget: int | None = None, max_new_tokens: int = 64,
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
+        budget1: int | None = None, budget2: int | None = None,
     ):
         """Generation (iterable of text deltas) if stream, else the GenerationResult. images: one image or a
-        list, each a path or a PIL image."""
+        list, each a path or a PIL image. On a two-stage build `budget` is the average of the stages (96/32
+        for 64) unless budget1/budget2 are given (stages.py)."""
+        from apet_export.compression.stages import resolve_budgets
+
         if isinstance(images, str | Path | Image.Image):  # one image
             images = [images]
         images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
@@ -179,11 +189,8 @@ class Pipeline:
             raise InvalidInputError("at least one image is needed: pass --image")
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        budget = self.manifest.budget["default"] if budget is None else budget  # 0 is out of range, not "default"
-        if budget is not None:  # None: the family's share of each image's tokens
-            self.manifest.check_budget(budget)
-        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
-            budget = self.manifest.budget["max"]
+        # budget None: the family's share of each image's tokens; budget2 None: one stage
+        budget, budget2 = resolve_budgets(self.manifest, budget, budget1, budget2)
         ids = self.prompt_ids(prompt, len(images))
         image_token_id = self.manifest.dims["image_token_id"]
         if ids.count(image_token_id) != len(images):
@@ -194,10 +201,10 @@ class Pipeline:
         num_text = sum(1 for t in ids if t != image_token_id)
         self.check_context(num_text, len(images), budget or self.manifest.budget["max"], max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
-        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text))
+        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2))
         return generation if stream else generation.run()
 
-    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
+    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         image_token_id = self.manifest.dims["image_token_id"]
         feeds, layouts = self.family.vision_feeds(self.processor, images, budget, self.manifest)
@@ -211,10 +218,15 @@ class Pipeline:
         vision_ms = (time.perf_counter() - start) * 1e3
 
         length = embeds.shape[1]
+        stage2 = {}  # two-stage builds: where the image rows are, and how many stage 2 keeps of each
+        if budget2 is not None:
+            from apet_export.runtime.two_stage import image_spans
+
+            stage2 = {"image_spans": image_spans(ids, self.manifest.dims["image_token_id"], budget), "keep2": budget2}
         start = time.perf_counter()
         logits, cache = self.backend.llm.infer(
             {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64), "position_ids": positions},
-            check_inputs=False, cache=self.backend.new_cache(1),
+            check_inputs=False, cache=self.backend.new_cache(1), **stage2,
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
         first_logits = logits[0].copy()
@@ -248,4 +260,5 @@ class Pipeline:
             text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
             image_tokens=sum(len(k) for k in keep_index), vision_ms=vision_ms, prefill_ms=prefill_ms,
             decode_ms=decode_ms, first_logits=first_logits,
+            image_tokens_stage2=None if budget2 is None else len(images) * budget2,
         )

@@ -58,7 +58,12 @@ class OnnxrtBackend(Backend):
             name=f"onnxruntime:{vision_path.name}",
         )
         self.vision.activate()
-        self.llm = OnnxrtLlmRunner(self.manifest.file(self.build_dir, "llm"))
+        if self.manifest.stage2:  # llm_a + stage2 + llm_b
+            from apet_export.runtime.two_stage import onnxrt_two_stage_runner
+
+            self.llm = onnxrt_two_stage_runner(self.build_dir, self.manifest)
+        else:
+            self.llm = OnnxrtLlmRunner(self.manifest.file(self.build_dir, "llm"))
         self.llm.activate()
         self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
         return self
@@ -67,4 +72,6 @@ class OnnxrtBackend(Backend):
         return self.table[token_ids]
 
     def new_cache(self, batch: int) -> KVCache:
+        if self.manifest.stage2:
+            return self.llm.new_cache(batch)
         return KVCache.empty(self.manifest, batch)

@@ -115,7 +115,12 @@ class TorchBackend(Backend):
         self.model, _ = family.load(self.manifest.model_dir(self.build_dir), attn_implementation=attention_implementation())
         self.vision = TorchVisionRunner(self.build_dir, self.manifest, model=self.model)
         self.vision.activate()
-        self.llm = TorchLlmRunner(self.model, family)
+        if self.manifest.stage2:  # HF layers [0, K) + apet_compress + layers [K, L)
+            from apet_export.runtime.two_stage import torch_two_stage_runner
+
+            self.llm = torch_two_stage_runner(self.model, family, self.manifest)
+        else:
+            self.llm = TorchLlmRunner(self.model, family)
         self.llm.activate()
         self.embedding = family.language_model(self.model).embed_tokens
         return self
@@ -127,4 +132,6 @@ class TorchBackend(Backend):
     def new_cache(self, batch: int):
         from transformers import DynamicCache
 
+        if self.manifest.stage2:
+            return self.llm.new_cache(batch)
         return DynamicCache(config=self.model.config.text_config)
