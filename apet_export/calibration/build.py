@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rich.console import Console
 
 from apet_export.calibration import cache, data, quantize
 from apet_export.errors import ArtifactError, InvalidInputError
+from apet_export.export import staging as staging_dir
 from apet_export.manifest import Manifest, load_manifest
 
 
@@ -107,9 +107,7 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
     processor = data.load_processor(source)
 
     out = options.output.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)
+    lock, staging = staging_dir.prepare(out, options.force)  # as `build`: locked, stale folders removed
     try:
         console.print(f"calibrating vision.onnx on {len(dataset.images)} images ({options.method}, budget {keep})")
         vision_graph = manifest.file(source, "vision")
@@ -170,10 +168,12 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
         }
         manifest.notes = [*manifest.notes, f"quantised from {source} by apet-export calibrate"]
         manifest.write(staging)
-        _move_into_place(staging, out)
+        staging_dir.publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     console.print(f"[green]calibrated[/green] {out}")
     return manifest
 
@@ -200,8 +200,3 @@ def _llm_ranges(source, llm_graph, dataset, fingerprint, settings, cache_dir, ke
         if pipeline is not None:
             pipeline.close()
 
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    from apet_export.export.build import _move_into_place as move
-
-    move(staging, out)

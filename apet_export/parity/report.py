@@ -61,11 +61,16 @@ def print_table(rows: list[ParityRow], console: Console, title: str = "parity vs
     console.print(table)
 
 
-def write_report(build_dir: Path, sections: dict[str, list[ParityRow]]) -> Path:
+def _as_dict(row) -> dict:
+    """A row as JSON: tolerance rows also say which tolerance decided them (accuracy rows have thresholds)."""
+    return {**asdict(row), "decided_by": decided_by(row)} if isinstance(row, ParityRow) else asdict(row)
+
+
+def write_report(build_dir: Path, sections: dict[str, list]) -> Path:
     """parity.json: every row per section and the overall verdict; written via a temporary file."""
     report = {
         "passed": all(row.passed for rows in sections.values() for row in rows),
-        **{name: [{**asdict(row), "decided_by": decided_by(row)} for row in rows] for name, rows in sections.items()},
+        **{name: [_as_dict(row) for row in rows] for name, rows in sections.items()},
     }
     path = Path(build_dir) / REPORT_NAME
     temporary = path.with_suffix(".json.tmp")
