@@ -90,6 +90,9 @@ def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int
             sequence=AxisRange(1, prompt, max_context),
             past_sequence=AxisRange(0, 0, 0),
             total_sequence=AxisRange(1, prompt, max_context),
+            # stage2.onnx (two-stage builds): where the image rows are in the prefill's hidden states
+            image_start=AxisRange(0, 1, max_context - 1),
+            image_length=AxisRange(budget["min"], typical, budget["max"]),
         )
     return ranges
 
@@ -129,6 +132,9 @@ def profiles_for(
                 f"`apet-export build`"
             )
         phases = ("prefill", "decode")
+    elif "sequence" in axes:  # stage2.onnx: runs once per image span, on the prefill's hidden states
+        context = max_context or manifest.dims["max_context"]
+        phases = ("prefill",)
     else:
         context, phases = None, ("default",)
     profiles = []

@@ -322,3 +322,17 @@ def test_engine_command_errors_are_one_line(capsys, llava_build, args, message):
     code, _, err = run_cli(capsys, "engine", str(llava_build), *args)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (llava_build / "engines").exists() and not list(llava_build.glob(".engines*"))
+
+
+def test_two_stage_parts_build_engines(llava_two_stage_build, tmp_path):
+    """llm_a, stage2 and llm_b get profiles from their axis names (stage2's image_start / image_length /
+    keep as shape values) and build like llm.onnx."""
+    build_dir = tmp_path / "two-stage"
+    shutil.copytree(llava_two_stage_build, build_dir)
+    parts = ("llm_a", "stage2", "llm_b")
+    record = build_engines(build_dir, EngineOptions(targets=("sm89",), artifacts=parts, optimization_level=0))
+    built = {entry["artifact"]: entry for entry in record["files"]}
+    assert set(parts) <= set(built)
+    for name in parts:
+        print(f"sm89 {name}: {built[name]['bytes'] / 2**20:.1f} MiB in {built[name]['build_seconds']} s")
+        assert (build_dir / built[name]["path"]).stat().st_size == built[name]["bytes"] > 0
