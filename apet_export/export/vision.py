@@ -90,6 +90,7 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values, keep):
         features, attention = self.tower(pixel_values)  # [B, N, Dv], [B, N] for visionzip
+        prefix, features = self.family.split_prefix(self.model, features)  # prefix [B, C, Dv] or None
         batch, num_tokens = features.shape[:2]
         budget = keep.item() if isinstance(keep, torch.Tensor) else keep
         if self.method == "none":
@@ -105,6 +106,8 @@ class VisionGraph(nn.Module):
                 scores = attention
                 tokens, index = visionzip_select(features.float(), scores, budget)
         embeds = self.family.project(self.model, tokens.to(features.dtype))
+        if prefix is not None:  # rows kept whole in front of the compressed ones: [B, C+T, H]
+            embeds = torch.cat([self.family.project(self.model, prefix), embeds], dim=1)
         return embeds, index, scores
 
 

@@ -27,6 +27,7 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
+    media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory."""
@@ -43,6 +44,11 @@ class ModelFamily:
         """(features [B, N, D], VisionZip's importance per token [B, N]) from one pass of the tower: the
         CLS attention row of the feature layer, or the mean received attention for towers without CLS."""
         raise NotImplementedError
+
+    def split_prefix(self, model, features: torch.Tensor):
+        """features [B, N', D] -> (prefix [B, C, D] or None, tokens [B, N, D]): the prefix rows are kept whole
+        in front of the compressed tokens (Video-LLaVA's per-frame CLS); most families have none."""
+        return None, features
 
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         """Per-token projector: [B, T, D] -> [B, T, H]."""

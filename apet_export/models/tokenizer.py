@@ -38,14 +38,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, max_length: int = 2048) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(
+    vocab_size: int = 512, max_length: int = 2048, named_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """named_tokens: extra special tokens by attribute name, e.g. {"video_token": "<video>"} (ids after <image>)."""
+    named_tokens = {"image_token": "<image>", **(named_tokens or {})}
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(dict.fromkeys([*SPECIAL_TOKENS, *named_tokens.values()])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         show_progress=False,
     )
@@ -61,9 +66,9 @@ def build_tiny_tokenizer(vocab_size: int = 512, max_length: int = 2048) -> PreTr
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},  # -> tokenizer.image_token(_id), used by LlavaProcessor
+        extra_special_tokens=named_tokens,  # -> tokenizer.image_token(_id), used by LlavaProcessor
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )

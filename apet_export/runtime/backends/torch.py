@@ -30,8 +30,11 @@ def eager_vision(model, family, manifest: Manifest, pixel_values: torch.Tensor, 
             features, aux["cls_attention"] = family.vision_features_and_attention(model, pixel_values)
         else:
             features = family.vision_features(model, pixel_values)  # [B, N, Dv]
+        prefix, features = family.split_prefix(model, features)  # prefix [B, C, Dv] or None
         out = get_method(manifest.method)(features, keep, manifest.compression, **aux)
         embeds = family.project(model, out.tokens)
+        if prefix is not None:  # kept whole in front: [B, C+T, H]
+            embeds = torch.cat([family.project(model, prefix), embeds], dim=1)
     outputs = {"image_embeds": embeds.float(), "keep_index": out.index, "scores": out.scores.float()}
     return OrderedDict((name, np.ascontiguousarray(t.numpy())) for name, t in outputs.items())
 
