@@ -97,29 +97,39 @@ def visualize(build_dir, image, budget, output):
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="image(s) to ask about (default: a generated test picture)")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="a video to ask about (video builds): frames are sampled uniformly and encoded as decoded")
+@click.option("--frames", "num_frames", default=8, show_default=True, help="frames sampled from --video")
 @click.option("--prompt", required=True)
-@click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
+@click.option("--budget", type=int, default=None,
+              help="visual tokens kept per image, or for the whole --video, split evenly across its frames "
+                   "(default: the build's, per image or frame)")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
-def run(build_dir, images, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
+def run(build_dir, images, video, num_frames, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
     from apet_export.runtime.images import synthetic_image
     from apet_export.runtime.pipeline import Pipeline
 
-    if not images:
+    if not images and video is None:
         status_console.print("[dim]no --image given: using a generated test picture[/dim]")
     pictures = list(images) or [synthetic_image(0)]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        generation = pipeline.generate(
-            pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed,
-        )
+        if video is not None:
+            from apet_export.runtime.video import iter_video_frames
+
+            generation = pipeline.generate_video(
+                iter_video_frames(video, num_frames), prompt, budget=budget, num_frames=num_frames, **sampling
+            )
+        else:
+            generation = pipeline.generate(pictures, prompt, budget=budget, **sampling)
         for event in generation.events():
             if as_json:
                 click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,

@@ -144,7 +144,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 dims={
                     "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
                     "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
-                    "media": family.media,
+                    "media": family.media, "prefix_tokens": family.prefix_tokens,
                 },
                 method=options.method,
                 compression=options.compression,

@@ -28,6 +28,7 @@ class ModelFamily:
     name: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
     media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
+    prefix_tokens: int = 0  # rows per call kept whole in front of the compressed tokens (see split_prefix)
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory."""

@@ -34,6 +34,7 @@ class VideoLlavaFamily(ModelFamily):
     name = "video_llava"
     model_types = ("video_llava",)
     media = "video"
+    prefix_tokens = 1  # the frame's CLS row
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         from transformers import AutoProcessor, VideoLlavaForConditionalGeneration

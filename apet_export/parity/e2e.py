@@ -16,6 +16,17 @@ from apet_export.runtime.pipeline import Pipeline
 
 PROMPT = "Describe the image in detail."
 LOGITS_ATOL = 1e-3
+VIDEO_FRAMES = 8
+
+
+def generate(pipeline: Pipeline, image, budget: int, max_new_tokens: int):
+    """Greedy generation about `image`; a video build gets 8 synthetic frames instead, `budget` per frame."""
+    if pipeline.manifest.dims.get("media", "image") == "video":
+        from apet_export.runtime.video import synthetic_frames
+
+        frames = synthetic_frames(VIDEO_FRAMES)
+        return pipeline.generate_video(frames, PROMPT, budget=budget * len(frames), max_new_tokens=max_new_tokens, stream=False)
+    return pipeline.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
@@ -33,8 +44,8 @@ def e2e_parity(
     rows = []
     with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend="onnxruntime") as candidate:
         for budget in budgets or manifest.budgets_within((64, manifest.budget["max"])):
-            expected = reference.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
-            actual = candidate.generate([image], PROMPT, budget=budget, max_new_tokens=max_new_tokens, stream=False)
+            expected = generate(reference, image, budget, max_new_tokens)
+            actual = generate(candidate, image, budget, max_new_tokens)
             check = f"greedy {max_new_tokens} tokens k={budget}"
             mismatches = sum(x != y for x, y in zip(expected.token_ids, actual.token_ids, strict=False))
             mismatches += abs(len(expected.token_ids) - len(actual.token_ids))

@@ -34,6 +34,7 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)  # one per generated token after the first
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (parity)
+    first_token_ms: float = 0.0  # from the moment the whole input was there (a stream: its last frame) to the first token
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -44,7 +45,7 @@ class GenerationResult:
             "text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
             "generated_tokens": len(self.token_ids), "vision_ms": round(self.vision_ms, 3),
-            "prefill_ms": round(self.prefill_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3), "first_token_ms": round(self.first_token_ms, 3),
             "decode_ms_per_token": round(float(np.mean(self.decode_ms)), 3) if self.decode_ms else None,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
         }
@@ -122,11 +123,11 @@ class Pipeline:
         self.close()
 
     # -- prompt -------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
-        """Token ids of the prompt with one image placeholder per image, through the chat template."""
-        image_token = self.tokenizer.image_token
+    def prompt_ids(self, prompt: str, num_images: int, media: str = "image") -> list[int]:
+        """Token ids of the prompt with one placeholder per image (or video), through the chat template."""
+        image_token = getattr(self.tokenizer, f"{media}_token")
         if self.tokenizer.chat_template:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+            content = [{"type": media}] * num_images + [{"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
@@ -162,6 +163,8 @@ class Pipeline:
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
     ):
         """Generation (iterable of text deltas) if stream, else the GenerationResult."""
+        if self.manifest.dims.get("media", "image") == "video":
+            raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
         images = [load_image(i) if isinstance(i, str | Path) else i for i in images]
         if not images:
             raise InvalidInputError("at least one image is needed: pass --image")
@@ -192,7 +195,14 @@ class Pipeline:
         )
         embeds = self.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
         vision_ms = (time.perf_counter() - start) * 1e3
+        return (yield from self._prefill_and_decode(
+            embeds, start, vision_ms, len(images) * budget, num_text, max_new_tokens, sampler
+        ))
 
+    def _prefill_and_decode(
+        self, embeds, ready: float, vision_ms: float, image_tokens: int, num_text: int, max_new_tokens: int, sampler,
+    ) -> Iterator[TokenEvent]:
+        """embeds [1, L, H] -> tokens; `ready` is the perf_counter time at which the whole input was there."""
         length = embeds.shape[1]
         start = time.perf_counter()
         logits, cache = self.backend.llm.infer(
@@ -201,6 +211,7 @@ class Pipeline:
             check_inputs=False, cache=self.backend.new_cache(1),
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
+        first_token_ms = (time.perf_counter() - ready) * 1e3
         first_logits = logits[0].copy()
 
         eos = self.manifest.dims["eos_token_id"]
@@ -230,6 +241,81 @@ class Pipeline:
             yield TokenEvent(len(generated), None, tail, 0.0)
         return GenerationResult(
             text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
-            image_tokens=len(images) * budget, vision_ms=vision_ms, prefill_ms=prefill_ms,
-            decode_ms=decode_ms, first_logits=first_logits,
+            image_tokens=image_tokens, vision_ms=vision_ms, prefill_ms=prefill_ms,
+            decode_ms=decode_ms, first_logits=first_logits, first_token_ms=first_token_ms,
         )
+
+    # -- video: frames encoded as they arrive -------------------------------------------------------
+    def frame_budgets(self, budget: int | None, num_frames: int) -> list[int]:
+        """The video's budget split evenly across its frames (the first budget % F frames keep one more)."""
+        if num_frames < 1:
+            raise InvalidInputError(f"a video needs at least one frame, got {num_frames}")
+        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
+            return [self.manifest.budget["max"]] * num_frames
+        budget = budget or self.manifest.budget["default"] * num_frames
+        share, extra = divmod(budget, num_frames)
+        budgets = [share + 1] * extra + [share] * (num_frames - extra)
+        low, high = self.manifest.budget["min"], self.manifest.budget["max"]
+        if not low <= budgets[-1] <= budgets[0] <= high:
+            raise InvalidInputError(
+                f"budget {budget} over {num_frames} frames keeps {budgets[-1]}-{budgets[0]} tokens per frame, outside "
+                f"[{low}, {high}]: choose a video budget between {low * num_frames} and {high * num_frames}"
+            )
+        return budgets
+
+    def generate_video(
+        self, frames, prompt: str, budget: int | None = None, num_frames: int | None = None,
+        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+        stream: bool = True,
+    ):
+        """Answer `prompt` about a video whose frames may still be arriving.
+
+        frames: a list, or any iterable of RGB frames (PIL images or [H, W, 3] uint8 arrays), e.g.
+        `iter_video_frames(path)` or a camera; each frame goes through the vision graph (stage 1 at its
+        share of the budget) as soon as it arrives, so after the last frame only that frame's encoding
+        and the prefill of the compressed tokens remain before the first token. budget: visual tokens
+        kept for the whole video (default: the build's budget per frame), split evenly across the
+        frames; num_frames is needed when `frames` has no len().
+        """
+        if self.manifest.dims.get("media", "image") != "video":
+            raise InvalidInputError("this build encodes images, not video frames: pass --image (generate)")
+        if num_frames is None:
+            if not hasattr(frames, "__len__"):
+                raise InvalidInputError("frames is a stream without len(): pass num_frames (--frames)")
+            num_frames = len(frames)
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        budgets = self.frame_budgets(budget, num_frames)
+        ids = self.prompt_ids(prompt, 1, media="video")
+        placeholder = self.manifest.dims["image_token_id"]
+        if ids.count(placeholder) != 1:
+            raise InvalidInputError(
+                f"the prompt contains the video placeholder {self.tokenizer.video_token!r} itself: remove it "
+                f"(the video is placed before the prompt)"
+            )
+        num_text = len(ids) - 1
+        image_tokens = sum(budgets) + num_frames * self.manifest.dims.get("prefix_tokens", 0)
+        self.check_context(num_text, 1, image_tokens, max_new_tokens)
+        sampler = Sampler(temperature, top_p, seed)
+        steps = self._video_steps(iter(frames), ids, budgets, image_tokens, max_new_tokens, sampler, num_text)
+        generation = Generation(steps)
+        return generation if stream else generation.run()
+
+    def _video_steps(self, frames, ids, budgets, image_tokens, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
+        rows, vision_ms, ready = [], 0.0, time.perf_counter()
+        for frame in frames:  # blocks until the next frame arrives
+            ready = time.perf_counter()
+            if len(rows) == len(budgets):
+                raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
+            pixel_values = self.processor.image_processor([frame], return_tensors="np")["pixel_values"]
+            vision = self.backend.vision.infer(
+                {"pixel_values": pixel_values.astype(np.float32), "keep": np.array(budgets[len(rows)], np.int64)},
+                check_inputs=False,
+            )
+            rows.append(vision["image_embeds"][0])  # [C+T, H]: this frame's prefix rows, then its kept tokens
+            vision_ms += (time.perf_counter() - ready) * 1e3
+        if len(rows) != len(budgets):
+            raise InvalidInputError(f"{len(rows)} frames arrived, {len(budgets)} were announced: pass num_frames")
+        video = np.concatenate(rows)[None]  # [1, sum(C+T), H], frames in arrival order
+        embeds = self.merge_embeddings(ids, video)
+        return (yield from self._prefill_and_decode(embeds, ready, vision_ms, image_tokens, num_text, max_new_tokens, sampler))
