@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from apet_export.compression.apet import validate_budget
-from apet_export.config import ApetConfig, ArtifactSpec
+from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ArtifactError, InvalidInputError
 from apet_export.manifest import Manifest
 from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
@@ -120,6 +120,14 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
             progress.update(task, completed=1)
 
+            extras = family.extra_tensors(model)
+            if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
+                specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
+                files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
+
             plugin = {}
             if options.method == "apet" and options.compression.selection == "fps":
                 from apet_export.plugins import apet_score
@@ -144,7 +152,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 dims={
                     "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
                     "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
-                    "media": family.media, "prefix_tokens": family.prefix_tokens,
+                    "media": family.media, "prefix_tokens": family.prefix_tokens, **family.runtime_dims(model),
                 },
                 method=options.method,
                 compression=options.compression,

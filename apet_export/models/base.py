@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from apet_export.config import TensorSpec
@@ -82,3 +83,32 @@ class ModelFamily:
         side = self.vision_dims(model).image_size
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, 3, side, side, generator=generator), torch.tensor(keep, dtype=torch.int64)
+
+    # -- build and runtime hooks (the runtime's are numpy; the pipeline passes itself) -------------------
+    def extra_tensors(self, model) -> dict[str, torch.Tensor]:
+        """Weights the runtime needs outside the graphs (LLaVA-NeXT's image_newline), saved beside them."""
+        return {}
+
+    def runtime_dims(self, model) -> dict:
+        """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
+        return {}
+
+    def check_budget(self, manifest, budget: int) -> int:
+        """The budget of one request (per image here), or an InvalidInputError that says the valid range."""
+        return manifest.check_budget(budget)
+
+    def image_rows_bound(self, manifest, budget: int) -> int:
+        """At most this many LLM rows per image at this budget (for the context check)."""
+        return budget
+
+    def preprocess_crops(self, processor, images) -> np.ndarray:
+        """PIL images -> the vision graph's pixel_values for all of them: [K, 3, S, S] float32."""
+        return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+
+    def encode_images(self, pipeline, images, budget: int) -> list[np.ndarray]:
+        """PIL images -> per image its LLM rows [L_i, H]: one batched call of the vision graph here."""
+        pixel_values = self.preprocess_crops(pipeline.processor, images)
+        vision = pipeline.backend.vision.infer(
+            {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}, check_inputs=False
+        )
+        return list(vision["image_embeds"])

@@ -13,6 +13,7 @@ from apet_export.compat import quiet_libraries
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
+from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
 from apet_export.models.video_llava import VideoLlavaFamily, build_random_video_llava
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -25,6 +26,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 register_family(LlavaFamily())
 register_family(VideoLlavaFamily())
+register_family(LlavaNextFamily())
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ PRESETS: dict[str, Preset] = {
                lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, QWEN2_0_5B_TEXT),
                "CLIP-L/336 tower + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
                tiny=False),
+        Preset("tiny-llava-next", "llava_next", build_random_llava_next,
+               "LLaVA-NeXT any-resolution: CLIP 336px/14 (576 tokens per crop, up to 5 crops) + 4-layer Llama, random weights"),
         Preset("tiny-video-llava", "video_llava", build_random_video_llava,
                "Video-LLaVA: CLIP 224px/14 video tower (256 tokens + CLS per frame) + 4-layer Llama, random weights"),
     )

@@ -18,8 +18,11 @@ def preprocess(build_dir: Path, images) -> np.ndarray:
     """PIL images -> pixel_values [K, 3, S, S] float32 with the build's saved processor."""
     from transformers import AutoProcessor
 
+    from apet_export.manifest import load_manifest
+    from apet_export.models.registry import get_family
+
     processor = AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
-    return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+    return get_family(load_manifest(build_dir).family).preprocess_crops(processor, images)  # LLaVA-NeXT: all crops
 
 
 def run_parity(

@@ -18,6 +18,7 @@ import numpy as np
 
 from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
+from apet_export.models.registry import get_family
 from apet_export.runtime.images import load_image
 from apet_export.runtime.sampling import Sampler
 from apet_export.runtime.streaming import IncrementalDecoder
@@ -87,6 +88,7 @@ class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
         self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
         self.tokenizer = processor.tokenizer
+        self.family = get_family(manifest.family)  # its hooks turn images into LLM rows (tiling, packing)
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
@@ -171,7 +173,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budget = budget or self.manifest.budget["default"]
-        self.manifest.check_budget(budget)
+        self.family.check_budget(self.manifest, budget)
         if self.manifest.method == "none":  # the graph keeps every token whatever the budget
             budget = self.manifest.budget["max"]
         ids = self.prompt_ids(prompt, len(images))
@@ -182,21 +184,19 @@ class Pipeline:
                 f"(each image given is placed before the prompt)"
             )
         num_text = sum(1 for t in ids if t != image_token_id)
-        self.check_context(num_text, len(images), budget, max_new_tokens)
+        self.check_context(num_text, len(images), self.family.image_rows_bound(self.manifest, budget), max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
         generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text))
         return generation if stream else generation.run()
 
     def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
         start = time.perf_counter()
-        pixel_values = self.processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
-        vision = self.backend.vision.infer(
-            {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}, check_inputs=False
-        )
-        embeds = self.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
+        rows = self.family.encode_images(self, images, budget)  # per image [L_i, H]
+        embeds = self.merge_embeddings(ids, rows)  # [1, L, H]
         vision_ms = (time.perf_counter() - start) * 1e3
+        image_tokens = sum(len(r) for r in rows)
         return (yield from self._prefill_and_decode(
-            embeds, start, vision_ms, len(images) * budget, num_text, max_new_tokens, sampler
+            embeds, start, vision_ms, image_tokens, num_text, max_new_tokens, sampler
         ))
 
     def _prefill_and_decode(
