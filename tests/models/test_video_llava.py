@@ -13,6 +13,7 @@ from apet_export.parity.e2e import e2e_parity
 from apet_export.parity.run import run_parity
 from apet_export.runtime.pipeline import Pipeline
 from apet_export.runtime.video import synthetic_frames, write_video
+from tests.tensorrt_parse import check_build_parses
 
 
 def test_preset_features_are_hf_video_features(tmp_path):
@@ -111,23 +112,5 @@ def test_cli_run_video(video_llava_build, tmp_path):
     assert summary["event"] == "done" and summary["image_tokens"] == 8 * 33 and summary["generated_tokens"] == 4
 
 
-def parse_with_tensorrt(path):
-    """(parsed, errors) of TensorRT-RTX's ONNX parser on one graph (parse only, no engine)."""
-    from apet_export.compat import import_tensorrt
-
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
-    network = trt.Builder(logger).create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(path))
-    return parsed, [str(parser.get_error(i)) for i in range(parser.num_errors)], network.num_layers
-
-
 def test_graphs_parse_in_tensorrt_rtx(video_llava_build):
-    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is in the dev extras")
-    for name in ("vision.onnx", "llm.onnx"):
-        parsed, errors, layers = parse_with_tensorrt(video_llava_build / name)
-        assert parsed and not errors and layers > 100, (name, errors)
-    # the plugin graph parses up to the ApetScore node, which needs the plugin library registered
-    parsed, errors, _ = parse_with_tensorrt(video_llava_build / "vision.plugin.onnx")
-    assert not parsed and len(errors) == 1 and "ApetScore" in errors[0] and "Plugin not found" in errors[0]
+    check_build_parses(video_llava_build)
