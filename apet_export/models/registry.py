@@ -55,6 +55,10 @@ PRESETS: dict[str, Preset] = {
                "LLaVA-NeXT any-resolution: CLIP 336px/14 (576 tokens per crop, up to 5 crops) + 4-layer Llama, random weights"),
         Preset("tiny-video-llava", "video_llava", build_random_video_llava,
                "Video-LLaVA: CLIP 224px/14 video tower (256 tokens + CLS per frame) + 4-layer Llama, random weights"),
+        Preset("bench-video-llava-clip-l-qwen2-0.5b", "video_llava",
+               lambda out: build_random_video_llava(out, CLIP_L_TOWER, QWEN2_0_5B_TEXT, "qwen2"),
+               "Video-LLaVA: CLIP-L/14 224px towers + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
+               tiny=False),
     )
 }
 

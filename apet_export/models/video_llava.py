@@ -94,13 +94,16 @@ def video_chat_template() -> str:
     return template
 
 
-def build_random_video_llava(out_dir: Path, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT, seed: int = 0) -> None:
-    """Write a randomly initialised Video-LLaVA checkpoint (CLIP 224px/14 towers + Llama) and processor."""
+def build_random_video_llava(
+    out_dir: Path, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT, text_model: str = "llama", seed: int = 0,
+) -> None:
+    """Write a randomly initialised Video-LLaVA checkpoint (CLIP 224px/14 towers + Llama or Qwen2) and processor."""
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaProcessor,
+        Qwen2Config,
         VideoLlavaConfig,
         VideoLlavaForConditionalGeneration,
     )
@@ -109,11 +112,12 @@ def build_random_video_llava(out_dir: Path, tower_size: dict = TINY_TOWER, text_
 
     template = video_chat_template()
     tokenizer = build_tiny_tokenizer(named_tokens={"video_token": VIDEO_TOKEN}, max_length=4096, chat_template=template)
-    text_config = LlamaConfig(
+    text = dict(
         vocab_size=len(tokenizer), max_position_embeddings=4096,  # 8 frames x 257 rows uncompressed = 2056
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False, **text_size,
     )
+    text_config = LlamaConfig(**text) if text_model == "llama" else Qwen2Config(**text, use_sliding_window=False)
     vision = CLIPVisionConfig(image_size=224, patch_size=14, projection_dim=512, **tower_size)
     config = VideoLlavaConfig(
         vision_config=vision, text_config=text_config, image_token_index=tokenizer.image_token_id,
