@@ -307,9 +307,9 @@ class Pipeline:
             ready = time.perf_counter()
             if len(rows) == len(budgets):
                 raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
-            pixel_values = self.processor.image_processor([frame], return_tensors="np")["pixel_values"]
+            pixel_values = self.family.preprocess_crops(self.processor, [frame])  # [1, 3, S, S]
             vision = self.backend.vision.infer(
-                {"pixel_values": pixel_values.astype(np.float32), "keep": np.array(budgets[len(rows)], np.int64)},
+                {"pixel_values": pixel_values, "keep": np.array(budgets[len(rows)], np.int64)},
                 check_inputs=False,
             )
             rows.append(vision["image_embeds"][0])  # [C+T, H]: this frame's prefix rows, then its kept tokens
