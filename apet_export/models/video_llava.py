@@ -24,6 +24,7 @@ import torch
 
 from apet_export.compat import quiet_libraries
 from apet_export.config import TensorSpec
+from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER
 
@@ -60,6 +61,9 @@ class VideoLlavaFamily(ModelFamily):
             raise NotImplementedError("multi-layer vision features (a list of layers) are not supported yet")
         hidden = model.model.video_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
         return model.model.multi_modal_projector(hidden)
+
+    def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
+        raise InvalidInputError("VisionZip is not wired up for Video-LLaVA: build it with --method apet or none")
 
     def split_prefix(self, model, features: torch.Tensor):
         return features[:, :1], features[:, 1:]  # CLS row [F, 1, H], patch rows [F, N, H]
