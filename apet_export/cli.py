@@ -9,11 +9,20 @@ import click
 from rich.console import Console
 
 from apet_export import __version__
-from apet_export.errors import ApetExportError
+from apet_export.errors import ApetExportError, InvalidInputError
 
 # Tables are wide: don't squeeze them to 80 columns when the output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
 status_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # off stdout's streamed text
+
+
+def stage_pair(budget1: int | None, budget2: int | None) -> tuple[int, int] | None:
+    """--budget1/--budget2 of a two-stage build, given together (--budget2 alone has no stage 1)."""
+    if budget1 is None and budget2 is None:
+        return None
+    if budget1 is None or budget2 is None:
+        raise click.BadParameter("give --budget1 and --budget2 together")
+    return budget1, budget2
 
 
 def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
@@ -39,12 +48,15 @@ def cli():
 @click.option("--selection", type=click.Choice(["fps", "dpc"]), default="fps", show_default=True)
 @click.option("--ridge", default=1e-5, show_default=True, help="ridge lambda of the least squares")
 @click.option("--fps-start", default="norm", show_default=True, help="'norm' or a token index")
-@click.option("--budget", default=64, show_default=True, help="default visual-token budget (runtime input)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="LLM graph precision")
+@click.option("--budget", type=int, default=None,
+              help="default visual-token budget (runtime input; default 64, Qwen2.5-VL: 30% of each image's tokens)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="graph precision: fp16 = vision tower, projector and LLM in fp16 (ApET stays fp32), what fp16 TensorRT engines need")
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
+@click.option("--stage2-layer", type=int, default=None,
+              help="ApET stage 2 after decoder layer K: llm_a.onnx + stage2.onnx + llm_b.onnx (--budget is then the average, 64 = 96/32)")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
-def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, force, trust_remote_code):
+def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, force, trust_remote_code):
     """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
     from apet_export.config import ApetConfig
     from apet_export.export.build import BuildOptions
@@ -54,9 +66,30 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
     options = BuildOptions(
         model=model, out=out, method=method, budget=budget, precision=precision, llm=not no_llm, force=force,
         compression=ApetConfig(num_basis=num_basis, selection=selection, ridge=ridge, fps_start=start),
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, stage2_layer=stage2_layer,
     )
     run_build(options, console=status_console)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--target", "targets", default="current", show_default=True,
+              help="comma-separated compute capabilities (sm80,sm89; TensorRT-RTX builds them ahead of time) or 'current'")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="expected graph precision (engines are strongly typed: fp16 engines need `build --precision fp16`)")
+@click.option("--artifact", "artifacts", multiple=True, help="only these manifest artifacts (default: every ONNX graph)")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT builder optimisation level 0..5 (0: fastest build)")
+@click.option("--max-batch", default=4, show_default=True, help="upper end of the batch axis in every profile")
+@click.option("--max-context", type=int, default=None, help="cap of the LLM sequence axes (default: the model's context)")
+def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_context):
+    """Build TensorRT engines for BUILD_DIR's ONNX graphs into BUILD_DIR/engines/ (atomically)."""
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    options = EngineOptions(
+        targets=tuple(t for t in targets.split(",") if t.strip()), precision=precision,
+        artifacts=tuple(artifacts) or None, optimization_level=opt_level, max_batch=max_batch, max_context=max_context,
+    )
+    build_engines(build_dir, options, console=status_console)
 
 
 @cli.command()
@@ -64,11 +97,52 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
 @click.option("--images", "-i", multiple=True, type=click.Path(path_type=Path), help="images to check with (default: generated)")
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: 16,64,192,N)")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="also compare end-to-end generation")
-def parity(build_dir, images, budgets, e2e):
-    """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure."""
+@click.option("--budget1", type=int, default=None, help="two-stage builds: e2e at this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: e2e at this stage-2 budget")
+@click.option("--min-cosine-mean", type=float, help="quantised builds: image-embedding cosine mean (default 0.99)")
+@click.option("--min-cosine", type=float, help="quantised builds: image-embedding cosine min (default 0.90)")
+@click.option("--min-keep-overlap", type=float, help="quantised builds: kept-index overlap %% (default 80; fp8 70)")
+@click.option("--max-logit-diff", type=float, help="quantised builds: first-step max|dlogit| / max|logit| (default 0.10; fp8 0.35)")
+@click.option("--min-token-agreement", type=float, help="quantised builds: greedy 32-token agreement (default 0.5; fp8 0.4)")
+def parity(
+    build_dir, images, budgets, e2e, budget1, budget2, min_cosine_mean, min_cosine, min_keep_overlap, max_logit_diff,
+    min_token_agreement,
+):
+    """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure.
+
+    On a quantised build (apet-export calibrate): its accuracy cost against the fp32 build and eager PyTorch."""
+    from apet_export.manifest import load_manifest
+    from apet_export.parity.quantized import AccuracyThresholds
     from apet_export.parity.run import run_parity
 
-    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console)
+    thresholds = AccuracyThresholds.for_precision(
+        load_manifest(build_dir).precision, min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine,
+        min_keep_overlap=min_keep_overlap, max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement,
+    )
+    pair = stage_pair(budget1, budget2)
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair, thresholds=thresholds)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--images", "images", type=click.Path(path_type=Path), required=True, help="folder of calibration pictures (recursive)")
+@click.option("--prompts", type=click.Path(path_type=Path), help="text file, one prompt per line (default: a built-in set)")
+@click.option("--precision", type=click.Choice(["int8", "fp8"]), required=True)
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--samples", default=32, show_default=True, help="images to calibrate on (a seeded sample)")
+@click.option("--out", type=click.Path(path_type=Path), help="quantised build to create (default: BUILD_DIR-PRECISION)")
+@click.option("--llm-bits", type=click.Choice(["8", "4"]), default="8", show_default=True, help="int8 builds: weight-only bits of llm.onnx")
+@click.option("--seed", default=0, show_default=True, help="seed of the image sample")
+@click.option("--force", is_flag=True, help="replace an existing --out")
+def calibrate(build_dir, images, prompts, precision, method, samples, out, llm_bits, seed, force):
+    """Calibrate BUILD_DIR's graphs on pictures and write an INT8 / FP8 build beside it."""
+    from apet_export.calibration.build import CalibrationOptions
+    from apet_export.calibration.build import calibrate as run_calibrate
+
+    run_calibrate(CalibrationOptions(
+        build_dir=build_dir, images=images, precision=precision, method=method, samples=samples, prompts=prompts,
+        out=out, llm_bits=int(llm_bits), seed=seed, force=force,
+    ), console=status_console)
 
 
 @cli.command()
@@ -104,13 +178,18 @@ def visualize(build_dir, image, budget, output):
 @click.option("--budget", type=int, default=None,
               help="visual tokens kept per image, or for the whole --video, split evenly across its frames "
                    "(default: the build's, per image or frame)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--budget1", type=int, default=None, help="two-stage builds: tokens kept by stage 1 (vision)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: tokens kept by stage 2 (LLM layer K)")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
-def run(build_dir, images, video, num_frames, prompt, budget, backend, max_new_tokens, temperature, top_p, seed, as_json):
+def run(
+    build_dir, images, video, num_frames, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p,
+    seed, as_json,
+):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
@@ -125,11 +204,13 @@ def run(build_dir, images, video, num_frames, prompt, budget, backend, max_new_t
         if video is not None:
             from apet_export.runtime.video import iter_video_frames
 
+            if budget1 is not None or budget2 is not None:  # video builds are one-stage (no --stage2-layer)
+                raise InvalidInputError("--budget1/--budget2 are for two-stage image builds: pass --budget with --video")
             generation = pipeline.generate_video(
                 iter_video_frames(video, num_frames), prompt, budget=budget, num_frames=num_frames, **sampling
             )
         else:
-            generation = pipeline.generate(pictures, prompt, budget=budget, **sampling)
+            generation = pipeline.generate(pictures, prompt, budget=budget, budget1=budget1, budget2=budget2, **sampling)
         for event in generation.events():
             if as_json:
                 click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
@@ -151,18 +232,25 @@ def run(build_dir, images, video, num_frames, prompt, budget, backend, max_new_t
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
 @click.option("--budgets", callback=parse_budgets, help="comma-separated budgets (default: N,192,128,64)")
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), help="also write the rows as JSON")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out):
+@click.option("--budget1", type=int, default=None, help="two-stage builds: also measure this stage-1 budget (with --budget2)")
+@click.option("--budget2", type=int, default=None, help="two-stage builds: ... and this stage-2 budget")
+@click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
+              help="also time the TensorRT engines where TensorRT and a GPU are present (else say why not)")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2, tensorrt):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
-    from apet_export.bench import rows_as_dicts, run_bench
+    from apet_export.bench import rows_as_dicts, run_bench_with_tensorrt
 
-    rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console)
+    pair = stage_pair(budget1, budget2)
+    rows = run_bench_with_tensorrt(
+        build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None
+    )
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 

@@ -64,3 +64,65 @@ def import_tensorrt(prefer: str | None = None):
 
 def is_tensorrt_rtx(trt) -> bool:
     return trt.__name__.startswith("tensorrt_rtx")
+
+
+def ensure_tensorrt_rtx_plugin_import(trt) -> None:
+    """TensorRT-RTX 1.7's ONNX parser dlopen()s the unversioned `libtensorrt_rtx.so` the first time it imports
+    a plugin node, but the wheel ships only `libtensorrt_rtx.so.1`: the failed load aborts the whole process
+    (std::terminate, no Python exception). The parser searches its own directory first (RPATH $ORIGIN), so a
+    symlink there to the library already loaded fixes it. Created once (atomically); where the directory is
+    read-only, MissingDependencyError with the command. A no-op for `tensorrt` and off Linux."""
+    import os
+    import sys
+
+    from apet_export.errors import MissingDependencyError
+
+    if not is_tensorrt_rtx(trt) or not sys.platform.startswith("linux"):
+        return
+    library_dir = _loaded_library_dir("libtensorrt_onnxparser_rtx.so")
+    if library_dir is None or os.path.exists(os.path.join(library_dir, "libtensorrt_rtx.so")):
+        return
+    versioned = sorted(name for name in os.listdir(library_dir) if name.startswith("libtensorrt_rtx.so."))
+    if not versioned:
+        return
+    link = os.path.join(library_dir, "libtensorrt_rtx.so")
+    temporary = f"{link}.{os.getpid()}.tmp"
+    try:
+        os.symlink(versioned[0], temporary)
+        os.replace(temporary, link)
+    except OSError as error:
+        raise MissingDependencyError(
+            f"TensorRT-RTX's ONNX parser needs {link} to import plugin nodes and it cannot be created "
+            f"({error}): run `ln -s {versioned[0]} {link}` once"
+        ) from error
+
+
+def _loaded_library_dir(name: str) -> str | None:
+    """Directory of a shared library mapped into this process (from /proc/self/maps), or None."""
+    import os
+
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith(name):
+                    return os.path.dirname(path)
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def quiet_quantization():
+    """onnxruntime.quantization 1.31 logs a pre-processing hint on the root logger at every call and prints
+    histogram progress to stdout: neither says anything about the user's calibration."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -46,6 +46,10 @@ class PromptTooLongError(InvalidInputError):
     """A prompt (with its image tokens and new tokens) that does not fit the model's context."""
 
 
+class CalibrationDataError(InvalidInputError):
+    """Calibration images or prompts that are missing, unreadable or too few."""
+
+
 class ArtifactError(ApetExportError):
     """A build directory or artifact that is missing, incomplete or inconsistent."""
 
@@ -64,3 +68,19 @@ class ExportError(ApetExportError):
 
 class ParityError(ApetExportError):
     """An artifact disagrees with eager PyTorch beyond its tolerance."""
+
+
+class EngineTargetError(InvalidInputError):
+    """A GPU target (compute capability) the installed TensorRT cannot build engines for."""
+
+
+class EngineBuildError(ExportError):
+    """TensorRT could not parse a graph or build its engine."""
+
+
+class EngineCompatibilityError(ArtifactError):
+    """An engine built by another TensorRT version, or for another GPU, than the one loading it."""
+
+
+class DeviceError(ApetExportError):
+    """The operation needs a CUDA GPU and none is usable."""

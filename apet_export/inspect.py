@@ -22,6 +22,15 @@ def op_histogram(model) -> Counter:
     return Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
 
 
+def engines_summary(engines: dict) -> str:
+    built = engines["tensorrt"]
+    files = engines["files"]
+    size = sum(f["bytes"] for f in files) / 2**20
+    skipped = "".join(f"; {name} skipped: {why}" for name, why in engines.get("skipped", {}).items())
+    return (f"{len(files)} TensorRT engines ({size:.1f} MiB) by {built['module']} {built['version']}, "
+            f"{engines['precision']}, targets {', '.join(engines['targets'])}{skipped}")
+
+
 def inspect_build(build_dir: Path, console: Console) -> None:
     import onnx
     from onnx import helper
@@ -37,11 +46,17 @@ def inspect_build(build_dir: Path, console: Console) -> None:
         ("family", manifest.family),
         ("method", manifest.method),
         ("compression", f"M={config.num_basis} selection={config.selection} ridge={config.ridge:g} fps_start={config.fps_start}"),
-        ("budget", f"default {manifest.budget['default']}, range [{manifest.budget['min']}, {manifest.budget['max']}]"),
+        ("budget", f"default {manifest.budget['default'] or format(manifest.budget.get('ratio', 0), '.0%') + ' of each image'}, "
+                   f"range [{manifest.budget['min']}, {manifest.budget['max']}]"),
         ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),
         ("precision / opset", f"{manifest.precision} / {manifest.opset}"),
+        *((("quantization", ", ".join(f"{k}={v}" for k, v in manifest.quantization.items() if k != "graphs")),)
+          if manifest.quantization else ()),
         ("schema / written by", f"{manifest.schema_version} / apet-export {manifest.apet_export_version}"),
         *((f"note {i + 1}", note) for i, note in enumerate(manifest.notes)),
+        *((("ApET stage 2", f"after decoder layer {manifest.stage2['layer']} (llm_a | stage2 | llm_b); budget = "
+                                f"average of the stages, 64 = 96/32"),) if manifest.stage2 else ()),
+        *((("engines", engines_summary(manifest.engines)),) if manifest.engines else ()),
     ):
         summary.add_row(key, str(value))
     console.print(summary)

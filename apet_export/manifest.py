@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,10 @@ class Manifest:
     files: dict[str, ArtifactSpec]  # "vision", "vision_plugin", "llm", ...
     plugin: dict = field(default_factory=dict)  # ApetScore op identity, when vision_plugin exists
     notes: list[str] = field(default_factory=list)  # what was not built and why
+    stage2: dict = field(default_factory=dict)  # ApET stage 2 in the LLM: {"layer": K, ...}; {} = one stage
     tool_versions: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)  # TensorRT engines (`apet-export engine`): files, version, settings
+    quantization: dict = field(default_factory=dict)  # calibrated builds: precision, method, samples, cache keys
     schema_version: int = SCHEMA_VERSION
     apet_export_version: str = __version__
 
@@ -46,7 +50,10 @@ class Manifest:
             "files": {name: spec.to_dict() for name, spec in self.files.items()},
             "plugin": self.plugin,
             "notes": self.notes,
+            "stage2": self.stage2,
             "tool_versions": self.tool_versions,
+            "engines": self.engines,
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     @classmethod
@@ -64,7 +71,11 @@ class Manifest:
         return cls(**fields)
 
     def write(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Atomically: a reader never sees a half-written manifest."""
+        path = Path(directory) / MANIFEST_NAME
+        temporary = path.with_name(f".{MANIFEST_NAME}.tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(temporary, path)
 
     def check_budget(self, budget: int) -> int:
         """The budget, or BudgetError if this build does not accept it."""

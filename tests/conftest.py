@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on the CPU through Triton's interpreter; triton reads the flag when it is first
+# imported (its own tl.* helpers are @jit functions), so it is set before anything can import triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(2)
 
 
@@ -48,3 +51,27 @@ def llava_next_build(tmp_path_factory) -> Path:
 def any_build(request) -> Path:
     fixture = {"tiny-llava": "llava_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_build"}[request.param]
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture(scope="session")
+def qwen_build(tmp_path_factory) -> Path:
+    """tiny-qwen2.5-vl (dynamic-resolution ViT + M-RoPE text model), ApET fps at the 30% default, all artifacts."""
+    return _build(tmp_path_factory, "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def llava_two_stage_build(tmp_path_factory) -> Path:
+    """tiny-llava split at layer 2 of 4: llm_a + stage2 + llm_b."""
+    return _build(tmp_path_factory, "tiny-llava", stage2_layer=2)
+
+
+@pytest.fixture(scope="session")
+def siglip_qwen2_two_stage_build(tmp_path_factory) -> Path:
+    """tiny-llava-siglip-qwen2 split at layer 2 of 4."""
+    return _build(tmp_path_factory, "tiny-llava-siglip-qwen2", stage2_layer=2)
+
+
+@pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
+def any_two_stage_build(request) -> Path:
+    fixture = {"tiny-llava": "llava_two_stage_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_two_stage_build"}
+    return request.getfixturevalue(fixture[request.param])

@@ -21,7 +21,7 @@ def run_cli(capsys, *args):
 def test_help_lists_the_commands(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for command in ("build", "run", "parity", "bench", "inspect", "visualize"):
+    for command in ("build", "run", "parity", "bench", "inspect", "visualize", "calibrate"):
         assert command in out
 
 
@@ -104,3 +104,17 @@ def test_manifest_problems_are_reported(capsys, tmp_path, llava_build):
     (copy / "manifest.json").write_text(json.dumps(data))
     code, _, err = run_cli(capsys, "inspect", str(copy))
     assert code == 1 and "schema version 0" in err
+
+
+def test_run_two_stage_budgets(capsys, llava_two_stage_build):
+    code, out, _ = run_cli(
+        capsys, "run", str(llava_two_stage_build), "--prompt", "Hi", "--max-new-tokens", "4", "--json",
+        "--budget1", "80", "--budget2", "24",
+    )
+    assert code == 0
+    done = json.loads(out.splitlines()[-1])
+    assert done["image_tokens"] == 80 and done["image_tokens_stage2"] == 24
+    code, out, _ = run_cli(capsys, "run", str(llava_two_stage_build), "--prompt", "Hi", "--max-new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["image_tokens_stage2"] == 32  # default 64 = 96/32
+    code, _, err = run_cli(capsys, "run", str(llava_two_stage_build), "--prompt", "Hi", "--budget1", "32", "--budget2", "48")
+    assert code == 1 and "error: the stage-2 budget 48 is above the stage-1 budget 32" in err

@@ -33,10 +33,11 @@ class BuildOptions:
     out: Path = Path("build/tiny-llava")
     method: str = "apet"
     compression: ApetConfig = field(default_factory=ApetConfig)
-    budget: int = 64
+    budget: int | None = None  # None: the family's default (64 tokens; Qwen2.5-VL: 30% of each image)
     precision: str = "fp32"
     opset: int = 23
     llm: bool = True
+    stage2_layer: int | None = None  # split the decoder at layer K with ApET stage 2 between (llm_split.py)
     force: bool = False
     trust_remote_code: bool = False
 
@@ -77,6 +78,11 @@ def check_options(options: BuildOptions) -> None:
         )
     if options.precision not in ("fp32", "fp16"):
         raise InvalidInputError(f"precision {options.precision!r} is not supported: choose fp32 or fp16")
+    if options.stage2_layer is not None and (options.method != "apet" or not options.llm):
+        raise InvalidInputError(
+            "--stage2-layer needs --method apet and the LLM graphs: drop --no-llm / choose --method apet, "
+            "or drop --stage2-layer"
+        )
     out = Path(options.out)
     if out.exists() and not options.force:
         raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
@@ -105,17 +111,31 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             checkpoint = staging / "model"
             source_id = prepare_checkpoint(options.model, checkpoint)
             family = family_for_checkpoint(checkpoint)
-            model, _processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
-            dims = family.vision_dims(model)
+            model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            dims = family.vision_dims(model, processor)
             minimum = budget_floor(options.method, options.compression)
-            validate_budget(options.budget, minimum, dims.num_tokens)
+            if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
+                from apet_export.compression.stages import average_budget_floor
+                from apet_export.export.llm_split import check_stage2_layer
+
+                check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
+                if not family.fixed_image_rows:
+                    raise InvalidInputError(
+                        f"--stage2-layer is implemented for families with a fixed number of image tokens "
+                        f"(LLaVA), not {family.name}: drop --stage2-layer"
+                    )
+                minimum = average_budget_floor(options.compression.num_basis)
+            default_budget = options.budget if options.budget is not None else family.default_budget
+            if default_budget is not None:
+                validate_budget(default_budget, minimum, dims.num_tokens)
             progress.update(task, completed=1)
 
             files: dict[str, ArtifactSpec] = {}
             notes: list[str] = []
             task = step("vision.onnx: tower + ApET stage 1 + projector")
             inputs, outputs = export_vision(
-                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset
+                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset,
+                precision=options.precision,
             )
             files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
             progress.update(task, completed=1)
@@ -135,7 +155,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 task = step("vision.plugin.onnx: ApetScore plugin node")
                 export_vision(
                     model, family, options.method, options.compression, staging / "vision.plugin.onnx",
-                    use_plugin=True, opset=options.opset,
+                    use_plugin=True, opset=options.opset, precision=options.precision,
                 )
                 files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
                 plugin = {
@@ -156,7 +176,11 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 },
                 method=options.method,
                 compression=options.compression,
-                budget={"default": options.budget, "min": minimum + 1, "max": dims.num_tokens},
+                budget={
+                    "default": default_budget, "min": minimum + 1, "max": dims.num_tokens,
+                    # default None: keep this share of each image's tokens (dynamic resolution)
+                    **({"ratio": family.default_keep_ratio} if family.default_keep_ratio else {}),
+                },
                 precision=options.precision,
                 opset=options.opset,
                 files=files,
@@ -164,7 +188,13 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 notes=notes,
                 tool_versions=tool_versions(),
             )
-            if options.llm:
+            if options.llm and options.stage2_layer is not None:
+                from apet_export.export.llm_split import export_split_llm_artifacts
+
+                task = step(f"llm_a.onnx, stage2.onnx, llm_b.onnx: decoder split at layer {options.stage2_layer}")
+                export_split_llm_artifacts(model, family, staging, manifest, options.precision, options.stage2_layer)
+                progress.update(task, completed=1)
+            elif options.llm:
                 from apet_export.export.llm import export_llm_artifacts
 
                 task = step("llm.onnx: decoder with fused attention and KV cache")

@@ -4,7 +4,7 @@ One graph serves prefill (S = prompt length, P = 0) and decode (S = 1, P = token
 
     inputs_embeds [B, S, H]   (the runtime embeds the text and splices the compressed image embeddings in)
     attention_mask [B, P+S] int64 (1 = real token, 0 = left padding)
-    position_ids [B, S] int64
+    position_ids [B, S] int64  ([3, B, S] for M-RoPE families: the manifest records which)
     past_key_i / past_value_i [B, Hkv, P, Dh]            for each layer i
       │
       ▼  per layer: RMSNorm → q/k/v proj → RoPE → concat past → SDPA (→ ONNX Attention) → o_proj → MLP
@@ -95,12 +95,14 @@ class DecoderGraph(nn.Module):
         return (logits, *presents)
 
 
-def llm_io(num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str):
+def llm_io(num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str,
+           position_shape: tuple = ("batch", "sequence")):
+    """position_shape: ("batch", "sequence"), or (3, "batch", "sequence") for M-RoPE (t, h, w per token)."""
     kv = lambda name, length: TensorSpec(name, dtype, ("batch", num_kv_heads, length, head_dim))  # noqa: E731
     inputs = [
         TensorSpec("inputs_embeds", dtype, ("batch", "sequence", hidden)),
         TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
-        TensorSpec("position_ids", "int64", ("batch", "sequence")),
+        TensorSpec("position_ids", "int64", tuple(position_shape)),
     ]
     outputs = [TensorSpec("logits", dtype, ("batch", vocab))]
     for i in range(num_layers):
@@ -114,13 +116,16 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
     batch, length, past_length = 2, 5, 3  # examples > 1 so no axis is specialised to a constant
     embeds = torch.randn(batch, length, config.hidden_size, dtype=dtype)
     attention_mask = torch.ones(batch, past_length + length, dtype=torch.long)
-    position_ids = torch.arange(past_length, past_length + length).expand(batch, -1)
+    position_ids = torch.arange(past_length, past_length + length).expand(batch, -1)  # [B, S]
+    rank = len(next(t for t in inputs if t.name == "position_ids").shape)
+    if rank == 3:  # M-RoPE: [3, B, S], the rotary embedding mixes the three rows by frequency section
+        position_ids = torch.stack([position_ids, position_ids + 1, position_ids + 2])
     past = [torch.randn(batch, graph.num_kv_heads, past_length, graph.head_dim, dtype=dtype) for _ in range(2 * len(graph.language_model.layers))]
     b, s, p = torch.export.Dim("batch", max=1024), torch.export.Dim("sequence", max=65536), torch.export.Dim("past_sequence", max=65536)
     dynamic = {
         "inputs_embeds": {0: b, 1: s},
         "attention_mask": {0: b, 1: torch.export.Dim.AUTO},  # = past_sequence + sequence, inferred
-        "position_ids": {0: b, 1: s},
+        "position_ids": {0: b, 1: s} if rank == 2 else {1: b, 2: s},
         "past": tuple({0: b, 2: p} for _ in past),
     }
     try:
@@ -135,19 +140,21 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
     finish_and_save(program.model_proto, path, "/llm", inputs, outputs)
 
 
-def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str) -> None:
-    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest."""
+def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str, write_graph: bool = True) -> None:
+    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest.
+    write_graph=False: only the embedding table and the dims (a split build writes its own graphs)."""
     language_model, lm_head = family.language_model(model), family.lm_head(model)
     config = language_model.config
     dtype = torch.float16 if precision == "fp16" else torch.float32
     graph = DecoderGraph(language_model, lm_head).eval().to(dtype)
     inputs, outputs = llm_io(
         len(language_model.layers), config.hidden_size, graph.num_kv_heads, graph.head_dim, config.vocab_size,
-        "float16" if precision == "fp16" else "float32",
+        "float16" if precision == "fp16" else "float32", family.llm_position_shape,
     )
-    export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
+    if write_graph:
+        export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
+        manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
     graph.to(torch.float32)  # the model object is shared with the caller
-    manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
 
     # The runtime embeds token ids itself (then splices image rows in): ship the table beside the graph.
     from safetensors.torch import save_file

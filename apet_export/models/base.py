@@ -30,16 +30,30 @@ class ModelFamily:
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
     media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
     prefix_tokens: int = 0  # rows per call kept whole in front of the compressed tokens (see split_prefix)
+    exportable_methods: tuple[str, ...] = ("apet", "visionzip", "none")
+    default_budget: int | None = 64  # tokens kept per image when the build names no budget
+    default_keep_ratio: float | None = None  # set: the default budget is this share of each image's tokens
+    llm_position_shape: tuple = ("batch", "sequence")  # llm.onnx position_ids axes ((3, ...) for M-RoPE)
+    # each image placeholder becomes exactly `budget` LLM rows (what two-stage ApET's image spans assume)
+    fixed_image_rows: bool = True
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory."""
         raise NotImplementedError
 
-    def vision_dims(self, model) -> VisionDims:
+    def load_processor(self, path: Path):
+        """The saved processor (anything with .tokenizer and .image_processor)."""
+        from transformers import AutoProcessor
+
+        # backend="pil": the saved processor resizes identically with or without torchvision installed.
+        return AutoProcessor.from_pretrained(path, backend="pil")
+
+    def vision_dims(self, model, processor=None) -> VisionDims:
         raise NotImplementedError
 
     def vision_features(self, model, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees)."""
+        """pixel_values [B, 3, S, S] -> features at the vision feature layer [B, N, D] (what ApET stage 1 sees).
+        Traced into vision.onnx with the graph inputs before `keep` (families may add layout inputs)."""
         raise NotImplementedError
 
     def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
@@ -66,7 +80,7 @@ class ModelFamily:
     def image_token_id(self, model) -> int:
         raise NotImplementedError
 
-    def vision_io(self, dims: VisionDims) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """(inputs, outputs) of vision.onnx; dynamic axes are named ('batch', 'keep')."""
         inputs = [
             TensorSpec("pixel_values", "float32", ("batch", 3, dims.image_size, dims.image_size)),
@@ -84,7 +98,20 @@ class ModelFamily:
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, 3, side, side, generator=generator), torch.tensor(keep, dtype=torch.int64)
 
-    # -- build and runtime hooks (the runtime's are numpy; the pipeline passes itself) -------------------
+    def export_example(self, model):
+        """(vision graph inputs without keep, their dynamic shapes, N of the example) for tracing."""
+        pixel_values, _ = self.dummy_vision_inputs(model, batch=2)
+        return (pixel_values,), ({0: torch.export.Dim("batch", min=1, max=1024)},), self.vision_dims(model).num_tokens
+
+    def eager_features(self, model, feed: dict[str, np.ndarray], with_attention: bool = False):
+        """The eager reference of the vision graph's features for a feed: (features [B, N, D], VisionZip's
+        importance [B, N] or None)."""
+        pixel_values = torch.from_numpy(feed["pixel_values"])
+        if with_attention:
+            return self.vision_features_and_attention(model, pixel_values)
+        return self.vision_features(model, pixel_values), None
+
+    # -- build hooks ------------------------------------------------------------------------------------
     def extra_tensors(self, model) -> dict[str, torch.Tensor]:
         """Weights the runtime needs outside the graphs (LLaVA-NeXT's image_newline), saved beside them."""
         return {}
@@ -93,6 +120,10 @@ class ModelFamily:
         """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
         return {}
 
+    # -- runtime hooks (numpy): images -> vision feeds -> LLM rows and their positions ------------------
+    #   encode_images (the pipeline's one entry) = vision_feeds -> vision graph per feed -> rows per image;
+    #   families override vision_feeds (per-image feeds, layout inputs) or, where rows need packing after
+    #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt.
     def check_budget(self, manifest, budget: int) -> int:
         """The budget of one request (per image here), or an InvalidInputError that says the valid range."""
         return manifest.check_budget(budget)
@@ -105,10 +136,39 @@ class ModelFamily:
         """PIL images -> the vision graph's pixel_values for all of them: [K, 3, S, S] float32."""
         return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
 
-    def encode_images(self, pipeline, images, budget: int) -> list[np.ndarray]:
-        """PIL images -> per image its LLM rows [L_i, H]: one batched call of the vision graph here."""
-        pixel_values = self.preprocess_crops(pipeline.processor, images)
-        vision = pipeline.backend.vision.infer(
-            {"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}, check_inputs=False
-        )
-        return list(vision["image_embeds"])
+    def vision_feeds(self, processor, images, budget: int | None, manifest):
+        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here."""
+        pixel_values = self.preprocess_crops(processor, images)
+        budget = manifest.budget["max"] if manifest.method == "none" else budget or manifest.budget["default"]
+        return [{"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}], [None] * len(images)
+
+    def encode_images(self, pipeline, images, budget: int | None):
+        """PIL images -> (per image its LLM rows [L_i, H], layouts and per image keep_index for position_ids):
+        the vision graph run on each of vision_feeds' feeds."""
+        feeds, layouts = self.vision_feeds(pipeline.processor, images, budget, pipeline.manifest)
+        rows, keep_index = [], []  # per image: [L_i, H], [T_i]
+        for feed in feeds:  # one batched feed (LLaVA) or one per image (dynamic resolution)
+            vision = pipeline.backend.vision.infer(feed, check_inputs=False)
+            rows += list(vision["image_embeds"])
+            keep_index += list(vision["keep_index"])
+        return rows, layouts, keep_index
+
+    def e2e_budgets(self, manifest) -> list[int]:
+        """Budgets of the end-to-end parity check: 64 and N (no compression)."""
+        return manifest.budgets_within((64, manifest.budget["max"]))
+
+    def feed_label(self, feed: dict[str, np.ndarray]) -> str:
+        return f"b={feed['pixel_values'].shape[0]}"
+
+    def position_ids(
+        self, ids: list[int], image_token_id: int, layouts, keep_index, length: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """(position_ids of the merged prompt [1, L], rope delta): contiguous 0..L-1 (1-D RoPE). length: the
+        merged prompt's rows (default: text tokens + kept tokens; families with extra rows pass it)."""
+        if length is None:
+            length = sum(1 for t in ids if t != image_token_id) + sum(len(k) for k in keep_index)
+        return np.arange(length, dtype=np.int64)[None], 0
+
+    def decode_position_ids(self, position: int, delta: int) -> np.ndarray:
+        """position_ids [1, 1] of the token at cache position `position`."""
+        return np.array([[position + delta]], np.int64)

@@ -35,7 +35,7 @@ class LlavaFamily(ModelFamily):
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, backend="pil")
         return model, processor
 
-    def vision_dims(self, model) -> VisionDims:
+    def vision_dims(self, model, processor=None) -> VisionDims:
         config = model.config
         vision = config.vision_config
         grid = vision.image_size // vision.patch_size

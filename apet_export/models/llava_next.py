@@ -32,6 +32,7 @@ EXTRAS_FILE = "vision_extras"  # manifest artifact holding image_newline for the
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
+    fixed_image_rows = False  # rows per image depend on its crops, unpadding and newlines
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -67,7 +68,9 @@ class LlavaNextFamily(LlavaFamily):
     def image_rows_bound(self, manifest, budget: int) -> int:
         side, grid = manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"])
         grid_rows = max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
-        return min(budget, manifest.budget["max"] * self.max_crops(manifest)) + grid_rows  # + one newline per row
+        most = manifest.budget["max"] * self.max_crops(manifest)  # every crop uncompressed
+        kept = most if manifest.method == "none" else min(budget, most)
+        return kept + grid_rows  # + one newline per row
 
     def crop_budget(self, manifest, budget: int, crops: int) -> int:
         if manifest.method == "none":
@@ -93,12 +96,14 @@ class LlavaNextFamily(LlavaFamily):
             count = image_size_to_num_patches(tuple(int(s) for s in size), pinpoints, side)
             yield pixel_values[:count].astype(np.float32), tuple(int(s) for s in size)  # [P, 3, S, S], (h, w)
 
-    def encode_images(self, pipeline, images, budget: int) -> list[np.ndarray]:
+    def encode_images(self, pipeline, images, budget: int):
+        """Per image: its crops through the vision graph at budget // crops each, then packed (pack_crops).
+        keep_index per image is [P, T] (per crop); positions are 1-D over the packed rows."""
         from safetensors.numpy import load_file
 
         manifest = pipeline.manifest
         newline = load_file(str(manifest.file(pipeline.build_dir, EXTRAS_FILE)))["image_newline"]  # [H]
-        rows = []
+        rows, keep_index = [], []
         for crops, size in self._crops(pipeline.processor, images):
             keep = self.crop_budget(manifest, budget, len(crops))
             vision = pipeline.backend.vision.infer(
@@ -108,7 +113,8 @@ class LlavaNextFamily(LlavaFamily):
                 vision["image_embeds"], vision["keep_index"], size, manifest.dims["image_grid_pinpoints"],
                 manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"]), newline,
             ))
-        return rows
+            keep_index.append(vision["keep_index"])
+        return rows, [None] * len(rows), keep_index
 
 
 def pack_crops(

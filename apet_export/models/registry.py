@@ -14,6 +14,7 @@ from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
 from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
+from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
 from apet_export.models.video_llava import VideoLlavaFamily, build_random_video_llava
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -27,6 +28,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 register_family(LlavaFamily())
 register_family(VideoLlavaFamily())
 register_family(LlavaNextFamily())
+register_family(QwenVLFamily())
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ PRESETS: dict[str, Preset] = {
                lambda out: build_random_video_llava(out, CLIP_L_TOWER, QWEN2_0_5B_TEXT, "qwen2"),
                "Video-LLaVA: CLIP-L/14 224px towers + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
                tiny=False),
+        Preset("tiny-qwen2.5-vl", "qwen2_5_vl", build_random_qwen2_5_vl,
+               "Qwen2.5-VL ViT (4 blocks, window + full attention, 2x2 merger; 16-64 tokens/image) + 4-layer "
+               "M-RoPE text model, random weights"),
     )
 }
 

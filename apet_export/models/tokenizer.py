@@ -39,18 +39,21 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_tokenizer(
-    vocab_size: int = 512, max_length: int = 2048, named_tokens: dict[str, str] | None = None,
-    chat_template: str = CHAT_TEMPLATE,
+    vocab_size: int = 512, max_length: int = 2048, extra_special_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE, eos_token: str = "</s>",
 ) -> PreTrainedTokenizerFast:
-    """named_tokens: extra special tokens by attribute name, e.g. {"video_token": "<video>"} (ids after <image>)."""
-    named_tokens = {"image_token": "<image>", **(named_tokens or {})}
+    """The tiny BPE tokenizer. Defaults: LLaVA-1.5 (`<image>`). Other families pass their named special tokens
+    (e.g. {"image_token": "<|image_pad|>", ...}), appended after SPECIAL_TOKENS, their template and EOS."""
+    named = extra_special_tokens or {"image_token": "<image>"}  # -> tokenizer.image_token(_id), used by processors
+    specials = SPECIAL_TOKENS + [t for t in (*named.values(), eos_token) if t not in SPECIAL_TOKENS]
+    specials = list(dict.fromkeys(specials))
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=list(dict.fromkeys([*SPECIAL_TOKENS, *named_tokens.values()])),
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
         show_progress=False,
     )
@@ -63,10 +66,10 @@ def build_tiny_tokenizer(
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens=named_tokens,  # -> tokenizer.image_token(_id), used by LlavaProcessor
+        extra_special_tokens=named,
         padding_side="left",
         chat_template=chat_template,
         model_max_length=max_length,

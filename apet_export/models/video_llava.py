@@ -24,7 +24,6 @@ import torch
 
 from apet_export.compat import quiet_libraries
 from apet_export.config import TensorSpec
-from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER
 
@@ -36,6 +35,8 @@ class VideoLlavaFamily(ModelFamily):
     model_types = ("video_llava",)
     media = "video"
     prefix_tokens = 1  # the frame's CLS row
+    exportable_methods = ("apet", "none")  # VisionZip is not wired up for the video tower
+    fixed_image_rows = False  # a video placeholder becomes F x (1 + T) rows
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
@@ -48,7 +49,7 @@ class VideoLlavaFamily(ModelFamily):
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, backend="pil")
         return model, processor
 
-    def vision_dims(self, model) -> VisionDims:
+    def vision_dims(self, model, processor=None) -> VisionDims:
         vision, hidden = model.config.vision_config, model.config.text_config.hidden_size
         grid = vision.image_size // vision.patch_size
         # ApET runs after the projector here, so it sees text-hidden-sized tokens
@@ -61,9 +62,6 @@ class VideoLlavaFamily(ModelFamily):
             raise NotImplementedError("multi-layer vision features (a list of layers) are not supported yet")
         hidden = model.model.video_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
         return model.model.multi_modal_projector(hidden)
-
-    def vision_features_and_attention(self, model, pixel_values: torch.Tensor):
-        raise InvalidInputError("VisionZip is not wired up for Video-LLaVA: build it with --method apet or none")
 
     def split_prefix(self, model, features: torch.Tensor):
         return features[:, :1], features[:, 1:]  # CLS row [F, 1, H], patch rows [F, N, H]
@@ -80,8 +78,8 @@ class VideoLlavaFamily(ModelFamily):
     def image_token_id(self, model) -> int:
         return model.config.video_token_id  # the placeholder that the frames' rows replace
 
-    def vision_io(self, dims: VisionDims) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        inputs, outputs = super().vision_io(dims)
+    def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        inputs, outputs = super().vision_io(dims, model)
         outputs[0] = TensorSpec("image_embeds", "float32", ("batch", "image_tokens", dims.text_hidden))  # 1 + keep
         return inputs, outputs
 
@@ -115,7 +113,9 @@ def build_random_video_llava(
     from apet_export.models.tokenizer import build_tiny_tokenizer
 
     template = video_chat_template()
-    tokenizer = build_tiny_tokenizer(named_tokens={"video_token": VIDEO_TOKEN}, max_length=4096, chat_template=template)
+    tokenizer = build_tiny_tokenizer(
+        extra_special_tokens={"image_token": "<image>", "video_token": VIDEO_TOKEN}, max_length=4096, chat_template=template
+    )
     text = dict(
         vocab_size=len(tokenizer), max_position_embeddings=4096,  # 8 frames x 257 rows uncompressed = 2056
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from apet_export.errors import ParityError
@@ -14,38 +13,65 @@ from apet_export.parity.vision import vision_parity
 from apet_export.runtime.images import load_image, synthetic_image
 
 
-def preprocess(build_dir: Path, images) -> np.ndarray:
-    """PIL images -> pixel_values [K, 3, S, S] float32 with the build's saved processor."""
-    from transformers import AutoProcessor
-
-    from apet_export.manifest import load_manifest
+def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=(1, 2)) -> list[dict]:
+    """The vision-graph feeds of the first 1 and 2 images at each budget, built as the pipeline builds them
+    (one batched feed for LLaVA, one per image for dynamic-resolution families; repeats dropped)."""
     from apet_export.models.registry import get_family
 
-    processor = AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
-    return get_family(load_manifest(build_dir).family).preprocess_crops(processor, images)  # LLaVA-NeXT: all crops
+    family = get_family(manifest.family)
+    processor = family.load_processor(Path(build_dir) / "model")
+    feeds, seen = [], set()
+    for budget in budgets:
+        for batch in batches:
+            for feed in family.vision_feeds(processor, images[:batch], budget, manifest)[0]:
+                key = (family.feed_label(feed), int(feed["keep"]))
+                if key not in seen:
+                    seen.add(key)
+                    feeds.append(feed)
+    return feeds
 
 
 def run_parity(
     build_dir: Path, image_paths: list[Path] | None = None, budgets: list[int] | None = None,
-    e2e: bool = True, console: Console | None = None,
+    e2e: bool = True, console: Console | None = None, pair: tuple[int, int] | None = None, thresholds=None,
 ) -> dict[str, list[ParityRow]]:
+    """pair: an explicit (stage-1, stage-2) budget for the e2e check of a two-stage build."""
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    if manifest.quantization:  # a calibrated build: its accuracy cost against fp32 and eager PyTorch
+        from apet_export.parity.quantized import run_quantized_parity
+
+        return {"accuracy": run_quantized_parity(build_dir, image_paths, thresholds, console)}
     budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
     for budget in budgets:
         manifest.check_budget(budget)
     images = [load_image(p) for p in image_paths] if image_paths else []
-    images += [synthetic_image(seed) for seed in range(len(images), 2)]  # batch 2 needs two
-    pixel_values = preprocess(build_dir, images)
+    # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
+    images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]
 
-    sections = {"vision": vision_parity(build_dir, manifest, pixel_values, budgets)}
+    from apet_export.runtime.backends.trt import available_engines, unavailable_reason
+
+    skipped = unavailable_reason(build_dir, manifest)  # TensorRT runs where it can, and says why not
+    engines = None if skipped else available_engines(build_dir, manifest)
+    feeds = vision_feeds(build_dir, manifest, images, budgets)
+    sections = {"vision": vision_parity(build_dir, manifest, feeds, tensorrt=engines)}
     print_table(sections["vision"], console, title="vision graphs vs eager PyTorch")
-    if e2e and "llm" in manifest.files:
+    if manifest.stage2:
+        from apet_export.parity.stage2 import stage2_parity
+
+        sections["stage2"] = stage2_parity(build_dir, manifest)
+        print_table(sections["stage2"], console, title="ApET stage 2 (stage2.onnx) vs eager apet_compress")
+    if e2e and ("llm" in manifest.files or manifest.stage2):
         from apet_export.parity.e2e import e2e_parity
 
-        sections["e2e"] = e2e_parity(build_dir, manifest, images[0])
+        sections["e2e"] = e2e_parity(build_dir, manifest, images[0], pair=pair)
         print_table(sections["e2e"], console, title="end-to-end generation: onnxruntime vs torch")
+        if engines and "llm" in engines:
+            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt")
+            print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
+    if skipped:
+        console.print(f"tensorrt: skipped ({skipped})")
     path = write_report(build_dir, sections)
     failed = [row for rows in sections.values() for row in rows if not row.passed]
     if failed:

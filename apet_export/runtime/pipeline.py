@@ -18,7 +18,6 @@ import numpy as np
 
 from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
-from apet_export.models.registry import get_family
 from apet_export.runtime.images import load_image
 from apet_export.runtime.sampling import Sampler
 from apet_export.runtime.streaming import IncrementalDecoder
@@ -35,6 +34,7 @@ class GenerationResult:
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)  # one per generated token after the first
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (parity)
+    image_tokens_stage2: int | None = None  # two-stage builds: visual tokens that layers >= K see, all images
     first_token_ms: float = 0.0  # from the moment the whole input was there (a stream: its last frame) to the first token
 
     @property
@@ -45,6 +45,7 @@ class GenerationResult:
         return {
             "text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
+            **({"image_tokens_stage2": self.image_tokens_stage2} if self.image_tokens_stage2 is not None else {}),
             "generated_tokens": len(self.token_ids), "vision_ms": round(self.vision_ms, 3),
             "prefill_ms": round(self.prefill_ms, 3), "first_token_ms": round(self.first_token_ms, 3),
             "decode_ms_per_token": round(float(np.mean(self.decode_ms)), 3) if self.decode_ms else None,
@@ -81,18 +82,20 @@ class Generation:
         return self.result
 
 
-BACKENDS = {"onnxruntime", "torch"}
+BACKENDS = {"onnxruntime", "torch", "tensorrt"}
 
 
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
+        from apet_export.models.registry import get_family
+
         self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
         self.tokenizer = processor.tokenizer
-        self.family = get_family(manifest.family)  # its hooks turn images into LLM rows (tiling, packing)
+        self.family = get_family(manifest.family)  # its hooks turn images into LLM rows and their positions
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
-        from transformers import AutoProcessor
+        from apet_export.models.registry import get_family
 
         build_dir = Path(build_dir)
         manifest = load_manifest(build_dir)
@@ -104,10 +107,14 @@ class Pipeline:
             from apet_export.runtime.backends.torch import TorchBackend
 
             runner = TorchBackend(build_dir, manifest)
+        elif backend == "tensorrt":
+            from apet_export.runtime.backends.trt import TrtBackend
+
+            runner = TrtBackend(build_dir, manifest, vision_graph=vision_graph)
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
-        manifest.file(build_dir, "llm")  # a vision-only build cannot generate: say so now
-        processor = AutoProcessor.from_pretrained(build_dir / "model", backend="pil")
+        manifest.file(build_dir, "llm_a" if manifest.stage2 else "llm")  # a vision-only build cannot generate: say so now
+        processor = get_family(manifest.family).load_processor(build_dir / "model")
         try:
             runner.activate()
         except BaseException:
@@ -163,8 +170,12 @@ class Pipeline:
     def generate(
         self, images, prompt: str, budget: int | None = None, max_new_tokens: int = 64,
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
+        budget1: int | None = None, budget2: int | None = None,
     ):
-        """Generation (iterable of text deltas) if stream, else the GenerationResult."""
+        """Generation (iterable of text deltas) if stream, else the GenerationResult. On a two-stage build
+        `budget` is the average of the stages (96/32 for 64) unless budget1/budget2 are given (stages.py)."""
+        from apet_export.compression.stages import resolve_budgets
+
         if self.manifest.dims.get("media", "image") == "video":
             raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
         images = [load_image(i) if isinstance(i, str | Path) else i for i in images]
@@ -172,10 +183,8 @@ class Pipeline:
             raise InvalidInputError("at least one image is needed: pass --image")
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        budget = budget or self.manifest.budget["default"]
-        self.family.check_budget(self.manifest, budget)
-        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
-            budget = self.manifest.budget["max"]
+        # budget None: the family's share of each image's tokens; budget2 None: one stage
+        budget, budget2 = resolve_budgets(self.manifest, budget, budget1, budget2)
         ids = self.prompt_ids(prompt, len(images))
         image_token_id = self.manifest.dims["image_token_id"]
         if ids.count(image_token_id) != len(images):
@@ -184,31 +193,42 @@ class Pipeline:
                 f"(each image given is placed before the prompt)"
             )
         num_text = sum(1 for t in ids if t != image_token_id)
-        self.check_context(num_text, len(images), self.family.image_rows_bound(self.manifest, budget), max_new_tokens)
+        rows_bound = self.family.image_rows_bound(self.manifest, budget or self.manifest.budget["max"])
+        self.check_context(num_text, len(images), rows_bound, max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
-        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text))
+        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2))
         return generation if stream else generation.run()
 
-    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
+    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None) -> Iterator[TokenEvent]:
         start = time.perf_counter()
-        rows = self.family.encode_images(self, images, budget)  # per image [L_i, H]
+        image_token_id = self.manifest.dims["image_token_id"]
+        rows, layouts, keep_index = self.family.encode_images(self, images, budget)  # per image [L_i, H], ...
         embeds = self.merge_embeddings(ids, rows)  # [1, L, H]
+        positions, rope_delta = self.family.position_ids(  # [(3,) 1, L]
+            ids, image_token_id, layouts, keep_index, length=embeds.shape[1]
+        )
         vision_ms = (time.perf_counter() - start) * 1e3
-        image_tokens = sum(len(r) for r in rows)
+        stage2 = {}  # two-stage builds (fixed-row families): where the image rows are, how many stage 2 keeps
+        if budget2 is not None:
+            from apet_export.runtime.two_stage import image_spans
+
+            stage2 = {"image_spans": image_spans(ids, image_token_id, budget), "keep2": budget2}
         return (yield from self._prefill_and_decode(
-            embeds, start, vision_ms, image_tokens, num_text, max_new_tokens, sampler
+            embeds, positions, rope_delta, start, vision_ms, sum(len(r) for r in rows), num_text, max_new_tokens,
+            sampler, stage2, image_tokens_stage2=None if budget2 is None else len(images) * budget2,
         ))
 
     def _prefill_and_decode(
-        self, embeds, ready: float, vision_ms: float, image_tokens: int, num_text: int, max_new_tokens: int, sampler,
+        self, embeds, positions, rope_delta: int, ready: float, vision_ms: float, image_tokens: int, num_text: int,
+        max_new_tokens: int, sampler, stage2: dict | None = None, image_tokens_stage2: int | None = None,
     ) -> Iterator[TokenEvent]:
-        """embeds [1, L, H] -> tokens; `ready` is the perf_counter time at which the whole input was there."""
+        """embeds [1, L, H] at positions [(3,) 1, L] -> tokens; `ready` is the perf_counter time at which the
+        whole input was there; stage2: the two-stage LLM's image spans and budget (empty: one stage)."""
         length = embeds.shape[1]
         start = time.perf_counter()
         logits, cache = self.backend.llm.infer(
-            {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64),
-             "position_ids": np.arange(length, dtype=np.int64)[None]},
-            check_inputs=False, cache=self.backend.new_cache(1),
+            {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64), "position_ids": positions},
+            check_inputs=False, cache=self.backend.new_cache(1), **(stage2 or {}),
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
         first_token_ms = (time.perf_counter() - ready) * 1e3
@@ -232,7 +252,7 @@ class Pipeline:
             logits, cache = self.backend.llm.infer(
                 {"inputs_embeds": self.backend.embed(np.array([[token]], np.int64)),
                  "attention_mask": np.ones((1, position + 1), np.int64),
-                 "position_ids": np.array([[position]], np.int64)},
+                 "position_ids": self.family.decode_position_ids(position, rope_delta)},
                 check_inputs=False, cache=cache,
             )
             decode_ms.append((time.perf_counter() - start) * 1e3)
@@ -243,6 +263,7 @@ class Pipeline:
             text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
             image_tokens=image_tokens, vision_ms=vision_ms, prefill_ms=prefill_ms,
             decode_ms=decode_ms, first_logits=first_logits, first_token_ms=first_token_ms,
+            image_tokens_stage2=image_tokens_stage2,
         )
 
     # -- video: frames encoded as they arrive -------------------------------------------------------
@@ -302,20 +323,23 @@ class Pipeline:
         return generation if stream else generation.run()
 
     def _video_steps(self, frames, ids, budgets, image_tokens, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
-        rows, vision_ms, ready = [], 0.0, time.perf_counter()
+        rows, keep_index, vision_ms, ready = [], [], 0.0, time.perf_counter()
         for frame in frames:  # blocks until the next frame arrives
             ready = time.perf_counter()
             if len(rows) == len(budgets):
                 raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
-            pixel_values = self.family.preprocess_crops(self.processor, [frame])  # [1, 3, S, S]
-            vision = self.backend.vision.infer(
-                {"pixel_values": pixel_values, "keep": np.array(budgets[len(rows)], np.int64)},
-                check_inputs=False,
-            )
-            rows.append(vision["image_embeds"][0])  # [C+T, H]: this frame's prefix rows, then its kept tokens
+            (frame_rows,), _, (frame_index,) = self.family.encode_images(self, [frame], budgets[len(rows)])
+            rows.append(frame_rows)  # [C+T, H]: this frame's prefix rows, then its kept tokens
+            keep_index.append(frame_index)  # [T]
             vision_ms += (time.perf_counter() - ready) * 1e3
         if len(rows) != len(budgets):
             raise InvalidInputError(f"{len(rows)} frames arrived, {len(budgets)} were announced: pass num_frames")
         video = np.concatenate(rows)[None]  # [1, sum(C+T), H], frames in arrival order
         embeds = self.merge_embeddings(ids, video)
-        return (yield from self._prefill_and_decode(embeds, ready, vision_ms, image_tokens, num_text, max_new_tokens, sampler))
+        placeholder = self.manifest.dims["image_token_id"]
+        positions, rope_delta = self.family.position_ids(
+            ids, placeholder, [None], [np.concatenate(keep_index)], length=embeds.shape[1]
+        )
+        return (yield from self._prefill_and_decode(
+            embeds, positions, rope_delta, ready, vision_ms, image_tokens, num_text, max_new_tokens, sampler
+        ))

@@ -7,7 +7,7 @@ from pathlib import Path
 from apet_export.errors import MissingDependencyError
 
 
-def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False):
+def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False, fuse_qdq: bool = True):
     """An InferenceSession on the CPU provider.
 
     apet_score=True registers the ApetScore reference kernel, which the plugin graph needs (the
@@ -16,6 +16,9 @@ def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False)
     spin=False: the intra-op threads sleep as soon as a run ends. Use it for a session that runs once
     per request (the vision graph): spinning threads would keep the cores from the LLM session that runs
     next (measured: prefill at budget 64 took 372 instead of 327 ms on 2 cores).
+
+    fuse_qdq=False keeps QuantizeLinear/DequantizeLinear as separate ops (simulated quantisation): FP8 QDQ
+    graphs need it, since the CPU provider has no float8 QLinear kernels to fuse them into.
     """
     import onnxruntime as ort
 
@@ -24,6 +27,8 @@ def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False)
     options = ort.SessionOptions()
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if apet_score:
         try:
             options.register_custom_ops_library(register_onnxruntime_reference())

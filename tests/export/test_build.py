@@ -96,6 +96,10 @@ def test_other_methods_build_and_match_eager(tmp_path, method):
     assert "vision_plugin" not in manifest.files and manifest.notes
     sections = run_parity(out, budgets=[16, 576], e2e=False)
     assert all(row.passed for row in sections["vision"])
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    record = build_engines(out, EngineOptions(targets=("sm89",), optimization_level=0))  # TensorRT-RTX parses it
+    assert [f["artifact"] for f in record["files"]] == ["vision"]
 
 
 def test_build_from_local_checkpoint(tmp_path, llava_build):

@@ -39,7 +39,7 @@ def torch_pipeline(llava_next_build):
 def test_uncompressed_rows_and_logits_equal_transformers(torch_pipeline, size):
     image = synthetic_image(1, size)
     model, processor = torch_pipeline.backend.model, torch_pipeline.processor
-    (rows,) = torch_pipeline.family.encode_images(torch_pipeline, [image], 5 * 576)  # every crop uncompressed
+    (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 5 * 576)  # every crop uncompressed
     inputs = processor(images=[image], text=torch_pipeline.tokenizer.decode(torch_pipeline.prompt_ids("Hi", 1)),
                        return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_budget_is_split_across_crops(torch_pipeline):
 
     torch_pipeline.backend.vision.infer = logged
     try:
-        (rows,) = torch_pipeline.family.encode_images(torch_pipeline, [image], 160)
+        (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 160)
     finally:
         torch_pipeline.backend.vision.infer = infer
     assert calls == [(3, 53)]  # one call, all crops, 160 // 3 each

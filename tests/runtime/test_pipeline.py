@@ -113,5 +113,5 @@ def test_errors_before_any_work(onnx_pipeline, tmp_path, monkeypatch):
 
 
 def test_unknown_backend(llava_build):
-    with pytest.raises(UnknownNameError, match="onnxruntime, torch"):
+    with pytest.raises(UnknownNameError, match="onnxruntime, tensorrt, torch"):
         Pipeline.from_dir(llava_build, backend="tensorrt-llm")

@@ -22,16 +22,14 @@ from apet_export.models.registry import get_family
 from apet_export.runtime.backends.base import Backend
 
 
-def eager_vision(model, family, manifest: Manifest, pixel_values: torch.Tensor, keep: int) -> dict[str, np.ndarray]:
-    """pixel_values [B, 3, S, S], budget -> the vision graph's outputs, computed eagerly."""
+def eager_vision(model, family, manifest: Manifest, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A vision-graph feed (pixel_values [B, 3, S, S] or the family's inputs, keep) -> its outputs, eagerly."""
     with torch.inference_mode():
-        aux = {}
-        if manifest.method == "visionzip":
-            features, aux["cls_attention"] = family.vision_features_and_attention(model, pixel_values)
-        else:
-            features = family.vision_features(model, pixel_values)  # [B, N, Dv]
+        visionzip = manifest.method == "visionzip"
+        features, attention = family.eager_features(model, feed, with_attention=visionzip)  # [B, N, Dv]
+        aux = {"cls_attention": attention} if visionzip else {}
         prefix, features = family.split_prefix(model, features)  # prefix [B, C, Dv] or None
-        out = get_method(manifest.method)(features, keep, manifest.compression, **aux)
+        out = get_method(manifest.method)(features, int(feed["keep"]), manifest.compression, **aux)
         embeds = family.project(model, out.tokens)
         if prefix is not None:  # kept whole in front: [B, C+T, H]
             embeds = torch.cat([family.project(model, prefix), embeds], dim=1)
@@ -60,8 +58,7 @@ class TorchVisionRunner(BaseRunner):
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
-        pixel_values = torch.from_numpy(feed_dict["pixel_values"])
-        outputs = eager_vision(self.model, self.family, self.manifest, pixel_values, int(feed_dict["keep"]))
+        outputs = eager_vision(self.model, self.family, self.manifest, feed_dict)
         self.inference_time = time.perf_counter() - start  # read by Polygraphy's Comparator
         return outputs
 
@@ -121,7 +118,12 @@ class TorchBackend(Backend):
         self.model, _ = family.load(self.build_dir / "model", attn_implementation=attention_implementation())
         self.vision = TorchVisionRunner(self.build_dir, self.manifest, model=self.model)
         self.vision.activate()
-        self.llm = TorchLlmRunner(self.model, family)
+        if self.manifest.stage2:  # HF layers [0, K) + apet_compress + layers [K, L)
+            from apet_export.runtime.two_stage import torch_two_stage_runner
+
+            self.llm = torch_two_stage_runner(self.model, family, self.manifest)
+        else:
+            self.llm = TorchLlmRunner(self.model, family)
         self.llm.activate()
         self.embedding = family.language_model(self.model).embed_tokens
         return self
@@ -133,4 +135,6 @@ class TorchBackend(Backend):
     def new_cache(self, batch: int):
         from transformers import DynamicCache
 
+        if self.manifest.stage2:
+            return self.llm.new_cache(batch)
         return DynamicCache(config=self.model.config.text_config)

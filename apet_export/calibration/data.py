@@ -1,0 +1,218 @@
+"""Calibration data: a deterministic sample of images from a folder, prompts, and streamed batches.
+
+    FOLDER (recursive) ─► files Pillow can open, sorted ─► seeded permutation ─► first N readable
+                                                                                    │ (unreadable: skipped, counted)
+    CalibrationSet(images, prompts) ─► VisionBatches: {pixel_values [B, 3, S, S], keep []}, one batch per
+                                       get_next(), each opened and preprocessed only when it is asked for
+
+Nothing is loaded up front: a reader holds file paths and opens B images per call, so the calibration's
+memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from apet_export.errors import CalibrationDataError
+
+# Prompts used when no --prompts file is given: short instructions of the kind a VLM is asked.
+BUILTIN_PROMPTS = (
+    "Describe the image in detail.",
+    "What is in this picture?",
+    "List the objects you can see.",
+    "What colours dominate the image?",
+    "Is there any text in the image? Read it.",
+    "Where could this photo have been taken?",
+    "Describe the background of the image.",
+    "How many distinct objects are there?",
+)
+
+
+@dataclass
+class CalibrationSet:
+    """The images (in sample order) and prompts one calibration uses, and what was skipped."""
+
+    folder: Path
+    images: list[Path]
+    prompts: list[str]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, why it could not be read)
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        """sha256 of the sampled images (relative path + bytes) and the prompts: same data, same hash."""
+        digest = hashlib.sha256()
+        for path in self.images:
+            digest.update(str(path.relative_to(self.folder)).encode() + b"\0")
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        for prompt in self.prompts:
+            digest.update(prompt.encode() + b"\0")
+        return digest.hexdigest()
+
+
+def pillow_suffixes() -> set[str]:
+    """File suffixes Pillow has a decoder for (.png, .jpg, .webp, .tif, ...)."""
+    Image.init()
+    return {suffix.lower() for suffix, name in Image.registered_extensions().items() if name in Image.OPEN}
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Every file under folder (recursively) with a suffix Pillow reads, in sorted order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationDataError(f"calibration image folder {folder} does not exist: pass --images FOLDER")
+    suffixes = pillow_suffixes()
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not found:
+        raise CalibrationDataError(
+            f"{folder} contains no image files (looked recursively for {', '.join(sorted(suffixes)[:8])}, ...): "
+            f"put PNG/JPEG/WebP pictures representative of your inputs there"
+        )
+    return found
+
+
+def readable(path: Path) -> str | None:
+    """None if Pillow can decode the file, else the reason it cannot."""
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")  # decodes the pixels: a truncated file fails here, not in the reader
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return str(error) or type(error).__name__
+    return None
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """One prompt per non-empty line of the file, or the built-in set."""
+    if path is None:
+        return list(BUILTIN_PROMPTS)
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"prompts file {path} does not exist: pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise CalibrationDataError(f"prompts file {path} has no prompts: write one prompt per line, or omit --prompts")
+    return prompts
+
+
+def select_images(folder: Path, samples: int, prompts_file: Path | None = None, seed: int = 0) -> CalibrationSet:
+    """A deterministic sample of `samples` readable images: the same folder and seed give the same list.
+
+    Unreadable files are skipped and counted; an error if none remain, or if fewer than `samples` do.
+    """
+    if samples < 1:
+        raise CalibrationDataError(f"--samples must be >= 1, got {samples}")
+    prompts = read_prompts(prompts_file)
+    candidates = find_images(folder)
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    chosen: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for index in order:
+        if len(chosen) == samples:
+            break
+        path = candidates[int(index)]
+        reason = readable(path)
+        if reason is None:
+            chosen.append(path)
+        else:
+            skipped.append((path, reason))
+    if not chosen:
+        raise CalibrationDataError(
+            f"none of the {len(candidates)} image files in {folder} could be read (first: {skipped[0][0]}: "
+            f"{skipped[0][1]}): add readable PNG/JPEG/WebP pictures"
+        )
+    if len(chosen) < samples:
+        raise CalibrationDataError(
+            f"{folder} has {len(chosen)} readable images ({len(skipped)} unreadable skipped) but --samples is "
+            f"{samples}: add images, or pass --samples {len(chosen)}"
+        )
+    return CalibrationSet(Path(folder), chosen, prompts, skipped, seed)
+
+
+def load_processor(build_dir: Path):
+    """The image processor saved with the build (DIR/model), as the runtime uses it."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
+
+
+def pixel_batches(images: list[Path], image_processor, batch_size: int = 1) -> Iterator[np.ndarray]:
+    """pixel_values [B, 3, S, S] float32 per batch; each batch's files are opened only when it is reached."""
+    for start in range(0, len(images), batch_size):
+        pictures = []
+        for path in images[start : start + batch_size]:
+            with Image.open(path) as image:
+                pictures.append(image.convert("RGB"))
+        yield image_processor(pictures, return_tensors="np")["pixel_values"].astype(np.float32)
+
+
+class FeedReader:
+    """onnxruntime's CalibrationDataReader protocol over an iterator of feeds, `limit` feeds per pass.
+
+    The calibrator reads a reader until get_next() returns None; histogram calibrators keep every
+    intermediate output of a pass in memory. Passing the same FeedReader again after it has returned
+    None continues with the next `limit` feeds, so memory is bounded by `limit`, not by the sample count.
+    """
+
+    def __init__(self, feeds: Iterator[dict], total: int, limit: int | None = None):
+        self.feeds, self.total = feeds, total
+        self.limit = limit or total
+        self.delivered = 0  # feeds handed out so far, over all passes
+        self._in_pass = 0
+
+    @property
+    def passes(self) -> int:
+        return math.ceil(self.total / self.limit)
+
+    def get_next(self) -> dict | None:
+        if self._in_pass == self.limit or self.delivered == self.total:
+            self._in_pass = 0  # the next call starts the next pass
+            return None
+        feed = next(self.feeds)
+        self._in_pass += 1
+        self.delivered += 1
+        return feed
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def vision_feeds(data: CalibrationSet, image_processor, keep: int, batch_size: int = 1) -> FeedReader:
+    """Feeds of vision.onnx: {pixel_values [B, 3, S, S] f32, keep [] i64} (keep = the budget calibrated at)."""
+    batches = pixel_batches(data.images, image_processor, batch_size)
+    feeds = ({"pixel_values": pixel_values, "keep": np.array(keep, dtype=np.int64)} for pixel_values in batches)
+    return FeedReader(feeds, math.ceil(len(data.images) / batch_size))
+
+
+def llm_feeds(data: CalibrationSet, pipeline, keep: int) -> FeedReader:
+    """Prefill feeds of llm.onnx from image i + prompt i (mod the prompt count), as the runtime builds them:
+    {inputs_embeds [1, L, H], attention_mask [1, L], position_ids [1, L], past_* [1, Hkv, 0, Dh]}.
+    `pipeline` is an fp32 Pipeline of the source build: it supplies the image embeddings and text embeds."""
+
+    def feeds():
+        for i, path in enumerate(data.images):
+            with Image.open(path) as image:
+                picture = image.convert("RGB")
+            pixel_values = pipeline.processor.image_processor([picture], return_tensors="np")["pixel_values"]
+            vision = pipeline.backend.vision.infer(
+                {"pixel_values": pixel_values.astype(np.float32), "keep": np.array(keep, dtype=np.int64)},
+                check_inputs=False,
+            )
+            ids = pipeline.prompt_ids(data.prompts[i % len(data.prompts)], 1)
+            embeds = pipeline.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
+            length = embeds.shape[1]
+            yield {
+                "inputs_embeds": embeds.astype(np.float32),
+                "attention_mask": np.ones((1, length), np.int64),
+                "position_ids": np.arange(length, dtype=np.int64)[None],
+                **pipeline.backend.new_cache(1).feed(),
+            }
+
+    return FeedReader(feeds(), len(data.images))

@@ -1,0 +1,232 @@
+"""Accuracy cost of a quantised build (`apet-export parity` on the output of `apet-export calibrate`).
+
+The quantised build is compared with two references on the same images and prompt: its fp32 source build
+on onnxruntime, and eager PyTorch (the checkpoint in the build). Quantisation is not expected to match
+within fp32 tolerances, so the checks are fidelity metrics with thresholds (AccuracyThresholds; every one
+is a CLI option):
+
+    image-embedding cosine   budget N (every token, in order): cos(quantised, reference) per token,
+                             mean and min over tokens and images                       (tower + projector)
+    kept-index overlap       budgets 64 and the build's default: |keep_q ∩ keep_ref| / T, mean over
+                             images, in %                                               (ApET's ranking)
+    first-step logits        max |Δ| / max |reference|, greedy generation at the default budget (end to end)
+    greedy token agreement   fraction of the 32 greedy tokens equal at the same position (end to end)
+
+With random-weight presets these measure fidelity to fp32, not task accuracy: there is no answer to score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from apet_export.errors import ArtifactError, ParityError
+from apet_export.manifest import Manifest, load_manifest
+from apet_export.parity.report import REPORT_NAME, write_report
+
+PROMPT = "Describe the image in detail."
+NEW_TOKENS = 32
+NUM_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class AccuracyThresholds:
+    """Defaults chosen from int8 / fp8 builds of the tiny presets and the realistic-size preset (README):
+    they catch a broken quantisation (e.g. a wrong scale) while passing a sound one. FP8 (e4m3: 3 mantissa
+    bits) keeps less precision than calibrated int8 per element; `for_precision` loosens the end-to-end
+    bounds for it (measured on tiny-llava fp8: logit diff 0.24 of max|logit|, kept overlap 80%)."""
+
+    min_cosine_mean: float = 0.99
+    min_cosine_min: float = 0.90
+    min_keep_overlap: float = 80.0  # percent
+    max_logit_diff: float = 0.10  # relative to the reference's largest |logit|
+    min_token_agreement: float = 0.50
+
+    @classmethod
+    def for_precision(cls, precision: str, **overrides) -> AccuracyThresholds:
+        """The defaults of a precision with the given (non-None) values replacing them."""
+        defaults = {"fp8": {"min_keep_overlap": 70.0, "max_logit_diff": 0.35, "min_token_agreement": 0.40}}
+        values = {**defaults.get(precision, {}), **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(**values)
+
+
+@dataclass
+class AccuracyRow:
+    reference: str  # "fp32 onnxruntime" | "eager PyTorch"
+    metric: str
+    value: float
+    threshold: float
+    higher_is_better: bool
+    passed: bool
+    detail: str = ""
+
+
+def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[B, T, H] x2 -> [B, T] cosine similarity of matching rows."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(norms, 1e-12)
+
+
+def keep_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """keep_index [B, T] x2 -> [B] percentage of kept indices the two share."""
+    return np.array([100.0 * len(np.intersect1d(x, y)) / x.shape[0] for x, y in zip(a, b, strict=True)])
+
+
+def token_agreement(a: list[int], b: list[int]) -> float:
+    length = max(len(a), len(b), 1)
+    return sum(x == y for x, y in zip(a, b, strict=False)) / length
+
+
+def vision_outputs(build_dir: Path, manifest: Manifest, backend: str, pixel_values, budgets) -> dict[int, dict]:
+    """{budget: vision outputs} from onnxruntime (fused or simulated QDQ as the precision needs) or eager."""
+    if backend == "torch":
+        from apet_export.runtime.backends.torch import TorchVisionRunner
+
+        runner = TorchVisionRunner(build_dir, manifest)
+        with runner:
+            return {k: runner.infer({"pixel_values": pixel_values, "keep": np.array(k, np.int64)}) for k in budgets}
+    from apet_export.runtime.sessions import onnxruntime_session
+
+    session = onnxruntime_session(manifest.file(build_dir, "vision"), fuse_qdq=manifest.precision != "fp8")
+    names = [o.name for o in session.get_outputs()]
+    return {
+        k: dict(zip(names, session.run(None, {"pixel_values": pixel_values, "keep": np.array(k, np.int64)}), strict=True))
+        for k in budgets
+    }
+
+
+def generate(build_dir: Path, backend: str, image, budget: int):
+    from apet_export.runtime.pipeline import Pipeline
+
+    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+        return pipeline.generate([image], PROMPT, budget=budget, max_new_tokens=NEW_TOKENS, stream=False)
+
+
+def source_of(build_dir: Path, manifest: Manifest) -> Path:
+    source = Path(manifest.quantization.get("source_build", ""))
+    if not (source / "manifest.json").is_file():
+        raise ArtifactError(
+            f"{build_dir} was quantised from {source}, which is gone: the accuracy cost is measured against "
+            f"the fp32 build, so rebuild it there (apet-export build) or calibrate again"
+        )
+    return source
+
+
+def accuracy_rows(build_dir: Path, images, thresholds: AccuracyThresholds) -> list[AccuracyRow]:
+    from apet_export.parity.run import preprocess
+
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    source = source_of(build_dir, manifest)
+    source_manifest = load_manifest(source)
+    full, default = manifest.budget["max"], manifest.budget["default"]
+    budgets = [full, *manifest.budgets_within((64, default))]
+    pixel_values = preprocess(build_dir, images)
+    quantized = vision_outputs(build_dir, manifest, "onnxruntime", pixel_values, budgets)
+    generated = generate(build_dir, "onnxruntime", images[0], default) if "llm" in manifest.files else None
+    t = thresholds
+    rows: list[AccuracyRow] = []
+    for reference, backend in (("fp32 onnxruntime", "onnxruntime"), ("eager PyTorch", "torch")):
+        expected = vision_outputs(source, source_manifest, backend, pixel_values, budgets)
+        cosine = cosine_per_token(quantized[full]["image_embeds"], expected[full]["image_embeds"])
+        worst = np.unravel_index(int(np.argmin(cosine)), cosine.shape)
+        rows += [
+            AccuracyRow(reference, f"image-embedding cosine mean (k={full})", float(cosine.mean()), t.min_cosine_mean, True,
+                        float(cosine.mean()) >= t.min_cosine_mean),
+            AccuracyRow(reference, f"image-embedding cosine min (k={full})", float(cosine.min()), t.min_cosine_min, True,
+                        float(cosine.min()) >= t.min_cosine_min, f"image {worst[0]} token {worst[1]}"),
+        ]
+        for budget in budgets[1:]:
+            overlap = keep_overlap(quantized[budget]["keep_index"], expected[budget]["keep_index"])
+            rows.append(AccuracyRow(reference, f"kept-index overlap % (k={budget})", float(overlap.mean()),
+                                    t.min_keep_overlap, True, float(overlap.mean()) >= t.min_keep_overlap,
+                                    f"min over images {overlap.min():.1f}%"))
+        if generated is not None:
+            reference_run = generate(source, backend, images[0], default)
+            diff = np.abs(generated.first_logits - reference_run.first_logits)
+            relative = float(diff.max() / max(np.abs(reference_run.first_logits).max(), 1e-12))
+            agreement = token_agreement(generated.token_ids, reference_run.token_ids)
+            top2 = np.sort(reference_run.first_logits)[-2:]  # a small top-1 margin makes greedy decoding fragile
+            rows += [
+                AccuracyRow(reference, f"first-step logit diff / max|logit| (k={default})", relative, t.max_logit_diff,
+                            False, relative <= t.max_logit_diff, f"max abs {diff.max():.3g}"),
+                AccuracyRow(reference, f"greedy token agreement ({NEW_TOKENS} tokens, k={default})", agreement,
+                            t.min_token_agreement, True, agreement >= t.min_token_agreement,
+                            f"{first_divergence(generated.token_ids, reference_run.token_ids)}; "
+                            f"reference top-1 margin {top2[1] - top2[0]:.3g}"),
+            ]
+    return rows
+
+
+def first_divergence(a: list[int], b: list[int]) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"first difference at token {i}"
+    return "identical" if len(a) == len(b) else f"lengths {len(a)} vs {len(b)}"
+
+
+def print_accuracy(rows: list[AccuracyRow], console: Console, title: str) -> None:
+    table = Table(title=title)
+    for column in ("reference", "metric", "value", "threshold", "result"):
+        table.add_column(column, justify="right" if column in ("value", "threshold") else "left")
+    for row in rows:
+        verdict = "[green]PASS[/green]" if row.passed else "[red]FAIL[/red]"
+        bound = (">= " if row.higher_is_better else "<= ") + f"{row.threshold:g}"
+        table.add_row(row.reference, row.metric, f"{row.value:.4g}", bound, verdict + (f" {row.detail}" if row.detail else ""))
+    console.print(table)
+
+
+def run_quantized_parity(
+    build_dir: Path, image_paths: list[Path] | None = None, thresholds: AccuracyThresholds | None = None,
+    console: Console | None = None,
+) -> list[AccuracyRow]:
+    """Measure, print, write DIR/parity.json ({"accuracy": rows}); ParityError if a threshold is missed."""
+    from apet_export.runtime.images import load_image, synthetic_image
+
+    console = console or Console()
+    images = [load_image(p) for p in image_paths] if image_paths else [synthetic_image(s) for s in range(NUM_IMAGES)]
+    manifest = load_manifest(build_dir)
+    thresholds = thresholds or AccuracyThresholds.for_precision(manifest.precision)
+    rows = accuracy_rows(build_dir, images, thresholds)
+    q = manifest.quantization
+    print_accuracy(rows, console, f"accuracy cost of {manifest.precision} ({q['method']}, {q['samples']} samples) "
+                                  f"vs fp32 and eager PyTorch ({len(images)} images)")
+    path = write_report(build_dir, {"accuracy": rows})
+    failed = [row for row in rows if not row.passed]
+    if failed:
+        names = "; ".join(f"{r.reference}: {r.metric} = {r.value:.4g} (threshold {r.threshold:g})" for r in failed[:3])
+        raise ParityError(
+            f"{len(failed)} accuracy check(s) of the {manifest.precision} build failed ({names}); details in {path}. "
+            f"Calibrate on more representative --images / another --method, or relax the threshold options"
+        )
+    console.print(f"[green]all {len(rows)} accuracy checks passed[/green]; report: {path}")
+    return rows
+
+
+def accuracy_summary(build_dir: Path) -> list[dict] | None:
+    """The accuracy rows of DIR/parity.json, when `parity` has been run on this quantised build."""
+    import json
+
+    path = Path(build_dir) / REPORT_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("accuracy")
+
+
+def print_accuracy_summary(build_dir: Path, manifest: Manifest, console: Console) -> None:
+    """For `bench` on a quantised build: the accuracy cost next to the speed (from parity.json)."""
+    rows = accuracy_summary(build_dir)
+    if rows is None:
+        console.print(f"[yellow]no accuracy figures yet[/yellow]: run `apet-export parity {build_dir}`")
+        return
+    rows = [AccuracyRow(**row) for row in rows]
+    print_accuracy(rows, console, f"accuracy cost of this {manifest.precision} build (from {REPORT_NAME})")
+
+
+def rows_as_dicts(rows: list[AccuracyRow]) -> list[dict]:
+    return [asdict(row) for row in rows]

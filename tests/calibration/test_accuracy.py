@@ -1,0 +1,67 @@
+"""Accuracy cost of quantised builds (`parity` on them) and the `calibrate` command line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from apet_export.cli import main
+from apet_export.errors import ParityError
+from apet_export.parity.quantized import AccuracyThresholds, cosine_per_token, keep_overlap, token_agreement
+from apet_export.parity.run import run_parity
+
+
+def test_metrics():
+    a = np.random.default_rng(0).normal(size=(2, 5, 8))
+    assert np.allclose(cosine_per_token(a, 3 * a), 1.0) and np.allclose(cosine_per_token(a, -a), -1.0)
+    assert keep_overlap(np.array([[1, 2, 3, 4]]), np.array([[2, 3, 4, 9]])).tolist() == [75.0]
+    assert token_agreement([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75 and token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
+
+
+def test_int8_accuracy_cost_is_measured_against_fp32_and_eager(int8_build):
+    sections = run_parity(int8_build)  # dispatches to the quantised-build comparison
+    rows = sections["accuracy"]
+    for row in rows:
+        print(f"{row.reference:17s} {row.metric:50s} {row.value:.4f} (threshold {row.threshold:g})")
+    assert {r.reference for r in rows} == {"fp32 onnxruntime", "eager PyTorch"}
+    metrics = {r.metric.split(" (")[0] for r in rows}
+    assert metrics == {"image-embedding cosine mean", "image-embedding cosine min", "kept-index overlap %",
+                       "first-step logit diff / max|logit|", "greedy token agreement"}
+    assert all(r.passed for r in rows)
+    cosine = next(r for r in rows if r.metric.startswith("image-embedding cosine mean"))
+    assert 0.99 <= cosine.value < 1.0  # quantised: close to, but not exactly, fp32
+    report = json.loads((int8_build / "parity.json").read_text())
+    assert report["passed"] is True and len(report["accuracy"]) == len(rows)
+
+
+def test_a_missed_threshold_fails_the_run(fp8_build, capsys):
+    with pytest.raises(ParityError, match="accuracy check"):
+        run_parity(fp8_build, thresholds=AccuracyThresholds(min_cosine_mean=0.999999))
+    report = json.loads((fp8_build / "parity.json").read_text())
+    assert report["passed"] is False
+    failed = {row["metric"] for row in report["accuracy"] if not row["passed"]}
+    assert any(m.startswith("image-embedding cosine mean") for m in failed)
+    with pytest.raises(SystemExit) as exit_info:  # the CLI option sets the same threshold
+        main(["parity", str(fp8_build), "--min-cosine-mean", "0.999999", "--min-token-agreement", "0"])
+    assert exit_info.value.code == 1 and "error:" in capsys.readouterr().err
+
+
+def test_fp8_thresholds_default_looser_and_options_override():
+    fp8 = AccuracyThresholds.for_precision("fp8", min_cosine_mean=0.95)
+    assert fp8.min_cosine_mean == 0.95 and fp8.max_logit_diff > AccuracyThresholds().max_logit_diff
+    assert AccuracyThresholds.for_precision("int8", max_logit_diff=None) == AccuracyThresholds()
+
+
+def test_calibrate_command(llava_build, sample_images, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(llava_build), "--images", str(empty), "--precision", "int8", "--out", str(tmp_path / "q")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "contains no image files" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(llava_build), "--images", str(sample_images), "--precision", "int8", "--samples", "50",
+              "--out", str(tmp_path / "q")])
+    assert exit_info.value.code == 1 and "--samples 10" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

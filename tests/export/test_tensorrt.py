@@ -1,0 +1,324 @@
+"""TensorRT: every graph the build writes parses with a real TensorRT parser and builds fp16 engines ahead
+of time for SM80 and SM89 (TensorRT-RTX, no GPU needed); engine selection and the errors around it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+
+from apet_export.compat import import_tensorrt
+from apet_export.errors import (
+    ArtifactError,
+    DeviceError,
+    EngineCompatibilityError,
+    EngineTargetError,
+    InvalidInputError,
+    MissingDependencyError,
+)
+from apet_export.export.tensorrt import EngineOptions, build_engines, resolve_targets
+from apet_export.export.trt_profiles import profiles_for
+from apet_export.manifest import load_manifest
+
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is in the dev extras: pip install -e '.[dev]'")
+HAS_GPU = __import__("torch").cuda.is_available()
+AOT_TARGETS = ("sm80", "sm89")
+
+
+def _fp16_build(tmp_path_factory, preset: str) -> Path:
+    from apet_export.export.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("builds-fp16") / preset
+    build(BuildOptions(model=preset, out=out, precision="fp16"))
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
+def fp16_engines(request, tmp_path_factory) -> Path:
+    """An fp16 build of each tiny preset with SM80 + SM89 engines (builder optimisation level 0)."""
+    out = _fp16_build(tmp_path_factory, request.param)
+    build_engines(out, EngineOptions(targets=AOT_TARGETS, precision="fp16", optimization_level=0))
+    return out
+
+
+def parse(path: Path):
+    from apet_export.export.trt_network import make_logger, parse_onnx
+
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network, parser = parse_onnx(trt, builder, logger, path)
+    return network, parser, builder
+
+
+@pytest.mark.parametrize("artifact", ["vision", "llm"])
+def test_graphs_parse_without_errors(any_build, artifact):
+    manifest = load_manifest(any_build)
+    network, parser, _ = parse(manifest.file(any_build, artifact))
+    assert parser.num_errors == 0 and network.num_layers > 100
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    assert set(inputs) == {t.name for t in manifest.files[artifact].inputs}
+    if artifact == "vision":
+        assert inputs["keep"].is_shape_tensor  # the budget is a shape: profiles give it a value range
+    else:
+        layers = [network.get_layer(i).type for i in range(network.num_layers)]
+        assert layers.count(trt.LayerType.ATTENTION_OUTPUT) == manifest.dims["num_layers"]
+
+
+def test_fp32_attention_needs_the_decomposable_fallback(llava_build, monkeypatch):
+    """What mark_attention_decomposable is for: fp32 head_dim-16 attention has no fused kernel."""
+    from apet_export.errors import EngineBuildError
+    from apet_export.export import trt_network
+
+    manifest = load_manifest(llava_build)
+    profiles = profiles_for(manifest, "llm")
+    sm89 = trt.ComputeCapability.SM89
+    logger = trt_network.make_logger(trt)
+    builder = trt.Builder(logger)
+    monkeypatch.setattr(trt_network, "mark_attention_decomposable", lambda trt, network: 0)
+    with pytest.raises(EngineBuildError, match="could not build llm.onnx: .*dedicated kernel"):
+        trt_network.build_engine(trt, builder, logger, manifest.file(llava_build, "llm"), profiles, sm89, None, 0)
+    monkeypatch.undo()
+    engine, _, marked = trt_network.build_engine(
+        trt, builder, logger, manifest.file(llava_build, "llm"), profiles, sm89, None, 0
+    )
+    assert marked == manifest.dims["num_layers"] and len(engine) > 1_000_000
+
+
+def test_fp16_engines_for_sm80_and_sm89(fp16_engines):
+    manifest = load_manifest(fp16_engines)
+    record = manifest.engines
+    assert record["tensorrt"] == {"module": trt.__name__, "version": trt.__version__}
+    assert record["precision"] == "fp16" and record["targets"] == list(AOT_TARGETS)
+    assert record["settings"]["builder_optimization_level"] == 0 and record["settings"]["strongly_typed"]
+    built = {(f["target"], f["artifact"]) for f in record["files"]}
+    assert {(t, a) for t in AOT_TARGETS for a in ("vision", "llm")} <= built
+    plugin_built = all((t, "vision_plugin") in built for t in AOT_TARGETS)
+    assert plugin_built or "ApetScore TensorRT plugin is not available" in record["skipped"]["vision_plugin"]
+    for entry in record["files"]:
+        path = fp16_engines / entry["path"]
+        assert path.stat().st_size == entry["bytes"] > 1_000_000
+        print(f"{entry['target']} {entry['artifact']}: {entry['bytes'] / 2**20:.1f} MiB in {entry['build_seconds']} s")
+    llm = next(f for f in record["files"] if f["artifact"] == "llm")
+    assert [p["name"] for p in llm["profiles"]] == ["prefill", "decode"]
+    assert record["settings"]["timing_cache"] is None  # TensorRT-RTX: no timing at build time
+    from apet_export.inspect import engines_summary
+
+    assert f"by {trt.__name__} {trt.__version__}, fp16, targets sm80, sm89" in engines_summary(record)
+    assert not list(fp16_engines.glob(".engines*"))  # no staging left behind
+
+
+def test_fp16_vision_graphs_match_eager_fp32_within_fp16_tolerance(fp16_engines):
+    """build --precision fp16: tower + projector in fp16, ApET in fp32; the kept tokens stay identical."""
+    from apet_export.parity.run import vision_feeds
+    from apet_export.parity.vision import TOLERANCES_FP16, vision_parity
+    from apet_export.runtime.images import synthetic_image
+
+    manifest = load_manifest(fp16_engines)
+    feeds = vision_feeds(fp16_engines, manifest, [synthetic_image(0), synthetic_image(1)], [64])
+    rows = vision_parity(fp16_engines, manifest, feeds)
+    for output in TOLERANCES_FP16:
+        worst = max((r for r in rows if r.output == output), key=lambda r: r.max_abs)
+        print(f"fp16 {output}: largest abs diff {worst.max_abs:.3g} ({worst.check})")
+    assert rows and all(row.passed for row in rows)
+
+
+def test_profiles_come_from_the_manifest_axis_names(llava_build):
+    manifest = load_manifest(llava_build)
+    (vision,) = profiles_for(manifest, "vision", max_batch=3)
+    budget = manifest.budget
+    assert vision.values == {"keep": (budget["min"], budget["default"], budget["max"])}
+    assert vision.shapes["pixel_values"][0][0] == 1 and vision.shapes["pixel_values"][2][0] == 3
+    prefill, decode = profiles_for(manifest, "llm", max_context=512)
+    assert prefill.shapes["inputs_embeds"][2][1] == 512 and prefill.shapes["past_key_0"][2][2] == 0
+    assert decode.shapes["inputs_embeds"][2][1] == 1 and decode.shapes["past_key_0"][2][2] == 511
+    step = {"inputs_embeds": (1, 1, 64), "attention_mask": (1, 101), "position_ids": (1, 1)}
+    step |= {f"past_{k}_{i}": (1, 2, 100, 16) for i in range(4) for k in ("key", "value")}
+    assert decode.accepts(step) and not prefill.accepts(step)
+    # any graph with these axis names gets the same profiles (two-stage LLM parts, say)
+    manifest.files["llm_b"] = manifest.files["llm"]
+    assert [p.name for p in profiles_for(manifest, "llm_b")] == ["prefill", "decode"]
+    from apet_export.config import ArtifactSpec, TensorSpec
+
+    manifest.files["odd"] = ArtifactSpec("odd.onnx", (TensorSpec("x", "float32", ("frames", 3)),), ())
+    with pytest.raises(ArtifactError, match="dynamic axis 'frames'"):
+        profiles_for(manifest, "odd")
+
+
+def test_target_errors_name_the_fix():
+    with pytest.raises(EngineTargetError, match="cannot build engines for sm70: choose from .*sm89"):
+        resolve_targets(trt, ["sm70"], gpu=None)
+    with pytest.raises(EngineTargetError, match="not a compute capability"):
+        resolve_targets(trt, ["ampere"], gpu=None)
+    with pytest.raises(EngineTargetError, match="needs a CUDA GPU .* --target sm80,sm89"):
+        resolve_targets(trt, ["current"], gpu=None)
+    assert [t.name for t in resolve_targets(trt, ["current", "sm89"], gpu="sm89")] == ["sm89"]
+    full = types.SimpleNamespace(__name__="tensorrt", __version__="10.14.1")  # full TensorRT: no AOT targets
+    with pytest.raises(EngineTargetError, match=r"builds only for this machine's GPU \(sm90\), not sm80"):
+        resolve_targets(full, ["sm80"], gpu="sm90")
+    with pytest.raises(EngineTargetError, match="only for the GPU it runs on .* TensorRT-RTX"):
+        resolve_targets(full, ["current"], gpu=None)
+    assert resolve_targets(full, ["current"], gpu="sm90")[0].name == "sm90"
+
+
+def test_missing_tensorrt_and_wrong_inputs(llava_build, tmp_path, monkeypatch):
+    with pytest.raises(MissingDependencyError, match="pip install"):
+        import_tensorrt(prefer="tensorrt")  # the full library is not installable here
+    with pytest.raises(InvalidInputError, match="build --precision fp16"):
+        build_engines(llava_build, EngineOptions(targets=("sm89",), precision="fp16"))
+    copy = tmp_path / "no-onnx"
+    copy.mkdir()
+    data = json.loads((llava_build / "manifest.json").read_text())
+    data["files"] = {k: v for k, v in data["files"].items() if not v["path"].endswith(".onnx")}
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="has no ONNX graphs"):
+        build_engines(copy, EngineOptions(targets=("sm89",)))
+
+    def no_tensorrt(prefer=None):
+        raise MissingDependencyError("TensorRT is not installed: pip install ...")
+
+    monkeypatch.setattr("apet_export.export.tensorrt.import_tensorrt", no_tensorrt)
+    with pytest.raises(MissingDependencyError):
+        build_engines(llava_build, EngineOptions(targets=("sm89",)))
+
+
+def test_failed_build_leaves_previous_engines(llava_build, tmp_path, monkeypatch):
+    """An engine build that fails half-way leaves engines/ and the manifest as they were."""
+    build = tmp_path / "build"
+    shutil.copytree(llava_build, build, ignore=shutil.ignore_patterns("engines", "vision.plugin.onnx"))
+    build_engines(build, EngineOptions(targets=("sm89",), artifacts=("llm",), optimization_level=0))
+    before = {p.name: p.stat().st_mtime_ns for p in (build / "engines").rglob("*")}
+    manifest_before = (build / "manifest.json").read_text()
+
+    from apet_export.errors import EngineBuildError
+    from apet_export.export import trt_network
+
+    real, calls = trt_network.build_engine, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise EngineBuildError("simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trt_network, "build_engine", fail_second)
+    with pytest.raises(EngineBuildError, match="simulated"):
+        build_engines(build, EngineOptions(targets=("sm80",), artifacts=("vision", "llm"), optimization_level=0))
+    assert len(calls) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (build / "engines").rglob("*")} == before
+    assert (build / "manifest.json").read_text() == manifest_before
+    assert sorted(p.name for p in build.iterdir() if p.name.startswith(".")) == []
+
+
+def test_engine_selection_checks_version_and_gpu(llava_build, tmp_path):
+    from apet_export.runtime.backends.trt import select_engines, unavailable_reason
+
+    build = tmp_path / "build"
+    shutil.copytree(llava_build, build, ignore=shutil.ignore_patterns("engines", "*.onnx", "model"))
+    manifest = load_manifest(build)
+    with pytest.raises(ArtifactError, match="no TensorRT engines: build them with `apet-export engine"):
+        select_engines(build, manifest, trt.__name__, trt.__version__, "sm89")
+    (build / "engines" / "sm89").mkdir(parents=True)
+    (build / "engines" / "sm89" / "llm.engine").write_bytes(b"engine")
+    manifest.engines = {
+        "tensorrt": {"module": trt.__name__, "version": trt.__version__}, "targets": ["sm89"],
+        "files": [{"artifact": "llm", "target": "sm89", "path": "engines/sm89/llm.engine"}],
+    }
+    assert select_engines(build, manifest, trt.__name__, trt.__version__, "sm89")["llm"]["path"].endswith("llm.engine")
+    with pytest.raises(EngineCompatibilityError, match="built by .* 1.7.1.116 and this is tensorrt 10.14.1"):
+        select_engines(build, manifest, "tensorrt", "10.14.1", "sm89")
+    with pytest.raises(EngineCompatibilityError, match="are for sm89 and this GPU is sm90: .*--target current"):
+        select_engines(build, manifest, trt.__name__, trt.__version__, "sm90")
+    if not HAS_GPU:
+        assert unavailable_reason(build, manifest) == "no CUDA GPU"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message a machine without a GPU prints")
+def test_tensorrt_backend_without_gpu_says_so(capsys, llava_build):
+    from apet_export.bench import run_bench_with_tensorrt
+    from apet_export.runtime.pipeline import Pipeline
+
+    with pytest.raises(DeviceError, match="needs a CUDA GPU .* --backend onnxruntime"):
+        Pipeline.from_dir(llava_build, backend="tensorrt")
+    rows = run_bench_with_tensorrt(llava_build, "onnxruntime", [64], runs=1, max_new_tokens=2)
+    assert {r.backend for r in rows} == {"onnxruntime"}
+    assert "tensorrt: skipped (no CUDA GPU)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_realistic_preset_builds_fp16_engines(tmp_path_factory):
+    """CLIP-L/336 + Qwen2-0.5B-shaped LLM: the sizes where fused kernels and tactics matter."""
+    out = _fp16_build(tmp_path_factory, "bench-llava-clip-l-qwen2-0.5b")
+    record = build_engines(out, EngineOptions(targets=AOT_TARGETS, precision="fp16", optimization_level=0))
+    built = {(f["target"], f["artifact"]) for f in record["files"]}
+    assert {(t, a) for t in AOT_TARGETS for a in ("vision", "llm")} <= built
+    for entry in record["files"]:
+        print(f"{entry['target']} {entry['artifact']}: {entry['bytes'] / 2**20:.1f} MiB in {entry['build_seconds']} s")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="runs engines: needs a CUDA GPU (scripts/gpu_end_to_end.sh runs it)")
+def test_tensorrt_generation_matches_onnxruntime(tmp_path_factory):
+    """On a GPU: engines for this GPU generate the same greedy tokens as onnxruntime (fp32 build)."""
+    from apet_export.export.build import BuildOptions, build
+    from apet_export.export.tensorrt import current_gpu_target
+    from apet_export.runtime.pipeline import Pipeline
+
+    out = tmp_path_factory.mktemp("gpu") / "tiny-llava"
+    build(BuildOptions(model="tiny-llava", out=out))
+    try:
+        build_engines(out, EngineOptions(targets=("current",), optimization_level=0))
+    except EngineTargetError as error:
+        pytest.skip(f"this TensorRT cannot build for {current_gpu_target()}: {error}")
+    from apet_export.runtime.images import synthetic_image
+
+    tokens = {}
+    for backend in ("onnxruntime", "tensorrt"):
+        with Pipeline.from_dir(out, backend=backend) as pipeline:
+            result = pipeline.generate([synthetic_image(0)], "Describe the image.", budget=64, max_new_tokens=16, stream=False)
+            tokens[backend] = result.token_ids
+            print(backend, result.summary())
+    assert tokens["tensorrt"] == tokens["onnxruntime"]
+
+
+def test_device_kv_cache_ping_pong_without_copies():
+    """The cache the tensorrt backend binds: past and present are contiguous views of two fixed buffers
+    that swap roles each step (run here on CPU tensors; on a GPU the same buffers live in device memory)."""
+    import torch
+
+    from apet_export.errors import ApetExportError
+    from apet_export.runtime.backends.trt import DeviceKVCache
+
+    cache = DeviceKVCache(["key_0", "value_0"], batch=1, kv_heads=2, head_dim=4, capacity=8, dtype=torch.float16, device="cpu")
+    past, present = cache.bindings(new_tokens=5)  # prefill
+    assert past["past_key_0"].shape == (1, 2, 0, 4) and present["present_key_0"].shape == (1, 2, 5, 4)
+    present["present_key_0"].fill_(1.0)  # what the engine writes
+    buffers = [b.data_ptr() for pair in cache.buffers for b in pair]
+    cache.advance(5)
+    past, present = cache.bindings(new_tokens=1)  # decode: last step's present is this step's past
+    assert past["past_key_0"].is_contiguous() and past["past_key_0"].shape == (1, 2, 5, 4)
+    assert bool((past["past_key_0"] == 1.0).all()) and present["present_key_0"].shape == (1, 2, 6, 4)
+    assert past["past_key_0"].data_ptr() != present["present_key_0"].data_ptr()
+    assert [b.data_ptr() for pair in cache.buffers for b in pair] == buffers  # nothing reallocated
+    cache.advance(1)
+    cache.advance(1)
+    with pytest.raises(ApetExportError, match="holds 8 tokens; this step needs 9"):
+        cache.bindings(new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "sm70"], "cannot build engines for sm70: choose from"),
+        (["--target", "sm89", "--precision", "fp16"], "rebuild with `apet-export build --precision fp16"),
+        (["--target", "sm89", "--max-context", "99999"], "max context 99999 must be within 2..2048"),
+        (["--target", "sm89", "--artifact", "nope"], "unknown ONNX artifact 'nope'"),
+    ],
+)
+def test_engine_command_errors_are_one_line(capsys, llava_build, args, message):
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "engine", str(llava_build), *args)
+    assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (llava_build / "engines").exists() and not list(llava_build.glob(".engines*"))

@@ -1,0 +1,86 @@
+"""Two-stage builds (--stage2-layer K): the split graphs, their manifest contract, TensorRT parsing, errors."""
+
+import onnx
+import pytest
+
+from apet_export.errors import InvalidInputError
+from apet_export.export.build import BuildOptions, build
+from apet_export.manifest import load_manifest
+from tests.export.test_build import graph_io
+
+
+def test_split_graphs_follow_the_manifest(any_two_stage_build):
+    manifest = load_manifest(any_two_stage_build)
+    assert set(manifest.files) == {"vision", "vision_plugin", "llm_a", "stage2", "llm_b", "embeddings"}
+    assert manifest.stage2["layer"] == 2 and manifest.dims["num_layers"] == 4
+    assert manifest.budget == {"default": 64, "min": 21, "max": manifest.dims["num_image_tokens"]}
+    for name in ("llm_a", "stage2", "llm_b"):
+        spec = manifest.files[name]
+        inputs, outputs = graph_io(manifest.file(any_two_stage_build, name))
+        assert inputs == [(t.name, t.shape) for t in spec.inputs], name
+        assert outputs == [(t.name, t.shape) for t in spec.outputs], name
+    a, b = manifest.files["llm_a"], manifest.files["llm_b"]
+    # each part owns its layers' KV, named with the global layer index
+    assert [t.name for t in a.inputs[3:]] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert [t.name for t in b.outputs[1:]] == ["present_key_2", "present_value_2", "present_key_3", "present_value_3"]
+    assert [t.name for t in a.outputs[:1]] == ["hidden_states"] and a.outputs[0].shape[:2] == ("batch", "sequence")
+    assert [t.name for t in b.inputs[:3]] == ["hidden_states", "attention_mask", "position_ids"]
+    assert b.outputs[0].name == "logits" and b.inputs[3].shape[2] == "past_sequence"
+    stage2 = manifest.files["stage2"]
+    assert [t.name for t in stage2.inputs] == ["hidden_states", "image_start", "image_length", "keep"]
+    assert stage2.outputs[0].shape[:2] == ("batch", "compressed_sequence")
+
+
+def test_each_part_has_fused_attention_for_its_layers_only(llava_two_stage_build):
+    for name, layers in (("llm_a.onnx", 2), ("llm_b.onnx", 2)):
+        model = onnx.load(str(llava_two_stage_build / name))
+        attention = [n for n in model.graph.node if n.op_type == "Attention"]
+        assert len(attention) == layers, name
+        assert all(len(n.output) == 1 and len(n.input) <= 4 for n in attention)
+        assert all(n.name.startswith(f"/{name[:-5]}/") for n in model.graph.node)
+    stage2 = onnx.load(str(llava_two_stage_build / "stage2.onnx"))
+    ops = {n.op_type for n in stage2.graph.node}
+    assert "TopK" in ops and "Attention" not in ops  # ApET only, no decoder layer
+    assert not (llava_two_stage_build / "llm.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["llm_a", "llm_b", "stage2"])
+def test_parts_parse_with_tensorrt(llava_two_stage_build, name):
+    from apet_export.compat import import_tensorrt
+
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    parsed = parser.parse_from_file(str(llava_two_stage_build / f"{name}.onnx"))
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    assert parsed and not errors, errors
+    spec = load_manifest(llava_two_stage_build).files[name]
+    assert [network.get_input(i).name for i in range(network.num_inputs)] == [t.name for t in spec.inputs]
+    assert [network.get_output(i).name for i in range(network.num_outputs)] == [t.name for t in spec.outputs]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"stage2_layer": 0}, r"outside \[1, 3\]"),
+        ({"stage2_layer": 4}, r"outside \[1, 3\]"),
+        ({"stage2_layer": 2, "llm": False}, "needs --method apet and the LLM"),
+        ({"stage2_layer": 2, "method": "visionzip"}, "needs --method apet"),
+        ({"stage2_layer": 2, "budget": 20}, "budget keep=20"),  # the stage-2 share 10 would not exceed M
+    ],
+)
+def test_bad_stage2_options(tmp_path, options, match):
+    with pytest.raises(InvalidInputError, match=match):
+        build(BuildOptions(model="tiny-llava", out=tmp_path / "out", **options))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-video-llava", "tiny-qwen2.5-vl"])
+def test_stage2_refused_where_images_are_not_budget_rows(tmp_path, model):
+    """Stage 2 cuts `budget` rows per image span: families whose image spans differ (crops + newlines, frames
+    + CLS rows, per-image shares) are refused before anything is exported."""
+    with pytest.raises(InvalidInputError, match="fixed number of image tokens"):
+        build(BuildOptions(model=model, out=tmp_path / "out", stage2_layer=2))
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,197 @@
+"""The ApetScore TensorRT plugin, checked with TensorRT-RTX's real ONNX parser and ahead-of-time builder (no GPU).
+
+The parse/build helper below is deliberately minimal; apet_export.export.tensorrt replaces it at merge.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from apet_export.compat import import_tensorrt
+from apet_export.errors import MissingDependencyError
+from apet_export.manifest import load_manifest
+from apet_export.plugins import trt_plugin
+from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+
+@pytest.fixture(scope="module")
+def trt():
+    return import_tensorrt()
+
+
+def parse(trt, path):
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse_from_file(str(path))
+    return builder, network, parser, ok
+
+
+def build_for(trt, builder, network, manifest, capability: str) -> bytes | None:
+    """Engine for one compute capability built on the CPU: batch 1..2, budget keep in [M+1, N] (shape input)."""
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(getattr(trt.ComputeCapability, capability), 0)
+    for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (DESIGN.md)
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
+            layer.__class__ = trt.IAttentionOutputLayer
+            layer.attention.decomposable = True
+    profile = builder.create_optimization_profile()
+    image = (3, manifest.dims["image_size"], manifest.dims["image_size"])
+    profile.set_shape("pixel_values", (1, *image), (1, *image), (2, *image))
+    budget = manifest.budget
+    profile.set_shape_input("keep", [budget["min"]], [budget["default"]], [budget["max"]])
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    return None if plan is None else bytes(plan)
+
+
+def plugin_layers(trt, network):
+    return [network.get_layer(i) for i in range(network.num_layers)
+            if network.get_layer(i).type == trt.LayerType.PLUGIN_V3]
+
+
+def test_parse_without_registration_fails_with_a_typed_error(trt, any_build):
+    trt_plugin.unregister_apet_score_plugin(trt)
+    assert not trt_plugin.is_apet_score_registered(trt)
+    _, _, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
+    messages = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert not ok and any("Plugin not found" in m for m in messages), messages
+    with pytest.raises(MissingDependencyError, match="register_apet_score_plugin"):
+        trt_plugin.raise_for_missing_plugin(trt, parser)
+    with pytest.raises(MissingDependencyError, match="apet::ApetScore"):
+        trt_plugin.ensure_plugin_registered(trt, register=False)
+
+
+def test_registration_is_idempotent(trt):
+    trt_plugin.register_apet_score_plugin(trt)
+    trt_plugin.register_apet_score_plugin(trt)
+    creator = trt.get_plugin_registry().get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    assert creator is not None and creator.name == OP_TYPE
+    trt_plugin.ensure_plugin_registered(trt)
+
+
+def test_plugin_graph_parses_and_builds_for_sm89_and_sm80(trt, any_build):
+    manifest = load_manifest(any_build)
+    trt_plugin.ensure_plugin_registered(trt)
+    builder, network, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
+    assert ok and parser.num_errors == 0, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+
+    (layer,) = plugin_layers(trt, network)
+    num_tokens, num_basis = manifest.dims["num_image_tokens"], manifest.compression.num_basis
+    scores, basis_index = layer.get_output(0), layer.get_output(1)
+    assert tuple(scores.shape) == (-1, num_tokens) and scores.dtype == trt.DataType.FLOAT
+    assert tuple(basis_index.shape) == (-1, num_basis) and basis_index.dtype == trt.DataType.INT64
+
+    for capability in ("SM89", "SM80"):
+        start = time.perf_counter()
+        plan = build_for(trt, builder, network, manifest, capability)
+        seconds = time.perf_counter() - start
+        assert plan is not None and len(plan) > 0, capability
+        print(f"\n{manifest.source['model']}: vision.plugin.onnx -> {capability} engine "
+              f"{len(plan) / 1e6:.2f} MB in {seconds:.2f} s")
+
+
+def test_creator_rejects_more_basis_tokens_than_the_kernel_holds(trt):
+    _, creator_class = trt_plugin._plugin_classes(trt)
+    fields, _arrays = trt_plugin.attribute_fields(
+        trt, {"num_basis": trt_plugin.MAX_NUM_BASIS + 1, "ridge": 1e-5, "fps_start": -1}
+    )
+    with pytest.raises(ValueError, match="num_basis=33"):
+        creator_class().create_plugin("score", fields, trt.TensorRTPhase.BUILD)
+
+
+def test_attributes_round_trip_through_serialised_fields(trt):
+    plugin_class, _ = trt_plugin._plugin_classes(trt)
+    plugin = plugin_class({"num_basis": 7, "ridge": 1e-3, "fps_start": 4}, trt.TensorRTPhase.BUILD)
+    fields = plugin.get_fields_to_serialize()
+    attributes = trt_plugin.plugin_attributes(fields)
+    assert attributes["num_basis"] == 7 and attributes["fps_start"] == 4
+    assert np.isclose(attributes["ridge"], 1e-3)
+    assert plugin.clone().attributes == plugin.attributes
+
+
+@pytest.mark.parametrize("elem_type", ["FLOAT", "FLOAT16"])
+def test_single_node_graph_builds_with_fp32_and_fp16_input_and_dynamic_shapes(trt, tmp_path, elem_type):
+    """x [B, N, 48] (B and N dynamic) -> ApetScore: shapes inferred from expressions, fp16 input accepted."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        OP_TYPE, ["x"], ["scores", "basis_index"], name="/apet/score", domain="ai.onnx.contrib",
+        num_basis=6, ridge=1e-5, fps_start=-1, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )
+    graph = helper.make_graph(
+        [node], "apet_score",
+        [helper.make_tensor_value_info("x", getattr(TensorProto, elem_type), ["batch", "tokens", 48])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "tokens"]),
+         helper.make_tensor_value_info("basis_index", TensorProto.INT64, ["batch", 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.onnx.contrib", 1)])
+    model.ir_version = 10
+    path = tmp_path / "apet_score.onnx"
+    onnx.save(model, path)
+
+    trt_plugin.ensure_plugin_registered(trt)
+    builder, network, parser, ok = parse(trt, path)
+    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    (layer,) = plugin_layers(trt, network)
+    assert tuple(layer.get_output(0).shape) == (-1, -1) and tuple(layer.get_output(1).shape) == (-1, 6)
+
+    config = builder.create_builder_config()
+    config.num_compute_capabilities = 1
+    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 7, 48), (1, 576, 48), (4, 2880, 48))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None and plan.nbytes > 0
+
+
+def test_format_support(trt):
+    plugin_class, _ = trt_plugin._plugin_classes(trt)
+    plugin = plugin_class({"num_basis": 4, "ridge": 1e-5, "fps_start": -1})
+
+    def descs(*types, layout=None):
+        out = []
+        for dtype in types:
+            desc = trt.DynamicPluginTensorDesc()
+            desc.desc.type = dtype
+            desc.desc.format = layout or trt.TensorFormat.LINEAR
+            out.append(desc)
+        return out
+
+    float_, half, int64 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.INT64
+    assert all(plugin.supports_format_combination(i, descs(float_, float_, int64), 1) for i in range(3))
+    assert plugin.supports_format_combination(0, descs(half, float_, int64), 1)
+    assert not plugin.supports_format_combination(0, descs(trt.DataType.BF16, float_, int64), 1)
+    assert not plugin.supports_format_combination(2, descs(float_, float_, trt.DataType.INT32), 1)
+    assert not plugin.supports_format_combination(0, descs(float_, float_, int64, layout=trt.TensorFormat.HWC), 1)
+
+
+def test_a_node_beyond_the_kernel_limit_fails_the_parse_with_the_reason(trt, tmp_path, capfd):
+    """A Python exception in create_plugin must not abort the process: the parse fails, the reason is logged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        OP_TYPE, ["x"], ["scores", "basis_index"], domain="ai.onnx.contrib",
+        num_basis=33, ridge=1e-5, fps_start=-1, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+    )
+    graph = helper.make_graph(
+        [node], "apet_score", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("basis_index", TensorProto.INT64, [1, 33])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("ai.onnx.contrib", 1)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "bad.onnx")
+    trt_plugin.ensure_plugin_registered(trt)
+    _, _, parser, ok = parse(trt, tmp_path / "bad.onnx")
+    assert not ok and "Could not create the plugin" in parser.get_error(0).desc()
+    assert "num_basis=33 is outside [1, 32]" in capfd.readouterr().err
