@@ -7,6 +7,7 @@ On a two-stage build every budget b < N is measured twice, one-stage (b/b: stage
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
@@ -28,7 +30,7 @@ class BenchRow:
     vision_ms: float
     prefill_ms: float
     decode_tokens_per_s: float
-    peak_rss_mib: float | None
+    peak_rss_mib: float | None  # of a fresh process that loaded the build and generated at this budget only
     prefill_speedup: float = 1.0  # measured: prefill_ms(N) / prefill_ms(budget)
     ideal_speedup: float = 1.0  # prefill_tokens(N) / prefill_tokens(budget)
     total_speedup: float = 1.0  # (vision + prefill)(N) / (vision + prefill)(budget)
@@ -44,14 +46,6 @@ class BenchRow:
         return self.prefill_speedup / self.ideal_speedup
 
 
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so each budget gets its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def peak_rss_mib() -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -60,6 +54,14 @@ def peak_rss_mib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def case_peak_rss(build_dir: Path, backend: str, first: int, second: int | None, max_new_tokens: int) -> float | None:
+    """Run in a fresh process: load the build, generate once at this case; the process's peak RSS."""
+    budgets = {"budget": first} if second is None else {"budget1": first, "budget2": second}
+    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+        pipeline.generate([synthetic_image(0)], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
+    return peak_rss_mib()
 
 
 def bench_cases(manifest, budgets: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, int | None]]:
@@ -83,16 +85,27 @@ def run_bench(
 ) -> list[BenchRow]:
     """pairs: explicit (stage-1, stage-2) budgets to measure too, on two-stage builds."""
     console = console or Console()
+    if runs < 1:
+        raise InvalidInputError(f"runs must be >= 1 (the median of the runs is reported), got {runs}")
+    if max_new_tokens < 1:
+        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     manifest = load_manifest(build_dir)
+    manifest.check_files(build_dir)  # a damaged build fails before anything is measured
     full = manifest.budget["max"]
     budgets = list(dict.fromkeys(budgets or manifest.budgets_within((full, 192, 128, 64))))
     for budget in budgets:
         manifest.check_budget(budget)
     if pairs and not manifest.stage2:
-        from apet_export.errors import InvalidInputError
-
         raise InvalidInputError("--budget1/--budget2 need a two-stage build (apet-export build --stage2-layer K)")
     cases = bench_cases(manifest, budgets, pairs or [])
+    # Peak memory of each case in a fresh process: one process's peak never goes down, and onnxruntime
+    # keeps the arena memory of a larger budget, so cases measured one after another in one process would
+    # all report the largest one's peak. "spawn" starts clean; the timings stay round-robin in this process.
+    context = multiprocessing.get_context("spawn")
+    peaks = {}
+    for case in cases:
+        with context.Pool(1) as pool:
+            peaks[case] = pool.apply(case_peak_rss, (build_dir, backend, *case, max_new_tokens))
     image = synthetic_image(0)
     rows: dict[tuple, BenchRow] = {}
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
@@ -101,12 +114,9 @@ def run_bench(
             return pipeline.generate([image], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
 
         results: dict[tuple, list] = {case: [] for case in cases}
-        peaks = {}
-        for case in cases:  # warm-up, then a first timed run alone, which gives the case's peak memory
+        for case in cases:  # warm-up, then a first timed run
             generate(*case)
-            reset_peak_rss()
             results[case].append(generate(*case))
-            peaks[case] = peak_rss_mib()
         for _ in range(runs - 1):  # the other runs round-robin: load drifts on a shared machine hit all cases alike
             for case in cases:
                 results[case].append(generate(*case))
@@ -162,7 +172,7 @@ def run_bench_with_tensorrt(
 
 
 def print_bench(rows: list[BenchRow], console: Console, title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=title, caption="peak RSS: a fresh process per budget (loading the build + one generation at that budget)")
     for column in ("budget", "prefill tokens", "vision ms", "prefill ms", "decode tok/s", "peak RSS MiB",
                    "prefill speed-up", "ideal", "speed-up / ideal", "vision+prefill speed-up"):
         table.add_column(column, justify="right")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -156,7 +157,7 @@ def inspect(build_dir):
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), required=True)
+@click.option("--image", type=click.Path(path_type=Path), help="image to draw (default: a generated test picture)")
 @click.option("--budget", type=int, default=None, help="tokens kept (default: the build's)")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="PNG to write")
 def visualize(build_dir, image, budget, output):
@@ -185,22 +186,24 @@ def visualize(build_dir, image, budget, output):
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
-@click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary")
+@click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary event")
+@click.option("--vision-graph", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
+              help="vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node; not on torch)")
 def run(
     build_dir, images, video, num_frames, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p,
-    seed, as_json,
+    seed, as_json, vision_graph,
 ):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
     from apet_export.runtime.images import synthetic_image
     from apet_export.runtime.pipeline import Pipeline
+    from apet_export.runtime.streaming import printable
 
-    if not images and video is None:
-        status_console.print("[dim]no --image given: using a generated test picture[/dim]")
     pictures = list(images) or [synthetic_image(0)]
+    graph = {"plain": "vision", "plugin": "vision_plugin"}[vision_graph]
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
+    with Pipeline.from_dir(build_dir, backend=backend, vision_graph=graph) as pipeline:
         if video is not None:
             from apet_export.runtime.video import iter_video_frames
 
@@ -211,16 +214,19 @@ def run(
             )
         else:
             generation = pipeline.generate(pictures, prompt, budget=budget, budget1=budget1, budget2=budget2, **sampling)
+            if not images:  # after the checks: a bad request or build gets its error line alone
+                status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         for event in generation.events():
             if as_json:
-                click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
-                                       "text": event.text, "ms": round(event.ms, 3)}))
+                if event.token_id is not None:  # a final partial character is in the summary's text
+                    click.echo(json.dumps({"event": "token", "index": event.index, "token_id": event.token_id,
+                                           "text": event.text, "ms": round(event.ms, 3)}))
             elif event.text:
-                click.echo(event.text, nl=False)
+                click.echo(printable(event.text), nl=False)  # a model's control bytes must not drive the terminal
                 sys.stdout.flush()
         summary = generation.result.summary()
     if as_json:
-        click.echo(json.dumps({"event": "done", **summary}))
+        click.echo(json.dumps({"event": "summary", **summary}))
     else:
         click.echo()
         status_console.print(
@@ -257,6 +263,7 @@ def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typed errors become one clear line on stderr and exit status 1."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model file is local: never wait on the network
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

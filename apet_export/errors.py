@@ -16,6 +16,12 @@ class BudgetError(InvalidInputError):
 
     def __init__(self, keep: int, num_basis: int, num_tokens: int):
         self.keep, self.num_basis, self.num_tokens = keep, num_basis, num_tokens
+        if num_basis >= num_tokens:  # no budget can work: the basis itself is the problem
+            super().__init__(
+                f"num_basis={num_basis} leaves no valid budget for {num_tokens} input tokens (a budget must "
+                f"exceed num_basis and cannot exceed the tokens): choose num_basis below {num_tokens}, e.g. 10"
+            )
+            return
         super().__init__(
             f"budget keep={keep} is outside ({num_basis}, {num_tokens}]: choose a budget between "
             f"{num_basis + 1} and {num_tokens} (the budget must exceed num_basis={num_basis} and "

@@ -37,6 +37,7 @@ def inspect_build(build_dir: Path, console: Console) -> None:
 
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    manifest.check_files(build_dir)  # a damaged build fails before any table is printed
     summary = Table(title=f"build {build_dir}", show_header=False)
     summary.add_column("key", style="bold")
     summary.add_column("value")

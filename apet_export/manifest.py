@@ -93,15 +93,34 @@ class Manifest:
         if name not in self.files:
             raise ArtifactError(f"the build in {directory} has no {name!r} artifact (it has: {', '.join(self.files)})")
         path = Path(directory) / self.files[name].path
+        if not path.resolve().is_relative_to(Path(directory).resolve()):
+            raise ArtifactError(f"the manifest in {directory} points {name!r} outside the build ({self.files[name].path})")
         if not path.is_file():
             raise ArtifactError(f"{path} is listed in the manifest but missing: rebuild with `apet-export build`")
+        from apet_export.artifacts import check_artifact
+
+        check_artifact(directory, path, self.files[name])  # truncated or swapped files: a clear error, not a traceback
         return path
+
+    def model_dir(self, directory: Path) -> Path:
+        """DIR/model (checkpoint + processor), checked to be there: never fall back to the network."""
+        from apet_export.artifacts import check_model_dir
+
+        return check_model_dir(directory)
+
+    def check_files(self, directory: Path) -> None:
+        """Every artifact and model/, before a command prints or loads anything."""
+        for name in self.files:
+            self.file(directory, name)
+        self.model_dir(directory)
 
 
 def load_manifest(directory: Path) -> Manifest:
     """Read DIR/manifest.json with clear errors for a non-build, a corrupt file, or another schema."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
+    if directory.is_file():
+        raise ArtifactError(f"{directory} is a file: pass the build directory (the folder that holds {MANIFEST_NAME})")
     if not path.is_file():
         raise ArtifactError(
             f"{directory} is not an apet-export build (no {MANIFEST_NAME}): create one with "
@@ -111,7 +130,16 @@ def load_manifest(directory: Path) -> Manifest:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path} is not valid JSON ({error}): rebuild with `apet-export build`") from error
+    if not isinstance(data, dict):
+        raise ArtifactError(
+            f"{path} holds a JSON {type(data).__name__}, not the manifest object: rebuild with `apet-export build`"
+        )
     try:
-        return Manifest.from_dict(data)
-    except (KeyError, TypeError) as error:
+        manifest = Manifest.from_dict(data)
+        for key in ("min", "max"):  # read by every command: fail here, not mid-run
+            int(manifest.budget[key])
+        if manifest.budget.get("default") is not None:  # None: the family's share of each image's tokens
+            int(manifest.budget["default"])
+        return manifest
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} is incomplete or malformed ({error}): rebuild with `apet-export build`") from error

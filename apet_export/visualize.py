@@ -8,12 +8,30 @@ from pathlib import Path
 
 import numpy as np
 
+from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
-from apet_export.runtime.images import load_image
+from apet_export.runtime.images import load_image, synthetic_image
 from apet_export.runtime.sessions import onnxruntime_session
 
 
-def visualize_build(build_dir: Path, image_path: Path, budget: int | None, output: Path) -> None:
+def basis_positions(build_dir: Path, manifest, feed: dict[str, np.ndarray], budget: int) -> list[int]:
+    """ApET's basis tokens in FPS order, from the eager reference (the graphs do not output them)."""
+    if manifest.method != "apet":
+        return []
+    import torch
+
+    from apet_export.compression import apet_compress
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    model, _ = family.load(manifest.model_dir(build_dir))
+    with torch.inference_mode():
+        features, _ = family.eager_features(model, feed)  # [1, N, D]
+        return apet_compress(features, budget, manifest.compression).basis_index[0].tolist()
+
+
+def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None, output: Path) -> None:
+    """image_path None: the generated test picture `run` uses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,16 +40,20 @@ def visualize_build(build_dir: Path, image_path: Path, budget: int | None, outpu
 
     from apet_export.models.registry import get_family
 
-    build_dir = Path(build_dir)
+    build_dir, output = Path(build_dir), Path(output)
+    if output.is_dir():
+        raise InvalidInputError(f"-o {output} is a folder: pass the PNG file to write, e.g. {output / 'apet.png'}")
     manifest = load_manifest(build_dir)
-    budget = budget or manifest.budget["default"]  # None: the family's share of the image's tokens
+    budget = manifest.budget["default"] if budget is None else budget  # None: the family's share of the tokens
     if budget is not None:
         manifest.check_budget(budget)
-    image = load_image(image_path)
+    image = load_image(image_path) if image_path is not None else synthetic_image(0)
     family = get_family(manifest.family)
-    (feed, *_), (layout, *_) = family.vision_feeds(family.load_processor(build_dir / "model"), [image], budget, manifest)
+    feeds, layouts = family.vision_feeds(family.load_processor(manifest.model_dir(build_dir)), [image], budget, manifest)
+    (feed, *_), (layout, *_) = feeds, layouts
     session = onnxruntime_session(manifest.file(build_dir, "vision"))
     _, keep_index, scores = session.run(None, feed)
+    basis = basis_positions(build_dir, manifest, feed, keep_index.shape[1])
 
     num_tokens, budget = scores.shape[1], keep_index.shape[1]
     if layout is None:  # square input [1, 3, S, S], square token grid
@@ -55,13 +77,23 @@ def visualize_build(build_dir: Path, image_path: Path, budget: int | None, outpu
     for index in keep_index[0]:
         row, col = divmod(int(index), cols)
         right.add_patch(Rectangle((col * patch, row * patch), patch, patch, fill=False, edgecolor="lime", lw=1.2))
-    right.set_title(f"kept tokens: {budget} of {num_tokens}")
+    for order, index in enumerate(basis, start=1):  # numbered in selection (FPS) order
+        row, col = divmod(index, cols)
+        right.add_patch(Rectangle((col * patch, row * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
+        right.text((col + 0.5) * patch, (row + 0.5) * patch, str(order), color="cyan", fontsize=7,
+                   ha="center", va="center", fontweight="bold")
+    basis_note = f"\nbasis tokens 1-{len(basis)} in selection order (cyan)" if basis else ""
+    right.set_title(f"kept tokens: {budget} of {num_tokens} (green){basis_note}")
     for axis in (left, middle, right):
         axis.axis("off")
     figure.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.name}.tmp{os.getpid()}.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(temporary, dpi=100)
+        temporary.replace(output)
+    except OSError as error:
+        raise InvalidInputError(f"cannot write {output} ({error.strerror or error}): choose another -o") from error
+    finally:
+        plt.close(figure)
+        temporary.unlink(missing_ok=True)

@@ -39,7 +39,7 @@ def test_run_json_events(capsys, siglip_qwen2_build):
     events = [json.loads(line) for line in out.splitlines()]
     tokens = [e for e in events if e["event"] == "token" and e["token_id"] is not None]
     done = events[-1]
-    assert done["event"] == "done" and done["generated_tokens"] == len(tokens) == len(done["token_ids"])
+    assert done["event"] == "summary" and done["generated_tokens"] == len(tokens) == len(done["token_ids"])
     assert done["image_tokens"] == 64 and done["prefill_ms"] > 0
 
 

@@ -11,18 +11,17 @@ interrupted build never leaves a half-written DIR.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from apet_export.compression.apet import validate_budget
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ArtifactError, InvalidInputError
+from apet_export.export import staging as staging_dir
+from apet_export.export.progress import stage_progress
 from apet_export.manifest import Manifest
 from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
 
@@ -84,8 +83,25 @@ def check_options(options: BuildOptions) -> None:
             "or drop --stage2-layer"
         )
     out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not a build directory: choose another --out")
     if out.exists() and not options.force:
         raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+
+
+def check_against_model(options: BuildOptions, num_tokens: int) -> None:
+    """Options that only the model's token count N can rule out (before minutes of export)."""
+    config = options.compression
+    if options.method == "apet" and config.num_basis >= num_tokens:
+        raise InvalidInputError(
+            f"--num-basis {config.num_basis} must be smaller than the model's {num_tokens} visual tokens "
+            f"(each budget must exceed it): choose a smaller --num-basis, e.g. 10"
+        )
+    if isinstance(config.fps_start, int) and config.fps_start >= num_tokens:
+        raise InvalidInputError(
+            f"--fps-start {config.fps_start} is not a token index of this model (0 to {num_tokens - 1}): "
+            f"choose an index below {num_tokens}, or 'norm'"
+        )
 
 
 def build(options: BuildOptions, console: Console | None = None) -> Manifest:
@@ -95,14 +111,9 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
     check_options(options)
     console = console or Console(stderr=True)
     out = Path(options.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build is an ordinary directory
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    lock, staging = staging_dir.prepare(out, options.force)  # DIR locked; stale staging folders removed
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with staging_dir.exit_on_sigterm(), stage_progress(console) as progress:
 
             def step(description: str):
                 return progress.add_task(description, total=1)
@@ -111,8 +122,14 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             checkpoint = staging / "model"
             source_id = prepare_checkpoint(options.model, checkpoint)
             family = family_for_checkpoint(checkpoint)
-            model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            try:
+                model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+            except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
+                raise ArtifactError(
+                    f"cannot load the checkpoint {options.model}: {str(error).replace(str(checkpoint), options.model)}"
+                ) from error
             dims = family.vision_dims(model, processor)
+            check_against_model(options, dims.num_tokens)
             minimum = budget_floor(options.method, options.compression)
             if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
                 from apet_export.compression.stages import average_budget_floor
@@ -201,20 +218,11 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 export_llm_artifacts(model, family, staging, manifest, options.precision)
                 progress.update(task, completed=1)
             manifest.write(staging)
-        _move_into_place(staging, out)
+        staging_dir.publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     console.print(f"[green]built[/green] {out}")
     return manifest
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging` with renames only (the old build is removed after the swap)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -46,7 +46,7 @@ class ModelFamily:
         from transformers import AutoProcessor
 
         # backend="pil": the saved processor resizes identically with or without torchvision installed.
-        return AutoProcessor.from_pretrained(path, backend="pil")
+        return AutoProcessor.from_pretrained(path, backend="pil", local_files_only=True)  # never the network
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         raise NotImplementedError

@@ -40,9 +40,11 @@ class LlavaNextFamily(LlavaFamily):
         quiet_libraries()
         model = LlavaNextForConditionalGeneration.from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32,
+            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
         ).eval()
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, backend="pil")
+        processor = AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
+        )
         return model, processor
 
     def extra_tensors(self, model) -> dict[str, torch.Tensor]:

@@ -125,7 +125,7 @@ class QwenVLFamily(ModelFamily):
         quiet_libraries()
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32,
+            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
         ).eval()
         return model, self.load_processor(path)
 
@@ -134,8 +134,8 @@ class QwenVLFamily(ModelFamily):
 
         config = json.loads((Path(path) / "config.json").read_text())
         return QwenProcessor(
-            AutoTokenizer.from_pretrained(path),
-            AutoImageProcessor.from_pretrained(path, backend="pil"),  # resizes identically without torchvision
+            AutoTokenizer.from_pretrained(path, local_files_only=True),
+            AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True),  # resizes identically without torchvision
             int(config["vision_config"].get("window_size", 112)),
         )
 

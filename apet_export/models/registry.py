@@ -18,6 +18,7 @@ from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
 from apet_export.models.video_llava import VideoLlavaFamily, build_random_video_llava
 
 FAMILIES: dict[str, ModelFamily] = {}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -105,6 +106,13 @@ def prepare_checkpoint(source: str, target: Path) -> str:
     if not path.is_dir():
         raise UnknownNameError("model (preset or local checkpoint directory)", source, list(PRESETS))
     family_for_checkpoint(path)  # fail early on a directory we cannot handle
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        raise ArtifactError(
+            f"{path} has no *.safetensors weights{f' (it has {found[0]}, a pickle checkpoint)' if found else ''}: "
+            f"apet-export loads safetensors only (loading a pickle can run code); convert it once where you "
+            f"trust it, e.g. LlavaForConditionalGeneration.from_pretrained(dir).save_pretrained(new_dir)"
+        )
 
     def link_or_copy(src, dst):
         try:

@@ -44,9 +44,11 @@ class VideoLlavaFamily(ModelFamily):
         quiet_libraries()
         model = VideoLlavaForConditionalGeneration.from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32,
+            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
         ).eval()
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, backend="pil")
+        processor = AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
+        )
         return model, processor
 
     def vision_dims(self, model, processor=None) -> VisionDims:

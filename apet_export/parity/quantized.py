@@ -118,7 +118,7 @@ def source_of(build_dir: Path, manifest: Manifest) -> Path:
 
 
 def accuracy_rows(build_dir: Path, images, thresholds: AccuracyThresholds) -> list[AccuracyRow]:
-    from apet_export.parity.run import preprocess
+    from apet_export.parity.run import vision_feeds
 
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
@@ -126,7 +126,8 @@ def accuracy_rows(build_dir: Path, images, thresholds: AccuracyThresholds) -> li
     source_manifest = load_manifest(source)
     full, default = manifest.budget["max"], manifest.budget["default"]
     budgets = [full, *manifest.budgets_within((64, default))]
-    pixel_values = preprocess(build_dir, images)
+    # one batched feed of every image, as the pipeline preprocesses them (calibrated builds are LLaVA-family)
+    pixel_values = vision_feeds(build_dir, manifest, images, [full], batches=(len(images),))[0]["pixel_values"]
     quantized = vision_outputs(build_dir, manifest, "onnxruntime", pixel_values, budgets)
     generated = generate(build_dir, "onnxruntime", images[0], default) if "llm" in manifest.files else None
     t = thresholds

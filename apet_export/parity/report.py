@@ -24,16 +24,39 @@ class ParityRow:
     detail: str = ""  # e.g. the first differing token
 
 
+def decided_by(row: ParityRow) -> str:
+    """Which tolerance made the verdict: elements pass when |diff| <= atol OR |diff| / |expected| <= rtol."""
+    if row.atol == 0 and row.rtol == 0:
+        return "exact match" if row.passed else "not identical"
+    if row.max_abs <= row.atol:
+        return "every |diff| <= atol"
+    if row.rtol > 0 and row.max_rel <= row.rtol:
+        return "every rel diff <= rtol"
+    if row.passed:
+        return "each element within atol or rtol"
+    return "elements beyond both atol and rtol" if row.rtol > 0 else "|diff| > atol"
+
+
+def _against(value: float, tolerance: float, used: bool) -> str:
+    if value != value:  # nan: not applicable
+        return "-"
+    if not used:
+        return f"{value:.3g} (not used)"
+    return f"{value:.3g} {'<=' if value <= tolerance else '>'} {tolerance:g}"
+
+
 def print_table(rows: list[ParityRow], console: Console, title: str = "parity vs eager PyTorch") -> None:
+    """Each figure beside the tolerance it is held to, and the tolerance that decided the result."""
     table = Table(title=title)
-    for column in ("check", "output", "max abs diff", "max rel diff", "tolerance (atol / rtol)", "result"):
+    for column in ("check", "output", "max abs diff vs atol", "max rel diff vs rtol", "result"):
         table.add_column(column, justify="right" if "diff" in column else "left")
     for row in rows:
         verdict = "[green]PASS[/green]" if row.passed else "[red]FAIL[/red]"
+        exact = row.atol == 0 and row.rtol == 0
         table.add_row(
-            row.check, row.output, f"{row.max_abs:.3g}", "-" if row.max_rel != row.max_rel else f"{row.max_rel:.3g}",
-            f"{row.atol:g} / {row.rtol:g}",
-            verdict + (f" {row.detail}" if row.detail else ""),
+            row.check, row.output, _against(row.max_abs, row.atol, True),
+            "-" if exact else _against(row.max_rel, row.rtol, row.rtol > 0),
+            f"{verdict}: {decided_by(row)}" + (f"; {row.detail}" if row.detail else ""),
         )
     console.print(table)
 
@@ -42,7 +65,7 @@ def write_report(build_dir: Path, sections: dict[str, list[ParityRow]]) -> Path:
     """parity.json: every row per section and the overall verdict; written via a temporary file."""
     report = {
         "passed": all(row.passed for rows in sections.values() for row in rows),
-        **{name: [asdict(row) for row in rows] for name, rows in sections.items()},
+        **{name: [{**asdict(row), "decided_by": decided_by(row)} for row in rows] for name, rows in sections.items()},
     }
     path = Path(build_dir) / REPORT_NAME
     temporary = path.with_suffix(".json.tmp")

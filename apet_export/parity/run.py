@@ -19,7 +19,7 @@ def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=
     from apet_export.models.registry import get_family
 
     family = get_family(manifest.family)
-    processor = family.load_processor(Path(build_dir) / "model")
+    processor = family.load_processor(manifest.model_dir(build_dir))
     feeds, seen = [], set()
     for budget in budgets:
         for batch in batches:
@@ -39,6 +39,7 @@ def run_parity(
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
+    manifest.check_files(build_dir)  # a damaged build fails before any table is printed
     if manifest.quantization:  # a calibrated build: its accuracy cost against fp32 and eager PyTorch
         from apet_export.parity.quantized import run_quantized_parity
 

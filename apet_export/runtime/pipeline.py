@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
@@ -106,6 +107,11 @@ class Pipeline:
         elif backend == "torch":
             from apet_export.runtime.backends.torch import TorchBackend
 
+            if vision_graph != "vision":
+                raise InvalidInputError(
+                    f"vision graph {vision_graph!r} runs on the onnxruntime backend; the torch backend is eager "
+                    f"PyTorch: choose backend onnxruntime, or the default vision graph"
+                )
             runner = TorchBackend(build_dir, manifest)
         elif backend == "tensorrt":
             from apet_export.runtime.backends.trt import TrtBackend
@@ -114,7 +120,7 @@ class Pipeline:
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
         manifest.file(build_dir, "llm_a" if manifest.stage2 else "llm")  # a vision-only build cannot generate: say so now
-        processor = get_family(manifest.family).load_processor(build_dir / "model")
+        processor = get_family(manifest.family).load_processor(manifest.model_dir(build_dir))
         try:
             runner.activate()
         except BaseException:
@@ -172,13 +178,16 @@ class Pipeline:
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
         budget1: int | None = None, budget2: int | None = None,
     ):
-        """Generation (iterable of text deltas) if stream, else the GenerationResult. On a two-stage build
-        `budget` is the average of the stages (96/32 for 64) unless budget1/budget2 are given (stages.py)."""
+        """Generation (iterable of text deltas) if stream, else the GenerationResult. images: one image or a
+        list, each a path or a PIL image. On a two-stage build `budget` is the average of the stages (96/32
+        for 64) unless budget1/budget2 are given (stages.py)."""
         from apet_export.compression.stages import resolve_budgets
 
         if self.manifest.dims.get("media", "image") == "video":
             raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
-        images = [load_image(i) if isinstance(i, str | Path) else i for i in images]
+        if isinstance(images, str | Path | Image.Image):  # one image
+            images = [images]
+        images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
         if not images:
             raise InvalidInputError("at least one image is needed: pass --image")
         if max_new_tokens < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from apet_export.errors import InvalidInputError
@@ -9,10 +11,12 @@ from apet_export.errors import InvalidInputError
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
-        if temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not (math.isfinite(temperature) and temperature >= 0):  # nan compares false with everything
+            raise InvalidInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidInputError(f"seed must be an integer >= 0, got {seed!r}")
         self.temperature, self.top_p = temperature, top_p
         self.rng = np.random.default_rng(seed)
 

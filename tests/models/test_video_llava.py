@@ -109,7 +109,11 @@ def test_cli_run_video(video_llava_build, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
-    assert summary["event"] == "done" and summary["image_tokens"] == 8 * 33 and summary["generated_tokens"] == 4
+    assert summary["event"] == "summary" and summary["image_tokens"] == 8 * 33 and summary["generated_tokens"] == 4
+
+    # a video build is one-stage: --budget1/--budget2 are refused by name
+    refused = CliRunner().invoke(cli, [*args, "--budget1", "64"])
+    assert refused.exit_code != 0 and "--budget1/--budget2 are for two-stage image builds" in str(refused.exception)
 
 
 def test_graphs_parse_in_tensorrt_rtx(video_llava_build):

@@ -48,7 +48,7 @@ class TorchVisionRunner(BaseRunner):
 
     def activate_impl(self):
         if self.owns_model:
-            self.model, _ = self.family.load(self.build_dir / "model")
+            self.model, _ = self.family.load(self.manifest.model_dir(self.build_dir))
 
     def get_input_metadata_impl(self):
         metadata = TensorMetadata()
@@ -115,7 +115,7 @@ class TorchBackend(Backend):
 
     def activate(self) -> TorchBackend:
         family = get_family(self.manifest.family)
-        self.model, _ = family.load(self.build_dir / "model", attn_implementation=attention_implementation())
+        self.model, _ = family.load(self.manifest.model_dir(self.build_dir), attn_implementation=attention_implementation())
         self.vision = TorchVisionRunner(self.build_dir, self.manifest, model=self.model)
         self.vision.activate()
         if self.manifest.stage2:  # HF layers [0, K) + apet_compress + layers [K, L)
