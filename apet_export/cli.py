@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 
 from apet_export import __version__
-from apet_export.errors import ApetExportError
+from apet_export.errors import ApetExportError, InvalidInputError
 
 # Tables are wide: don't squeeze them to 80 columns when the output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -172,8 +172,13 @@ def visualize(build_dir, image, budget, output):
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="image(s) to ask about (default: a generated test picture)")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="a video to ask about (video builds): frames are sampled uniformly and encoded as decoded")
+@click.option("--frames", "num_frames", default=8, show_default=True, help="frames sampled from --video")
 @click.option("--prompt", required=True)
-@click.option("--budget", type=int, default=None, help="visual tokens kept per image (default: the build's)")
+@click.option("--budget", type=int, default=None,
+              help="visual tokens kept per image, or for the whole --video, split evenly across its frames "
+                   "(default: the build's, per image or frame)")
 @click.option("--budget1", type=int, default=None, help="two-stage builds: tokens kept by stage 1 (vision)")
 @click.option("--budget2", type=int, default=None, help="two-stage builds: tokens kept by stage 2 (LLM layer K)")
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
@@ -184,8 +189,10 @@ def visualize(build_dir, image, budget, output):
 @click.option("--json", "as_json", is_flag=True, help="one JSON event per token, then a summary event")
 @click.option("--vision-graph", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
               help="vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node; not on torch)")
-def run(build_dir, images, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p, seed, as_json,
-        vision_graph):
+def run(
+    build_dir, images, video, num_frames, prompt, budget, budget1, budget2, backend, max_new_tokens, temperature, top_p,
+    seed, as_json, vision_graph,
+):
     """Answer PROMPT about the image(s), streaming the text as it is generated."""
     import json
 
@@ -195,13 +202,20 @@ def run(build_dir, images, prompt, budget, budget1, budget2, backend, max_new_to
 
     pictures = list(images) or [synthetic_image(0)]
     graph = {"plain": "vision", "plugin": "vision_plugin"}[vision_graph]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     with Pipeline.from_dir(build_dir, backend=backend, vision_graph=graph) as pipeline:
-        generation = pipeline.generate(
-            pictures, prompt, budget=budget, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, budget1=budget1, budget2=budget2,
-        )
-        if not images:  # after the checks: a bad request or build gets its error line alone
-            status_console.print("[dim]no --image given: using a generated test picture[/dim]")
+        if video is not None:
+            from apet_export.runtime.video import iter_video_frames
+
+            if budget1 is not None or budget2 is not None:  # video builds are one-stage (no --stage2-layer)
+                raise InvalidInputError("--budget1/--budget2 are for two-stage image builds: pass --budget with --video")
+            generation = pipeline.generate_video(
+                iter_video_frames(video, num_frames), prompt, budget=budget, num_frames=num_frames, **sampling
+            )
+        else:
+            generation = pipeline.generate(pictures, prompt, budget=budget, budget1=budget1, budget2=budget2, **sampling)
+            if not images:  # after the checks: a bad request or build gets its error line alone
+                status_console.print("[dim]no --image given: using a generated test picture[/dim]")
         for event in generation.events():
             if as_json:
                 if event.token_id is not None:  # a final partial character is in the summary's text

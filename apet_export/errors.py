@@ -44,6 +44,10 @@ class ImageError(InvalidInputError):
     """An image file that cannot be read."""
 
 
+class VideoError(InvalidInputError):
+    """A video file that cannot be read or sampled."""
+
+
 class PromptTooLongError(InvalidInputError):
     """A prompt (with its image tokens and new tokens) that does not fit the model's context."""
 

@@ -35,6 +35,18 @@ def siglip_qwen2_build(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "tiny-llava-siglip-qwen2")
 
 
+@pytest.fixture(scope="session")
+def video_llava_build(tmp_path_factory) -> Path:
+    """tiny-video-llava (Video-LLaVA: CLIP video tower + Llama), ApET fps, all artifacts."""
+    return _build(tmp_path_factory, "tiny-video-llava")
+
+
+@pytest.fixture(scope="session")
+def llava_next_build(tmp_path_factory) -> Path:
+    """tiny-llava-next (any-resolution tiling, CLIP + Llama), ApET fps, all artifacts, default budget 160."""
+    return _build(tmp_path_factory, "tiny-llava-next", budget=160)
+
+
 @pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
 def any_build(request) -> Path:
     fixture = {"tiny-llava": "llava_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_build"}[request.param]

@@ -63,7 +63,10 @@ def resolve_budgets(manifest, budget: int | None = None, budget1: int | None = N
         requested = next((b for b in (budget1, budget, manifest.budget["default"]) if b is not None), None)
         if requested is None:  # the family's share of each image's tokens (dynamic resolution)
             return None, None
-        return manifest.check_budget(requested), None
+        from apet_export.models.registry import get_family
+
+        # the family's range: LLaVA-NeXT's budget is for the whole image, split across its crops
+        return get_family(manifest.family).check_budget(manifest, requested), None
     if budget1 is not None:
         return check_stage_budgets(budget1, budget1 if budget2 is None else budget2, num_basis, num_tokens)
     average = manifest.check_budget(budget if budget is not None else manifest.budget["default"])

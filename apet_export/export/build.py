@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from apet_export.compression.apet import validate_budget
-from apet_export.config import ApetConfig, ArtifactSpec
+from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ArtifactError, InvalidInputError
 from apet_export.export import staging as staging_dir
 from apet_export.export.progress import stage_progress
@@ -136,7 +136,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 from apet_export.export.llm_split import check_stage2_layer
 
                 check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
-                if family.default_keep_ratio is not None:
+                if not family.fixed_image_rows:
                     raise InvalidInputError(
                         f"--stage2-layer is implemented for families with a fixed number of image tokens "
                         f"(LLaVA), not {family.name}: drop --stage2-layer"
@@ -156,6 +156,14 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             )
             files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
             progress.update(task, completed=1)
+
+            extras = family.extra_tensors(model)
+            if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
+                specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
+                files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
 
             plugin = {}
             if options.method == "apet" and options.compression.selection == "fps":
@@ -181,6 +189,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 dims={
                     "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
                     "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
+                    "media": family.media, "prefix_tokens": family.prefix_tokens, **family.runtime_dims(model),
                 },
                 method=options.method,
                 compression=options.compression,

@@ -105,6 +105,7 @@ class VisionGraph(nn.Module):
     def forward(self, *inputs):
         pixel_values, *layout, keep = inputs  # pixel_values (+ the family's layout inputs), budget
         features, attention = self.tower(pixel_values.to(self.dtype), *layout)  # [B, N, Dv], [B, N] for visionzip
+        prefix, features = self.family.split_prefix(self.model, features)  # prefix [B, C, Dv] or None
         batch, num_tokens = features.shape[:2]
         budget = keep.item() if isinstance(keep, torch.Tensor) else keep
         if self.method == "none":
@@ -120,6 +121,8 @@ class VisionGraph(nn.Module):
                 scores = attention
                 tokens, index = visionzip_select(features.float(), scores, budget)
         embeds = self.family.project(self.model, tokens.to(features.dtype))  # [B, T, H]
+        if prefix is not None:  # rows kept whole in front of the compressed ones: [B, C+T, H]
+            embeds = torch.cat([self.family.project(self.model, prefix), embeds], dim=1)
         return embeds.float(), index, scores.float()
 
 

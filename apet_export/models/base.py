@@ -28,10 +28,14 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
+    media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
+    prefix_tokens: int = 0  # rows per call kept whole in front of the compressed tokens (see split_prefix)
     exportable_methods: tuple[str, ...] = ("apet", "visionzip", "none")
     default_budget: int | None = 64  # tokens kept per image when the build names no budget
     default_keep_ratio: float | None = None  # set: the default budget is this share of each image's tokens
     llm_position_shape: tuple = ("batch", "sequence")  # llm.onnx position_ids axes ((3, ...) for M-RoPE)
+    # each image placeholder becomes exactly `budget` LLM rows (what two-stage ApET's image spans assume)
+    fixed_image_rows: bool = True
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory."""
@@ -56,6 +60,11 @@ class ModelFamily:
         """(features [B, N, D], VisionZip's importance per token [B, N]) from one pass of the tower: the
         CLS attention row of the feature layer, or the mean received attention for towers without CLS."""
         raise NotImplementedError
+
+    def split_prefix(self, model, features: torch.Tensor):
+        """features [B, N', D] -> (prefix [B, C, D] or None, tokens [B, N, D]): the prefix rows are kept whole
+        in front of the compressed tokens (Video-LLaVA's per-frame CLS); most families have none."""
+        return None, features
 
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         """Per-token projector: [B, T, D] -> [B, T, H]."""
@@ -102,12 +111,47 @@ class ModelFamily:
             return self.vision_features_and_attention(model, pixel_values)
         return self.vision_features(model, pixel_values), None
 
-    # -- runtime hooks: how the pipeline feeds the vision graph and positions the LLM tokens --------------
+    # -- build hooks ------------------------------------------------------------------------------------
+    def extra_tensors(self, model) -> dict[str, torch.Tensor]:
+        """Weights the runtime needs outside the graphs (LLaVA-NeXT's image_newline), saved beside them."""
+        return {}
+
+    def runtime_dims(self, model) -> dict:
+        """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
+        return {}
+
+    # -- runtime hooks (numpy): images -> vision feeds -> LLM rows and their positions ------------------
+    #   encode_images (the pipeline's one entry) = vision_feeds -> vision graph per feed -> rows per image;
+    #   families override vision_feeds (per-image feeds, layout inputs) or, where rows need packing after
+    #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt.
+    def check_budget(self, manifest, budget: int) -> int:
+        """The budget of one request (per image here), or an InvalidInputError that says the valid range."""
+        return manifest.check_budget(budget)
+
+    def image_rows_bound(self, manifest, budget: int) -> int:
+        """At most this many LLM rows per image at this budget (for the context check)."""
+        return budget
+
+    def preprocess_crops(self, processor, images) -> np.ndarray:
+        """PIL images -> the vision graph's pixel_values for all of them: [K, 3, S, S] float32."""
+        return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+
     def vision_feeds(self, processor, images, budget: int | None, manifest):
         """(feeds of the vision graph, one layout per image for position_ids): one batched feed here."""
-        pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+        pixel_values = self.preprocess_crops(processor, images)
         budget = manifest.budget["max"] if manifest.method == "none" else budget or manifest.budget["default"]
         return [{"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}], [None] * len(images)
+
+    def encode_images(self, pipeline, images, budget: int | None):
+        """PIL images -> (per image its LLM rows [L_i, H], layouts and per image keep_index for position_ids):
+        the vision graph run on each of vision_feeds' feeds."""
+        feeds, layouts = self.vision_feeds(pipeline.processor, images, budget, pipeline.manifest)
+        rows, keep_index = [], []  # per image: [L_i, H], [T_i]
+        for feed in feeds:  # one batched feed (LLaVA) or one per image (dynamic resolution)
+            vision = pipeline.backend.vision.infer(feed, check_inputs=False)
+            rows += list(vision["image_embeds"])
+            keep_index += list(vision["keep_index"])
+        return rows, layouts, keep_index
 
     def e2e_budgets(self, manifest) -> list[int]:
         """Budgets of the end-to-end parity check: 64 and N (no compression)."""
@@ -116,9 +160,13 @@ class ModelFamily:
     def feed_label(self, feed: dict[str, np.ndarray]) -> str:
         return f"b={feed['pixel_values'].shape[0]}"
 
-    def position_ids(self, ids: list[int], image_token_id: int, layouts, keep_index) -> tuple[np.ndarray, int]:
-        """(position_ids of the merged prompt [1, L], rope delta): contiguous 0..L-1 (1-D RoPE)."""
-        length = sum(1 for t in ids if t != image_token_id) + sum(len(k) for k in keep_index)
+    def position_ids(
+        self, ids: list[int], image_token_id: int, layouts, keep_index, length: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        """(position_ids of the merged prompt [1, L], rope delta): contiguous 0..L-1 (1-D RoPE). length: the
+        merged prompt's rows (default: text tokens + kept tokens; families with extra rows pass it)."""
+        if length is None:
+            length = sum(1 for t in ids if t != image_token_id) + sum(len(k) for k in keep_index)
         return np.arange(length, dtype=np.int64)[None], 0
 
     def decode_position_ids(self, position: int, delta: int) -> np.ndarray:

@@ -116,6 +116,7 @@ class QwenVLFamily(ModelFamily):
     default_budget = None  # the default is a share of each image's tokens (their number varies)
     default_keep_ratio = 0.3  # released code: 30% of each image's tokens
     llm_position_shape = (3, "batch", "sequence")  # M-RoPE: (t, h, w) position per token
+    fixed_image_rows = False  # each image keeps its own share of its own token count
 
     # -- loading --------------------------------------------------------------------------------------
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
@@ -297,7 +298,9 @@ class QwenVLFamily(ModelFamily):
         t, rows, cols = grid_from_positions(feed["patch_positions"])
         return f"grid={t}x{rows}x{cols}"
 
-    def position_ids(self, ids: list[int], image_token_id: int, layouts, keep_index) -> tuple[np.ndarray, int]:
+    def position_ids(
+        self, ids: list[int], image_token_id: int, layouts, keep_index, length: int | None = None
+    ) -> tuple[np.ndarray, int]:
         """M-RoPE positions [3, 1, L] of the merged prompt (each image placeholder expanded to its kept tokens)
         and the rope delta (decode position = cache length + delta), as HF's get_rope_index computes them for
         the full grid, restricted to the kept tokens."""

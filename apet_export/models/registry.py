@@ -13,7 +13,9 @@ from apet_export.compat import quiet_libraries
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
+from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
 from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
+from apet_export.models.video_llava import VideoLlavaFamily, build_random_video_llava
 
 FAMILIES: dict[str, ModelFamily] = {}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -25,6 +27,8 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 register_family(LlavaFamily())
+register_family(VideoLlavaFamily())
+register_family(LlavaNextFamily())
 register_family(QwenVLFamily())
 
 
@@ -49,6 +53,14 @@ PRESETS: dict[str, Preset] = {
         Preset("bench-llava-clip-l-qwen2-0.5b", "llava",
                lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, QWEN2_0_5B_TEXT),
                "CLIP-L/336 tower + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
+               tiny=False),
+        Preset("tiny-llava-next", "llava_next", build_random_llava_next,
+               "LLaVA-NeXT any-resolution: CLIP 336px/14 (576 tokens per crop, up to 5 crops) + 4-layer Llama, random weights"),
+        Preset("tiny-video-llava", "video_llava", build_random_video_llava,
+               "Video-LLaVA: CLIP 224px/14 video tower (256 tokens + CLS per frame) + 4-layer Llama, random weights"),
+        Preset("bench-video-llava-clip-l-qwen2-0.5b", "video_llava",
+               lambda out: build_random_video_llava(out, CLIP_L_TOWER, QWEN2_0_5B_TEXT, "qwen2"),
+               "Video-LLaVA: CLIP-L/14 224px towers + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
                tiny=False),
         Preset("tiny-qwen2.5-vl", "qwen2_5_vl", build_random_qwen2_5_vl,
                "Qwen2.5-VL ViT (4 blocks, window + full attention, 2x2 merger; 16-64 tokens/image) + 4-layer "

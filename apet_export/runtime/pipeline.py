@@ -36,6 +36,7 @@ class GenerationResult:
     decode_ms: list[float] = field(default_factory=list)  # one per generated token after the first
     first_logits: np.ndarray | None = None  # [V] logits of the first generated token (parity)
     image_tokens_stage2: int | None = None  # two-stage builds: visual tokens that layers >= K see, all images
+    first_token_ms: float = 0.0  # from the moment the whole input was there (a stream: its last frame) to the first token
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -47,7 +48,7 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens, "image_tokens": self.image_tokens,
             **({"image_tokens_stage2": self.image_tokens_stage2} if self.image_tokens_stage2 is not None else {}),
             "generated_tokens": len(self.token_ids), "vision_ms": round(self.vision_ms, 3),
-            "prefill_ms": round(self.prefill_ms, 3),
+            "prefill_ms": round(self.prefill_ms, 3), "first_token_ms": round(self.first_token_ms, 3),
             "decode_ms_per_token": round(float(np.mean(self.decode_ms)), 3) if self.decode_ms else None,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
         }
@@ -91,7 +92,7 @@ class Pipeline:
 
         self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
         self.tokenizer = processor.tokenizer
-        self.family = get_family(manifest.family)  # vision feeds and LLM positions differ by family
+        self.family = get_family(manifest.family)  # its hooks turn images into LLM rows and their positions
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
@@ -137,11 +138,11 @@ class Pipeline:
         self.close()
 
     # -- prompt -------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
-        """Token ids of the prompt with one image placeholder per image, through the chat template."""
-        image_token = self.tokenizer.image_token
+    def prompt_ids(self, prompt: str, num_images: int, media: str = "image") -> list[int]:
+        """Token ids of the prompt with one placeholder per image (or video), through the chat template."""
+        image_token = getattr(self.tokenizer, f"{media}_token")
         if self.tokenizer.chat_template:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+            content = [{"type": media}] * num_images + [{"type": "text", "text": prompt}]
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
@@ -182,6 +183,8 @@ class Pipeline:
         for 64) unless budget1/budget2 are given (stages.py)."""
         from apet_export.compression.stages import resolve_budgets
 
+        if self.manifest.dims.get("media", "image") == "video":
+            raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
         if isinstance(images, str | Path | Image.Image):  # one image
             images = [images]
         images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
@@ -199,7 +202,8 @@ class Pipeline:
                 f"(each image given is placed before the prompt)"
             )
         num_text = sum(1 for t in ids if t != image_token_id)
-        self.check_context(num_text, len(images), budget or self.manifest.budget["max"], max_new_tokens)
+        rows_bound = self.family.image_rows_bound(self.manifest, budget or self.manifest.budget["max"])
+        self.check_context(num_text, len(images), rows_bound, max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
         generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2))
         return generation if stream else generation.run()
@@ -207,28 +211,36 @@ class Pipeline:
     def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         image_token_id = self.manifest.dims["image_token_id"]
-        feeds, layouts = self.family.vision_feeds(self.processor, images, budget, self.manifest)
-        image_embeds, keep_index = [], []  # per image: [T_i, H], [T_i]
-        for feed in feeds:  # one batched feed (LLaVA) or one per image (dynamic resolution)
-            vision = self.backend.vision.infer(feed, check_inputs=False)
-            image_embeds += list(vision["image_embeds"])
-            keep_index += list(vision["keep_index"])
-        embeds = self.merge_embeddings(ids, image_embeds)  # [1, L, H]
-        positions, rope_delta = self.family.position_ids(ids, image_token_id, layouts, keep_index)  # [(3,) 1, L]
+        rows, layouts, keep_index = self.family.encode_images(self, images, budget)  # per image [L_i, H], ...
+        embeds = self.merge_embeddings(ids, rows)  # [1, L, H]
+        positions, rope_delta = self.family.position_ids(  # [(3,) 1, L]
+            ids, image_token_id, layouts, keep_index, length=embeds.shape[1]
+        )
         vision_ms = (time.perf_counter() - start) * 1e3
-
-        length = embeds.shape[1]
-        stage2 = {}  # two-stage builds: where the image rows are, and how many stage 2 keeps of each
+        stage2 = {}  # two-stage builds (fixed-row families): where the image rows are, how many stage 2 keeps
         if budget2 is not None:
             from apet_export.runtime.two_stage import image_spans
 
-            stage2 = {"image_spans": image_spans(ids, self.manifest.dims["image_token_id"], budget), "keep2": budget2}
+            stage2 = {"image_spans": image_spans(ids, image_token_id, budget), "keep2": budget2}
+        return (yield from self._prefill_and_decode(
+            embeds, positions, rope_delta, start, vision_ms, sum(len(r) for r in rows), num_text, max_new_tokens,
+            sampler, stage2, image_tokens_stage2=None if budget2 is None else len(images) * budget2,
+        ))
+
+    def _prefill_and_decode(
+        self, embeds, positions, rope_delta: int, ready: float, vision_ms: float, image_tokens: int, num_text: int,
+        max_new_tokens: int, sampler, stage2: dict | None = None, image_tokens_stage2: int | None = None,
+    ) -> Iterator[TokenEvent]:
+        """embeds [1, L, H] at positions [(3,) 1, L] -> tokens; `ready` is the perf_counter time at which the
+        whole input was there; stage2: the two-stage LLM's image spans and budget (empty: one stage)."""
+        length = embeds.shape[1]
         start = time.perf_counter()
         logits, cache = self.backend.llm.infer(
             {"inputs_embeds": embeds, "attention_mask": np.ones((1, length), np.int64), "position_ids": positions},
-            check_inputs=False, cache=self.backend.new_cache(1), **stage2,
+            check_inputs=False, cache=self.backend.new_cache(1), **(stage2 or {}),
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
+        first_token_ms = (time.perf_counter() - ready) * 1e3
         first_logits = logits[0].copy()
 
         eos = self.manifest.dims["eos_token_id"]
@@ -258,7 +270,85 @@ class Pipeline:
             yield TokenEvent(len(generated), None, tail, 0.0)
         return GenerationResult(
             text=decoder.text, token_ids=generated, finish_reason=finish, prompt_tokens=num_text,
-            image_tokens=sum(len(k) for k in keep_index), vision_ms=vision_ms, prefill_ms=prefill_ms,
-            decode_ms=decode_ms, first_logits=first_logits,
-            image_tokens_stage2=None if budget2 is None else len(images) * budget2,
+            image_tokens=image_tokens, vision_ms=vision_ms, prefill_ms=prefill_ms,
+            decode_ms=decode_ms, first_logits=first_logits, first_token_ms=first_token_ms,
+            image_tokens_stage2=image_tokens_stage2,
         )
+
+    # -- video: frames encoded as they arrive -------------------------------------------------------
+    def frame_budgets(self, budget: int | None, num_frames: int) -> list[int]:
+        """The video's budget split evenly across its frames (the first budget % F frames keep one more)."""
+        if num_frames < 1:
+            raise InvalidInputError(f"a video needs at least one frame, got {num_frames}")
+        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
+            return [self.manifest.budget["max"]] * num_frames
+        budget = budget or self.manifest.budget["default"] * num_frames
+        share, extra = divmod(budget, num_frames)
+        budgets = [share + 1] * extra + [share] * (num_frames - extra)
+        low, high = self.manifest.budget["min"], self.manifest.budget["max"]
+        if not low <= budgets[-1] <= budgets[0] <= high:
+            raise InvalidInputError(
+                f"budget {budget} over {num_frames} frames keeps {budgets[-1]}-{budgets[0]} tokens per frame, outside "
+                f"[{low}, {high}]: choose a video budget between {low * num_frames} and {high * num_frames}"
+            )
+        return budgets
+
+    def generate_video(
+        self, frames, prompt: str, budget: int | None = None, num_frames: int | None = None,
+        max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+        stream: bool = True,
+    ):
+        """Answer `prompt` about a video whose frames may still be arriving.
+
+        frames: a list, or any iterable of RGB frames (PIL images or [H, W, 3] uint8 arrays), e.g.
+        `iter_video_frames(path)` or a camera; each frame goes through the vision graph (stage 1 at its
+        share of the budget) as soon as it arrives, so after the last frame only that frame's encoding
+        and the prefill of the compressed tokens remain before the first token. budget: visual tokens
+        kept for the whole video (default: the build's budget per frame), split evenly across the
+        frames; num_frames is needed when `frames` has no len().
+        """
+        if self.manifest.dims.get("media", "image") != "video":
+            raise InvalidInputError("this build encodes images, not video frames: pass --image (generate)")
+        if num_frames is None:
+            if not hasattr(frames, "__len__"):
+                raise InvalidInputError("frames is a stream without len(): pass num_frames (--frames)")
+            num_frames = len(frames)
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        budgets = self.frame_budgets(budget, num_frames)
+        ids = self.prompt_ids(prompt, 1, media="video")
+        placeholder = self.manifest.dims["image_token_id"]
+        if ids.count(placeholder) != 1:
+            raise InvalidInputError(
+                f"the prompt contains the video placeholder {self.tokenizer.video_token!r} itself: remove it "
+                f"(the video is placed before the prompt)"
+            )
+        num_text = len(ids) - 1
+        image_tokens = sum(budgets) + num_frames * self.manifest.dims.get("prefix_tokens", 0)
+        self.check_context(num_text, 1, image_tokens, max_new_tokens)
+        sampler = Sampler(temperature, top_p, seed)
+        steps = self._video_steps(iter(frames), ids, budgets, image_tokens, max_new_tokens, sampler, num_text)
+        generation = Generation(steps)
+        return generation if stream else generation.run()
+
+    def _video_steps(self, frames, ids, budgets, image_tokens, max_new_tokens, sampler, num_text) -> Iterator[TokenEvent]:
+        rows, keep_index, vision_ms, ready = [], [], 0.0, time.perf_counter()
+        for frame in frames:  # blocks until the next frame arrives
+            ready = time.perf_counter()
+            if len(rows) == len(budgets):
+                raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
+            (frame_rows,), _, (frame_index,) = self.family.encode_images(self, [frame], budgets[len(rows)])
+            rows.append(frame_rows)  # [C+T, H]: this frame's prefix rows, then its kept tokens
+            keep_index.append(frame_index)  # [T]
+            vision_ms += (time.perf_counter() - ready) * 1e3
+        if len(rows) != len(budgets):
+            raise InvalidInputError(f"{len(rows)} frames arrived, {len(budgets)} were announced: pass num_frames")
+        video = np.concatenate(rows)[None]  # [1, sum(C+T), H], frames in arrival order
+        embeds = self.merge_embeddings(ids, video)
+        placeholder = self.manifest.dims["image_token_id"]
+        positions, rope_delta = self.family.position_ids(
+            ids, placeholder, [None], [np.concatenate(keep_index)], length=embeds.shape[1]
+        )
+        return (yield from self._prefill_and_decode(
+            embeds, positions, rope_delta, ready, vision_ms, image_tokens, num_text, max_new_tokens, sampler
+        ))

@@ -75,3 +75,12 @@ def test_bad_stage2_options(tmp_path, options, match):
     with pytest.raises(InvalidInputError, match=match):
         build(BuildOptions(model="tiny-llava", out=tmp_path / "out", **options))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-video-llava", "tiny-qwen2.5-vl"])
+def test_stage2_refused_where_images_are_not_budget_rows(tmp_path, model):
+    """Stage 2 cuts `budget` rows per image span: families whose image spans differ (crops + newlines, frames
+    + CLS rows, per-image shares) are refused before anything is exported."""
+    with pytest.raises(InvalidInputError, match="fixed number of image tokens"):
+        build(BuildOptions(model=model, out=tmp_path / "out", stage2_layer=2))
+    assert not (tmp_path / "out").exists()

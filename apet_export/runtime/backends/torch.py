@@ -28,8 +28,11 @@ def eager_vision(model, family, manifest: Manifest, feed: dict[str, np.ndarray])
         visionzip = manifest.method == "visionzip"
         features, attention = family.eager_features(model, feed, with_attention=visionzip)  # [B, N, Dv]
         aux = {"cls_attention": attention} if visionzip else {}
+        prefix, features = family.split_prefix(model, features)  # prefix [B, C, Dv] or None
         out = get_method(manifest.method)(features, int(feed["keep"]), manifest.compression, **aux)
         embeds = family.project(model, out.tokens)
+        if prefix is not None:  # kept whole in front: [B, C+T, H]
+            embeds = torch.cat([family.project(model, prefix), embeds], dim=1)
     outputs = {"image_embeds": embeds.float(), "keep_index": out.index, "scores": out.scores.float()}
     return OrderedDict((name, np.ascontiguousarray(t.numpy())) for name, t in outputs.items())
 

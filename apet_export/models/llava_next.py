@@ -1,0 +1,196 @@
+"""LLaVA-NeXT family: transformers LlavaNextForConditionalGeneration, any-resolution tiling.
+
+    image ─processor─► crops [P, 3, S, S]: the base image (resized whole) + the tiles of the best grid
+        ─vision graph (the LLaVA one, batch = crops)─► per crop: T kept rows [P, T, H] + keep_index [P, T]
+    packing (numpy, here): base crop's T rows, then the tiles' kept rows laid out on the full tile grid,
+        the padding rows/columns removed (HF unpad_image) and one image_newline row ending every grid row:
+        [T + kept-after-unpad + grid rows, H] → the LLM, where the prompt has <image>
+
+This is the released ApET code's LLaVA-NeXT path (llava/model/llava_arch.py): stage 1 on every crop
+independently with the same budget per crop, the kept tokens scattered back through an index mask, the
+spatial_unpad packing applied to mask and features alike, image_newline always kept. The request's budget
+is for the whole image and is split evenly across its crops (the paper's 640/320/160 tokens for
+5 crops = 128/64/32 per crop); kept tokens that fall into the unpadded border are dropped with it, as
+in the released code. With no compression the rows equal HF's pack_image_features exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apet_export.compat import quiet_libraries
+from apet_export.errors import InvalidInputError
+from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
+
+EXTRAS_FILE = "vision_extras"  # manifest artifact holding image_newline for the runtime
+
+
+class LlavaNextFamily(LlavaFamily):
+    name = "llava_next"
+    model_types = ("llava_next",)
+    fixed_image_rows = False  # rows per image depend on its crops, unpadding and newlines
+
+    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+        quiet_libraries()
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True,
+            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
+        ).eval()
+        processor = AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
+        )
+        return model, processor
+
+    def extra_tensors(self, model) -> dict[str, torch.Tensor]:
+        return {"image_newline": model.model.image_newline.detach().float()}  # [H]
+
+    def runtime_dims(self, model) -> dict:
+        return {"image_grid_pinpoints": model.config.image_grid_pinpoints}
+
+    # -- runtime ------------------------------------------------------------------------------------
+    def check_budget(self, manifest, budget: int) -> int:
+        low, high = manifest.budget["min"], manifest.budget["max"] * self.max_crops(manifest)
+        if not low <= budget <= high:
+            raise InvalidInputError(
+                f"budget {budget} is outside [{low}, {high}]: a LLaVA-NeXT budget is for the whole image, split "
+                f"evenly across its crops, each of which must keep more than num_basis={low - 1} tokens"
+            )
+        return budget
+
+    def max_crops(self, manifest) -> int:
+        side = manifest.dims["image_size"]
+        return 1 + max((h // side) * (w // side) for h, w in manifest.dims["image_grid_pinpoints"])
+
+    def image_rows_bound(self, manifest, budget: int) -> int:
+        side, grid = manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"])
+        grid_rows = max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
+        most = manifest.budget["max"] * self.max_crops(manifest)  # every crop uncompressed
+        kept = most if manifest.method == "none" else min(budget, most)
+        return kept + grid_rows  # + one newline per row
+
+    def crop_budget(self, manifest, budget: int, crops: int) -> int:
+        if manifest.method == "none":
+            return manifest.budget["max"]
+        per_crop = min(budget // crops, manifest.budget["max"])
+        if per_crop < manifest.budget["min"]:
+            raise InvalidInputError(
+                f"budget {budget} over this image's {crops} crops leaves {per_crop} tokens per crop: pass at least "
+                f"{manifest.budget['min'] * crops}"
+            )
+        return per_crop
+
+    def preprocess_crops(self, processor, images) -> np.ndarray:
+        """PIL images -> every image's crops, concatenated: [sum P_i, 3, S, S]."""
+        return np.concatenate([crops for crops, _ in self._crops(processor, images)])
+
+    def _crops(self, processor, images):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        out = processor.image_processor(images, return_tensors="np")
+        pinpoints, side = processor.image_processor.image_grid_pinpoints, processor.image_processor.crop_size["height"]
+        for pixel_values, size in zip(out["pixel_values"], out["image_sizes"], strict=True):
+            count = image_size_to_num_patches(tuple(int(s) for s in size), pinpoints, side)
+            yield pixel_values[:count].astype(np.float32), tuple(int(s) for s in size)  # [P, 3, S, S], (h, w)
+
+    def encode_images(self, pipeline, images, budget: int):
+        """Per image: its crops through the vision graph at budget // crops each, then packed (pack_crops).
+        keep_index per image is [P, T] (per crop); positions are 1-D over the packed rows."""
+        from safetensors.numpy import load_file
+
+        manifest = pipeline.manifest
+        newline = load_file(str(manifest.file(pipeline.build_dir, EXTRAS_FILE)))["image_newline"]  # [H]
+        rows, keep_index = [], []
+        for crops, size in self._crops(pipeline.processor, images):
+            keep = self.crop_budget(manifest, budget, len(crops))
+            vision = pipeline.backend.vision.infer(
+                {"pixel_values": crops, "keep": np.array(keep, dtype=np.int64)}, check_inputs=False
+            )
+            rows.append(pack_crops(
+                vision["image_embeds"], vision["keep_index"], size, manifest.dims["image_grid_pinpoints"],
+                manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"]), newline,
+            ))
+            keep_index.append(vision["keep_index"])
+        return rows, [None] * len(rows), keep_index
+
+
+def pack_crops(
+    embeds: np.ndarray, index: np.ndarray, image_size, pinpoints, side: int, grid: int, newline: np.ndarray
+) -> np.ndarray:
+    """Kept rows of the crops of one image -> the LLM rows, as HF pack_image_features + the released index mask.
+
+    embeds [P, T, H] and index [P, T] (ascending positions on a crop's grid x grid patches) -> [L, H]:
+        base crop rows (T) ‖ tile grid (nh·g rows × nw·g columns) with only kept cells, unpadded,
+        each remaining grid row followed by image_newline.
+    """
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    crops, _, hidden = embeds.shape
+    if crops == 1:  # no tiles: HF appends one newline to the base crop
+        return np.concatenate([embeds[0], newline[None]])
+    tiles_high, tiles_wide = get_anyres_image_grid_shape(image_size, pinpoints, side)
+    cells = np.zeros((tiles_high * grid, tiles_wide * grid, hidden + 1), np.float32)  # features + kept flag
+    for tile in range(crops - 1):
+        tile_row, tile_col = divmod(tile, tiles_wide)  # tiles in row-major order
+        row, col = np.divmod(index[tile + 1], grid)
+        cells[tile_row * grid + row, tile_col * grid + col, :hidden] = embeds[tile + 1]
+        cells[tile_row * grid + row, tile_col * grid + col, hidden] = 1.0
+    unpadded = unpad_image(torch.from_numpy(cells).permute(2, 0, 1), image_size).permute(1, 2, 0).numpy()
+    height = unpadded.shape[0]
+    with_newline = np.concatenate([unpadded, np.broadcast_to(np.append(newline, 1.0), (height, 1, hidden + 1))], axis=1)
+    flat = with_newline.reshape(-1, hidden + 1)
+    return np.concatenate([embeds[0], flat[flat[:, hidden] > 0.5, :hidden]]).astype(embeds.dtype)
+
+
+# LLaVA-1.6's grid pinpoints: 1x2, 2x1, 2x2, 3x1, 1x3 tiles of 336 px (plus the base image: up to 5 crops).
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_random_llava_next(out_dir: Path, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT, seed: int = 0) -> None:
+    """Write a randomly initialised LLaVA-NeXT checkpoint (CLIP 336px/14 + Llama, any-resolution) and processor."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from apet_export.models.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(max_length=8192)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=8192,  # 5 crops x 576 + newlines uncompressed ~ 2.9k
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False, **text_size,
+    )
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **tower_size)
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text_config, image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as the LLaVA presets: wider logit gaps; image_newline is initialised like HF's
+        model.lm_head.weight.mul_(math.sqrt(text_config.hidden_size))
+        model.model.image_newline.normal_(0, 1 / math.sqrt(text_config.hidden_size))
+    generation = model.generation_config
+    generation.bos_token_id, generation.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=PINPOINTS,
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_pad=True,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token="<image>",
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)

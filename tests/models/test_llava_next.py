@@ -1,0 +1,92 @@
+"""LLaVA-NeXT any-resolution: packing equals transformers without compression, the released index-mask
+packing under compression, parity of every artifact, budget split across crops, TensorRT-RTX parse."""
+
+import numpy as np
+import pytest
+import torch
+
+from apet_export.errors import InvalidInputError
+from apet_export.manifest import load_manifest
+from apet_export.models.llava_next import pack_crops
+from apet_export.parity.e2e import e2e_parity
+from apet_export.parity.run import run_parity
+from apet_export.runtime.images import synthetic_image
+from apet_export.runtime.pipeline import Pipeline
+from tests.tensorrt_parse import check_build_parses
+
+
+def test_pack_crops_scatters_kept_tokens_unpads_and_ends_rows_with_newline():
+    """grid 4x4 per crop, one row of two tiles (4 x 8 cells); a 20 x 100 image unpads to grid rows 1-2."""
+    grid, hidden = 4, 3
+    index = np.array([[0, 5, 9], [0, 5, 12], [3, 6, 15]])  # crops: base, tile (0, 0), tile (0, 1)
+    embeds = np.stack([np.stack([np.full(hidden, 100 * c + i, np.float32) for i in index[c]]) for c in range(3)])
+    newline = np.full(hidden, -1.0, np.float32)
+    rows = pack_crops(embeds, index, (20, 100), [[56, 112]], 56, grid, newline)
+    # tile cells (row, col) on the 4 x 8 grid: tile 1 -> (0,0) (1,1) (3,0); tile 2 -> (0,7) (1,6) (3,7)
+    # rows 0 and 3 are padding and go, with their kept tokens; rows 1 and 2 remain, each ends with a newline
+    expected = [0, 5, 9, 105, 206, -1, -1]
+    np.testing.assert_array_equal(rows[:, 0], expected)
+    assert rows.shape == (7, hidden)
+
+
+@pytest.fixture(scope="module")
+def torch_pipeline(llava_next_build):
+    with Pipeline.from_dir(llava_next_build, backend="torch") as pipeline:
+        yield pipeline
+
+
+@pytest.mark.parametrize("size", [(500, 300), (300, 700), (336, 336)])
+def test_uncompressed_rows_and_logits_equal_transformers(torch_pipeline, size):
+    image = synthetic_image(1, size)
+    model, processor = torch_pipeline.backend.model, torch_pipeline.processor
+    (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 5 * 576)  # every crop uncompressed
+    inputs = processor(images=[image], text=torch_pipeline.tokenizer.decode(torch_pipeline.prompt_ids("Hi", 1)),
+                       return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        expected = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        logits = model(**inputs).logits[0, -1].numpy()
+    np.testing.assert_array_equal(rows, expected.pooler_output[0].numpy())
+    result = torch_pipeline.generate([image], "Hi", budget=5 * 576, max_new_tokens=1, stream=False)
+    assert result.image_tokens == len(rows)
+    np.testing.assert_allclose(result.first_logits, logits, atol=1e-4)
+
+
+def test_budget_is_split_across_crops(torch_pipeline):
+    image = synthetic_image(2, (500, 300))  # best grid 1 x 2 tiles: 3 crops
+    calls = []
+    infer = torch_pipeline.backend.vision.infer
+
+    def logged(feed, **kwargs):
+        calls.append((feed["pixel_values"].shape[0], int(feed["keep"])))
+        return infer(feed, **kwargs)
+
+    torch_pipeline.backend.vision.infer = logged
+    try:
+        (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 160)
+    finally:
+        torch_pipeline.backend.vision.infer = infer
+    assert calls == [(3, 53)]  # one call, all crops, 160 // 3 each
+    assert 53 < len(rows) <= 3 * 53 + 24  # unpadding drops some tile tokens; <= 24 newline rows
+    with pytest.raises(InvalidInputError, match="tokens per crop: pass at least 33"):
+        torch_pipeline.generate([image], "Hi", budget=30, stream=False)  # known once the image is tiled
+    with pytest.raises(InvalidInputError, match=r"outside \[11, 2880\]"):
+        torch_pipeline.generate([image], "Hi", budget=3000)
+
+
+def test_vision_and_e2e_parity(llava_next_build):
+    """Vision: both graphs at 32, 128 and 576 per crop, batches of 1 and 2 crops; e2e: greedy 32 tokens at
+    budgets 160 and 640 per image and uncompressed (5 x 576)."""
+    vision = run_parity(llava_next_build, budgets=[32, 128, 576], e2e=False)["vision"]
+    assert all(row.passed for row in vision), [row for row in vision if not row.passed]
+    worst = max((row for row in vision if row.output == "image_embeds"), key=lambda r: r.max_abs)
+    print(f"largest image_embeds diff: {worst.max_abs:.3g} ({worst.check})")
+    image = synthetic_image(0, (500, 300))
+    e2e = e2e_parity(llava_next_build, load_manifest(llava_next_build), image, budgets=[160, 640, 5 * 576])
+    for row in e2e:
+        print(row.check, row.output, row.max_abs, row.detail)
+    assert all(row.passed for row in e2e), [row for row in e2e if not row.passed]
+    assert len(e2e) == 6 and all(r.detail == "identical (32 tokens)" for r in e2e if r.output == "token_ids")
+
+
+def test_graphs_parse_in_tensorrt_rtx(llava_next_build):
+    check_build_parses(llava_next_build)
