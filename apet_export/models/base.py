@@ -28,6 +28,7 @@ class ModelFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
+    model_class: str = ""  # the transformers class of the checkpoint, e.g. "LlavaForConditionalGeneration"
     media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
     prefix_tokens: int = 0  # rows per call kept whole in front of the compressed tokens (see split_prefix)
     exportable_methods: tuple[str, ...] = ("apet", "visionzip", "none")
@@ -38,8 +39,18 @@ class ModelFamily:
     fixed_image_rows: bool = True
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        """(model in eval mode, processor) from a local checkpoint directory."""
-        raise NotImplementedError
+        """(model in eval mode, processor) from a local checkpoint directory: safetensors only, local files
+        only (never the network), fp32 weights."""
+        import transformers
+
+        from apet_export.compat import quiet_libraries
+
+        quiet_libraries()
+        model = getattr(transformers, self.model_class).from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True,
+            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
+        ).eval()
+        return model, self.load_processor(path)
 
     def load_processor(self, path: Path):
         """The saved processor (anything with .tokenizer and .image_processor)."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from apet_export.compat import quiet_libraries
 from apet_export.compression.baselines import attention_received, cls_attention_from_qk
 from apet_export.models.base import ModelFamily, VisionDims
 
@@ -22,20 +21,7 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 class LlavaFamily(ModelFamily):
     name = "llava"
     model_types = ("llava",)
-
-    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        quiet_libraries()
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        # backend="pil": the saved processor resizes identically with or without torchvision installed.
-        processor = AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
-        )
-        return model, processor
+    model_class = "LlavaForConditionalGeneration"
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         config = model.config

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apet_export.compat import quiet_libraries
 from apet_export.errors import InvalidInputError
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
 
@@ -33,19 +32,7 @@ class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     fixed_image_rows = False  # rows per image depend on its crops, unpadding and newlines
-
-    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
-        quiet_libraries()
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        processor = AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
-        )
-        return model, processor
+    model_class = "LlavaNextForConditionalGeneration"
 
     def extra_tensors(self, model) -> dict[str, torch.Tensor]:
         return {"image_newline": model.model.image_newline.detach().float()}  # [H]

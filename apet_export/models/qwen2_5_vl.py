@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apet_export.compat import quiet_libraries
 from apet_export.config import TensorSpec
 from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
@@ -118,17 +117,9 @@ class QwenVLFamily(ModelFamily):
     llm_position_shape = (3, "batch", "sequence")  # M-RoPE: (t, h, w) position per token
     fixed_image_rows = False  # each image keeps its own share of its own token count
 
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
     # -- loading --------------------------------------------------------------------------------------
-    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        quiet_libraries()
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        return model, self.load_processor(path)
-
     def load_processor(self, path: Path) -> QwenProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from apet_export.compat import quiet_libraries
 from apet_export.config import TensorSpec
 from apet_export.models.base import ModelFamily, VisionDims
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER
@@ -37,19 +36,7 @@ class VideoLlavaFamily(ModelFamily):
     prefix_tokens = 1  # the frame's CLS row
     exportable_methods = ("apet", "none")  # VisionZip is not wired up for the video tower
     fixed_image_rows = False  # a video placeholder becomes F x (1 + T) rows
-
-    def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
-
-        quiet_libraries()
-        model = VideoLlavaForConditionalGeneration.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True,
-            attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        processor = AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code, backend="pil", local_files_only=True
-        )
-        return model, processor
+    model_class = "VideoLlavaForConditionalGeneration"
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         vision, hidden = model.config.vision_config, model.config.text_config.hidden_size
