@@ -107,8 +107,7 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
     processor = data.load_processor(source)
 
     out = options.output.resolve()
-    lock, staging = staging_dir.prepare(out, options.force)  # as `build`: locked, stale folders removed
-    try:
+    with staging_dir.staged_output(out, options.force) as staging:  # as `build`: locked, atomic
         console.print(f"calibrating vision.onnx on {len(dataset.images)} images ({options.method}, budget {keep})")
         vision_graph = manifest.file(source, "vision")
         ranges_file, vision_key, hit = cached_ranges(
@@ -168,12 +167,6 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
         }
         manifest.notes = [*manifest.notes, f"quantised from {source} by apet-export calibrate"]
         manifest.write(staging)
-        staging_dir.publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
     console.print(f"[green]calibrated[/green] {out}")
     return manifest
 

@@ -11,7 +11,6 @@ interrupted build never leaves a half-written DIR.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,118 +110,111 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
     check_options(options)
     console = console or Console(stderr=True)
     out = Path(options.out).resolve()
-    lock, staging = staging_dir.prepare(out, options.force)  # DIR locked; stale staging folders removed
-    try:
-        with staging_dir.exit_on_sigterm(), stage_progress(console) as progress:
+    # DIR locked, stale staging folders removed; DIR appears only complete
+    with staging_dir.staged_output(out, options.force) as staging, stage_progress(console) as progress:
 
-            def step(description: str):
-                return progress.add_task(description, total=1)
+        def step(description: str):
+            return progress.add_task(description, total=1)
 
-            task = step(f"model: {options.model}")
-            checkpoint = staging / "model"
-            source_id = prepare_checkpoint(options.model, checkpoint)
-            family = family_for_checkpoint(checkpoint)
-            try:
-                model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
-            except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
-                raise ArtifactError(
-                    f"cannot load the checkpoint {options.model}: {str(error).replace(str(checkpoint), options.model)}"
-                ) from error
-            dims = family.vision_dims(model, processor)
-            check_against_model(options, dims.num_tokens)
-            minimum = budget_floor(options.method, options.compression)
-            if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
-                from apet_export.compression.stages import average_budget_floor
-                from apet_export.export.llm_split import check_stage2_layer
+        task = step(f"model: {options.model}")
+        checkpoint = staging / "model"
+        source_id = prepare_checkpoint(options.model, checkpoint)
+        family = family_for_checkpoint(checkpoint)
+        try:
+            model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
+        except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
+            raise ArtifactError(
+                f"cannot load the checkpoint {options.model}: {str(error).replace(str(checkpoint), options.model)}"
+            ) from error
+        dims = family.vision_dims(model, processor)
+        check_against_model(options, dims.num_tokens)
+        minimum = budget_floor(options.method, options.compression)
+        if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
+            from apet_export.compression.stages import average_budget_floor
+            from apet_export.export.llm_split import check_stage2_layer
 
-                check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
-                if not family.fixed_image_rows:
-                    raise InvalidInputError(
-                        f"--stage2-layer is implemented for families with a fixed number of image tokens "
-                        f"(LLaVA), not {family.name}: drop --stage2-layer"
-                    )
-                minimum = average_budget_floor(options.compression.num_basis)
-            default_budget = options.budget if options.budget is not None else family.default_budget
-            if default_budget is not None:
-                validate_budget(default_budget, minimum, dims.num_tokens)
-            progress.update(task, completed=1)
-
-            files: dict[str, ArtifactSpec] = {}
-            notes: list[str] = []
-            task = step("vision.onnx: tower + ApET stage 1 + projector")
-            inputs, outputs = export_vision(
-                model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset,
-                precision=options.precision,
-            )
-            files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
-            progress.update(task, completed=1)
-
-            extras = family.extra_tensors(model)
-            if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
-                specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
-                files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
-
-            plugin = {}
-            if options.method == "apet" and options.compression.selection == "fps":
-                from apet_export.plugins import apet_score
-
-                task = step("vision.plugin.onnx: ApetScore plugin node")
-                export_vision(
-                    model, family, options.method, options.compression, staging / "vision.plugin.onnx",
-                    use_plugin=True, opset=options.opset, precision=options.precision,
+            check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
+            if not family.fixed_image_rows:
+                raise InvalidInputError(
+                    f"--stage2-layer is implemented for families with a fixed number of image tokens "
+                    f"(LLaVA), not {family.name}: drop --stage2-layer"
                 )
-                files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
-                plugin = {
-                    "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
-                    "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
-                }
-                progress.update(task, completed=1)
-            else:
-                notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
+            minimum = average_budget_floor(options.compression.num_basis)
+        default_budget = options.budget if options.budget is not None else family.default_budget
+        if default_budget is not None:
+            validate_budget(default_budget, minimum, dims.num_tokens)
+        progress.update(task, completed=1)
 
-            manifest = Manifest(
-                source={"model": source_id, "sha256": checkpoint_sha256(checkpoint)},
-                family=family.name,
-                dims={
-                    "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
-                    "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
-                    "media": family.media, "prefix_tokens": family.prefix_tokens, **family.runtime_dims(model),
-                },
-                method=options.method,
-                compression=options.compression,
-                budget={
-                    "default": default_budget, "min": minimum + 1, "max": dims.num_tokens,
-                    # default None: keep this share of each image's tokens (dynamic resolution)
-                    **({"ratio": family.default_keep_ratio} if family.default_keep_ratio else {}),
-                },
-                precision=options.precision,
-                opset=options.opset,
-                files=files,
-                plugin=plugin,
-                notes=notes,
-                tool_versions=tool_versions(),
+        files: dict[str, ArtifactSpec] = {}
+        notes: list[str] = []
+        task = step("vision.onnx: tower + ApET stage 1 + projector")
+        inputs, outputs = export_vision(
+            model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset,
+            precision=options.precision,
+        )
+        files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
+        progress.update(task, completed=1)
+
+        extras = family.extra_tensors(model)
+        if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
+            specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
+            files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
+
+        plugin = {}
+        if options.method == "apet" and options.compression.selection == "fps":
+            from apet_export.plugins import apet_score
+
+            task = step("vision.plugin.onnx: ApetScore plugin node")
+            export_vision(
+                model, family, options.method, options.compression, staging / "vision.plugin.onnx",
+                use_plugin=True, opset=options.opset, precision=options.precision,
             )
-            if options.llm and options.stage2_layer is not None:
-                from apet_export.export.llm_split import export_split_llm_artifacts
+            files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
+            plugin = {
+                "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
+                "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
+            }
+            progress.update(task, completed=1)
+        else:
+            notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
 
-                task = step(f"llm_a.onnx, stage2.onnx, llm_b.onnx: decoder split at layer {options.stage2_layer}")
-                export_split_llm_artifacts(model, family, staging, manifest, options.precision, options.stage2_layer)
-                progress.update(task, completed=1)
-            elif options.llm:
-                from apet_export.export.llm import export_llm_artifacts
+        manifest = Manifest(
+            source={"model": source_id, "sha256": checkpoint_sha256(checkpoint)},
+            family=family.name,
+            dims={
+                "image_size": dims.image_size, "num_image_tokens": dims.num_tokens,
+                "vision_hidden": dims.vision_hidden, "text_hidden": dims.text_hidden,
+                "media": family.media, "prefix_tokens": family.prefix_tokens, **family.runtime_dims(model),
+            },
+            method=options.method,
+            compression=options.compression,
+            budget={
+                "default": default_budget, "min": minimum + 1, "max": dims.num_tokens,
+                # default None: keep this share of each image's tokens (dynamic resolution)
+                **({"ratio": family.default_keep_ratio} if family.default_keep_ratio else {}),
+            },
+            precision=options.precision,
+            opset=options.opset,
+            files=files,
+            plugin=plugin,
+            notes=notes,
+            tool_versions=tool_versions(),
+        )
+        if options.llm and options.stage2_layer is not None:
+            from apet_export.export.llm_split import export_split_llm_artifacts
 
-                task = step("llm.onnx: decoder with fused attention and KV cache")
-                export_llm_artifacts(model, family, staging, manifest, options.precision)
-                progress.update(task, completed=1)
-            manifest.write(staging)
-        staging_dir.publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
+            task = step(f"llm_a.onnx, stage2.onnx, llm_b.onnx: decoder split at layer {options.stage2_layer}")
+            export_split_llm_artifacts(model, family, staging, manifest, options.precision, options.stage2_layer)
+            progress.update(task, completed=1)
+        elif options.llm:
+            from apet_export.export.llm import export_llm_artifacts
+
+            task = step("llm.onnx: decoder with fused attention and KV cache")
+            export_llm_artifacts(model, family, staging, manifest, options.precision)
+            progress.update(task, completed=1)
+        manifest.write(staging)
     console.print(f"[green]built[/green] {out}")
     return manifest

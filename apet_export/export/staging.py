@@ -118,6 +118,22 @@ def prepare(out: Path, force: bool) -> tuple[OutputLock, Path]:
     return lock, staging
 
 
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool):
+    """The whole life of an atomic output: lock DIR, yield a new staging folder to write into, publish it as
+    DIR when the block ends; on any error, Ctrl-C or SIGTERM the staging folder is removed instead."""
+    lock, staging = prepare(out, force)
+    try:
+        with exit_on_sigterm():
+            yield staging
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
