@@ -81,15 +81,17 @@ class ModelFamily:
         """Per-token projector: [B, T, D] -> [B, T, H]."""
         raise NotImplementedError
 
+    # Every transformers *ForConditionalGeneration VLM we support lays these out the same way.
     def language_model(self, model):
         """The decoder stack without head (LlamaModel, Qwen2Model, ...)."""
-        raise NotImplementedError
+        return model.model.language_model
 
     def lm_head(self, model):
-        raise NotImplementedError
+        return model.lm_head
 
     def image_token_id(self, model) -> int:
-        raise NotImplementedError
+        """The placeholder token whose position the image rows replace."""
+        return model.config.image_token_id
 
     def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
         """(inputs, outputs) of vision.onnx; dynamic axes are named ('batch', 'keep')."""

@@ -73,15 +73,6 @@ class LlavaFamily(ModelFamily):
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         return model.model.multi_modal_projector(features)
 
-    def language_model(self, model):
-        return model.model.language_model
-
-    def lm_head(self, model):
-        return model.lm_head
-
-    def image_token_id(self, model) -> int:
-        return model.config.image_token_id
-
 
 # Sizes of the random presets: tiny for tests, real shapes for benchmarks.
 TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)

@@ -202,15 +202,6 @@ class QwenVLFamily(ModelFamily):
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         return features  # ApET runs after the merger: the features are already LLM embeddings
 
-    def language_model(self, model):
-        return model.model.language_model
-
-    def lm_head(self, model):
-        return model.lm_head
-
-    def image_token_id(self, model) -> int:
-        return model.config.image_token_id
-
     def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
         config = model.config.vision_config if model is not None else None
         # C·t·p·p values per patch row (1176 for every released Qwen2.5-VL)

@@ -58,12 +58,6 @@ class VideoLlavaFamily(ModelFamily):
     def project(self, model, features: torch.Tensor) -> torch.Tensor:
         return features  # vision_features already projected (the released code compresses after the projector)
 
-    def language_model(self, model):
-        return model.model.language_model
-
-    def lm_head(self, model):
-        return model.lm_head
-
     def image_token_id(self, model) -> int:
         return model.config.video_token_id  # the placeholder that the frames' rows replace
 

@@ -13,6 +13,7 @@ from apet_export.calibration import cache, quantize
 from apet_export.calibration.build import CalibrationOptions, calibrate
 from apet_export.calibration.quantize import quantized_nodes
 from apet_export.errors import ArtifactError, InvalidInputError
+from apet_export.export.trt_network import mark_attention_decomposable, set_target
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
@@ -157,14 +158,9 @@ def tensorrt_engine(path, trt):
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     assert parser.parse_from_file(str(path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    for index in range(network.num_layers):  # fp32 attention shapes without a fused kernel (DESIGN.md)
-        layer = network.get_layer(index)
-        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
-            layer.__class__ = trt.IAttentionOutputLayer
-            layer.attention.decomposable = True
+    mark_attention_decomposable(trt, network)  # fp32 attention shapes without a fused kernel
     config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    set_target(trt, config, trt.ComputeCapability.SM89)
     profile = builder.create_optimization_profile()
     profile.set_shape("pixel_values", (1, 3, 336, 336), (1, 3, 336, 336), (2, 3, 336, 336))
     profile.set_shape_input("keep", [11], [64], [576])  # the budget is a shape input (TopK's k)

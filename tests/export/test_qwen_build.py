@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from apet_export.errors import MissingDependencyError
+from apet_export.export.trt_network import mark_attention_decomposable, set_target
 from apet_export.manifest import load_manifest
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
@@ -134,14 +135,9 @@ def test_vision_engine_builds_ahead_of_time_for_a_range_of_resolutions(qwen_buil
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     assert parser.parse_from_file(str(qwen_build / "vision.onnx"))
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
-            layer.__class__ = trt.IAttentionOutputLayer
-            layer.attention.decomposable = True
+    mark_attention_decomposable(trt, network)  # fp32 attention shapes without a fused kernel
     config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
+    set_target(trt, config, trt.ComputeCapability.SM89)
     profile = builder.create_optimization_profile()
     low, typical, high = 16, 54, 64  # merged tokens per image (tiny preset's min/max pixels)
     for name, per_token in (("pixel_values", (4, 1176)), ("patch_positions", (4, 2)), ("window_slot", (4,)), ("window_index", (1,))):
