@@ -23,12 +23,21 @@ def op_histogram(model) -> Counter:
 
 
 def engines_summary(engines: dict) -> str:
-    built = engines["tensorrt"]
-    files = engines["files"]
-    size = sum(f["bytes"] for f in files) / 2**20
+    """One line per TensorRT module / version / precision that built engines, with their targets."""
+    from apet_export.export.tensorrt import earlier_engines
+
+    files = earlier_engines(engines)
+    groups: dict[tuple, list[dict]] = {}
+    for entry in files:
+        groups.setdefault((entry["tensorrt"]["module"], entry["tensorrt"]["version"], entry["precision"]), []).append(entry)
+    parts = []
+    for (module, version, precision), entries in groups.items():
+        size = sum(e["bytes"] for e in entries) / 2**20
+        targets = ", ".join(sorted({e["target"] for e in entries}))
+        parts.append(f"{len(entries)} TensorRT engines ({size:.1f} MiB) by {module} {version}, {precision}, targets {targets}")
     skipped = "".join(f"; {name} skipped: {why}" for name, why in engines.get("skipped", {}).items())
-    return (f"{len(files)} TensorRT engines ({size:.1f} MiB) by {built['module']} {built['version']}, "
-            f"{engines['precision']}, targets {', '.join(engines['targets'])}{skipped}")
+    failed = "".join(f"; {name} failed: {why}" for name, why in engines.get("failed", {}).items())
+    return "; ".join(parts) + skipped + failed
 
 
 def inspect_build(build_dir: Path, console: Console) -> None:

@@ -3,7 +3,7 @@
     DIR/manifest.json + vision.onnx, vision.plugin.onnx, llm.onnx (any ONNX artifact it lists)
       │ per target (sm80, sm89, ... or the GPU here), per graph: parse → profiles → build (trt_network.py)
       ▼
-    DIR/engines/<target>/<artifact>.engine, DIR/engines/timing.cache, manifest["engines"]
+    DIR/engines/<target>/<artifact>.engine, DIR/engines/timing.cache, manifest["engines"]["files"]
 
 A separate step rather than `build --engine`, because engines and ONNX have different lifetimes: an
 engine is tied to one GPU architecture and one TensorRT version, the ONNX graphs to neither. A build is
@@ -15,8 +15,12 @@ Precision: TensorRT networks are strongly typed (TensorRT 11 has nothing else), 
 precision of its graph: fp16 engines come from `apet-export build --precision fp16`; `--precision` here
 only checks that the build is what the caller expects.
 
-Everything is built into DIR/.engines.tmp-*; engines/ is replaced by renames and the manifest rewritten
-atomically only once every engine is built, so a failure leaves the previous engines/ as it was.
+Engines of different targets and artifacts live side by side: a run replaces only the (target, artifact)
+engines it builds. Each is built into DIR/.engines.tmp-*, then renamed over its place once every engine of
+the run was tried, and the manifest (which lists every engine with the TensorRT module, version and settings
+that built it) is rewritten atomically after that. An engine that fails to build is reported by name with
+its reason and leaves its previous engine (if any) as it was; the run then fails (EngineBuildError) after
+keeping what did build.
 """
 
 from __future__ import annotations
@@ -179,10 +183,58 @@ class Stages:
         self.console.print(f"[green]done[/green] {description} ({time.perf_counter() - start:.1f} s)")
 
 
+FP8_MIN_CAPABILITY = 89  # FP8 tensor cores: Ada (SM89), Hopper (SM90) and later; not Ampere (SM80/86/87)
+
+
+def capability_number(target: str) -> int:
+    """'sm89' -> 89 (targets are checked to be smXY before this is called)."""
+    return int(target[2:])
+
+
+def check_quantized_targets(manifest, targets: list[Target]) -> None:
+    """Refuse, before building anything, a (precision, target) cell TensorRT cannot build."""
+    if manifest.precision == "fp8":
+        lacking = [t.name for t in targets if capability_number(t.name) < FP8_MIN_CAPABILITY]
+        if lacking:
+            raise EngineTargetError(
+                f"this build is fp8 and {', '.join(lacking)} has no FP8 hardware (FP8 needs sm89 or newer: Ada, "
+                f"Hopper, Blackwell): build its engines for sm89+ only, or calibrate an int8 build for "
+                f"{', '.join(lacking)} (`apet-export calibrate ... --precision int8`)"
+            )
+
+
+@dataclass
+class RunResult:
+    """What one `engine` run did, per (target, artifact)."""
+
+    built: list[dict]  # manifest entries of the engines built and moved into place
+    failed: dict[str, str]  # "sm80/llm" -> why it could not be built
+    skipped: dict[str, str]  # artifact -> why it was not attempted (a plugin not available here)
+
+
+def engine_key(target: str, artifact: str) -> str:
+    return f"{target}/{artifact}"
+
+
+def build_settings(trt, options: EngineOptions, manifest) -> dict:
+    from apet_export.export.trt_network import has_timing_cache
+
+    return {
+        "strongly_typed": True, "tf32": False, "builder_optimization_level": options.optimization_level,
+        "max_batch": options.max_batch,
+        "max_context": options.max_context or manifest.dims.get("max_context"),
+        "decomposable_attention": True,
+        # TensorRT-RTX does not time tactics ahead of time: no cache to save there
+        "timing_cache": f"{ENGINES_DIR}/{TIMING_CACHE}" if has_timing_cache(trt) else None,
+    }
+
+
 def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), console: Console | None = None) -> dict:
-    """Build the engines of every (target, ONNX artifact) into DIR/engines/; returns manifest["engines"]."""
-    from apet_export.export.trt_network import build_engine, has_timing_cache, make_logger
-    from apet_export.export.trt_profiles import profiles_for
+    """Build the engines of every (target, ONNX artifact) into DIR/engines/<target>/; returns manifest["engines"].
+
+    Engines this run does not build stay as they are. EngineBuildError (after the others are in place)
+    when any engine could not be built, naming each with its reason."""
+    from apet_export.errors import EngineBuildError
 
     console = console or Console(stderr=True)
     build_dir = Path(build_dir).resolve()
@@ -191,77 +243,110 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     graphs = onnx_artifacts(build_dir, manifest, options.artifacts)
     trt = import_tensorrt()
     targets = resolve_targets(trt, options.targets, current_gpu_target())
+    check_quantized_targets(manifest, targets)
 
     skipped = {}
     if any(name in PLUGIN_ARTIFACTS for name in graphs):
         reason = register_plugins(trt)
         if reason:
+            asked = [name for name in graphs if name in PLUGIN_ARTIFACTS and name in (options.artifacts or ())]
+            if asked:  # named on the command line: not building it is a failure, not a skip
+                raise EngineBuildError(f"cannot build {', '.join(asked)}: {reason}")
             skipped = {name: reason for name in graphs if name in PLUGIN_ARTIFACTS}
             graphs = [name for name in graphs if name not in skipped]
             console.print(f"[yellow]skipped[/yellow] {', '.join(skipped)}: {reason}")
 
     final = build_dir / ENGINES_DIR
-    old_cache = final / TIMING_CACHE
-    timing_cache = old_cache.read_bytes() if old_cache.is_file() else None
     staging = Path(tempfile.mkdtemp(prefix=f".{ENGINES_DIR}.tmp-", dir=build_dir))
-    stages = Stages(console)
+    try:
+        result = _build_into(staging, trt, build_dir, manifest, graphs, targets, options, Stages(console))
+        result.skipped = skipped
+        record = _publish(staging, final, build_dir, manifest, result, trt, options)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    built = sum(f["bytes"] for f in result.built) / 2**20
+    names = ", ".join(f["path"].removeprefix(f"{ENGINES_DIR}/") for f in result.built) or "none"
+    console.print(f"[green]built[/green] {len(result.built)} engine(s), {built:.1f} MiB, in {final}: {names}")
+    if result.failed:
+        failures = "; ".join(f"{key}: {why}" for key, why in result.failed.items())
+        raise EngineBuildError(
+            f"{len(result.failed)} engine(s) could not be built ({failures}); built and kept: {names}"
+        )
+    return record
+
+
+def _build_into(staging: Path, trt, build_dir: Path, manifest, graphs, targets, options, stages) -> RunResult:
+    """Build every (target, graph) engine into staging/<target>/<graph>.engine; a failure is recorded for that
+    engine and the run goes on."""
+    from apet_export.errors import EngineBuildError
+    from apet_export.export.trt_network import build_engine, has_timing_cache, make_logger
+    from apet_export.export.trt_profiles import profiles_for
+
+    old_cache = build_dir / ENGINES_DIR / TIMING_CACHE
+    timing_cache = old_cache.read_bytes() if old_cache.is_file() else None
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    files = []
-    try:
-        for target in targets:
-            (staging / target.name).mkdir()
-            for name in graphs:
-                source = manifest.file(build_dir, name)
-                relative = f"{ENGINES_DIR}/{target.name}/{name}.engine"
-                profiles = profiles_for(manifest, name, options.max_batch, options.max_context)
-                start = time.perf_counter()
+    settings = build_settings(trt, options, manifest)
+    result = RunResult([], {}, {})
+    for target in targets:
+        (staging / target.name).mkdir()
+        for name in graphs:
+            source = manifest.file(build_dir, name)
+            relative = f"{ENGINES_DIR}/{target.name}/{name}.engine"
+            profiles = profiles_for(manifest, name, options.max_batch, options.max_context)
+            start = time.perf_counter()
+            try:
                 with stages.stage(f"{target.name}: {source.name} -> {relative}"):
                     engine, timing_cache, marked = build_engine(
                         trt, builder, logger, source, profiles, target.capability, timing_cache,
                         options.optimization_level,
                     )
                     (staging / target.name / f"{name}.engine").write_bytes(engine)
-                files.append({
-                    "artifact": name, "target": target.name, "path": relative, "bytes": len(engine),
-                    "build_seconds": round(time.perf_counter() - start, 2), "decomposable_attention": marked,
-                    "profiles": [p.to_dict() for p in profiles],
-                })
-        if has_timing_cache(trt) and timing_cache is not None and not isinstance(timing_cache, bytes):
-            (staging / TIMING_CACHE).write_bytes(bytes(timing_cache.serialize()))
-        staging.chmod(0o755)
-        record = {
-            "tensorrt": {"module": trt.__name__, "version": trt.__version__},
-            "precision": manifest.precision,
-            "targets": [t.name for t in targets],
-            "settings": {
-                "strongly_typed": True, "tf32": False, "builder_optimization_level": options.optimization_level,
-                "max_batch": options.max_batch,
-                "max_context": options.max_context or manifest.dims.get("max_context"),
-                "decomposable_attention": True,
-                # TensorRT-RTX does not time tactics ahead of time: no cache to save there
-                "timing_cache": f"{ENGINES_DIR}/{TIMING_CACHE}" if has_timing_cache(trt) else None,
-            },
-            "files": files,
-            "skipped": skipped,
-        }
-        _swap_into_place(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            except EngineBuildError as error:
+                result.failed[engine_key(target.name, name)] = str(error)
+                stages.console.print(f"[red]failed[/red] {engine_key(target.name, name)}: {error}")
+                continue
+            result.built.append({
+                "artifact": name, "target": target.name, "path": relative, "bytes": len(engine),
+                "tensorrt": {"module": trt.__name__, "version": trt.__version__},
+                "precision": manifest.precision, "settings": settings,
+                "build_seconds": round(time.perf_counter() - start, 2), "decomposable_attention": marked,
+                "profiles": [p.to_dict() for p in profiles],
+            })
+    if has_timing_cache(trt) and timing_cache is not None and not isinstance(timing_cache, bytes):
+        (staging / TIMING_CACHE).write_bytes(bytes(timing_cache.serialize()))
+    return result
+
+
+def _publish(staging: Path, final: Path, build_dir: Path, manifest, result: RunResult, trt, options) -> dict:
+    """Move each staged engine over its place (one rename each), then rewrite the manifest atomically with
+    the engines of earlier runs that this run did not replace."""
+    final.mkdir(exist_ok=True)
+    for entry in result.built:
+        (final / entry["target"]).mkdir(exist_ok=True)
+        os.replace(staging / entry["target"] / f"{entry['artifact']}.engine", build_dir / entry["path"])
+    if (staging / TIMING_CACHE).is_file():
+        os.replace(staging / TIMING_CACHE, final / TIMING_CACHE)
+    replaced = {engine_key(e["target"], e["artifact"]) for e in result.built}
+    previous = [e for e in earlier_engines(manifest.engines) if engine_key(e["target"], e["artifact"]) not in replaced]
+    files = sorted(previous + result.built, key=lambda e: (e["target"], e["artifact"]))
+    record = {
+        "targets": sorted({e["target"] for e in files}),
+        "files": files,
+        "skipped": {**manifest.engines.get("skipped", {}), **result.skipped} if manifest.engines else result.skipped,
+        "failed": result.failed,  # of the last run: what it could not build, and why
+    }
+    for entry in result.built:  # an artifact built now is no longer skipped
+        record["skipped"].pop(entry["artifact"], None)
     manifest.engines = record
     manifest.write(build_dir)
-    total = sum(f["bytes"] for f in files) / 2**20
-    console.print(f"[green]built[/green] {len(files)} engine(s), {total:.1f} MiB, in {final}")
     return record
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Replace `final` by `staging` with renames only; the previous engines are removed after the swap."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    staging.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def earlier_engines(record: dict) -> list[dict]:
+    """The engine entries of an existing manifest["engines"], each with its TensorRT module, version,
+    precision and settings (records written before engines lived side by side carried these once, for all)."""
+    if not record:
+        return []
+    shared = {key: record[key] for key in ("tensorrt", "precision", "settings") if key in record}
+    return [{**shared, **entry} for entry in record.get("files", [])]
