@@ -5,7 +5,7 @@
          ▼
     OUT (new build, written in a temporary sibling directory, then renamed):
         vision.onnx, vision.plugin.onnx   INT8 / FP8 QDQ, /vision/apet/... left in float
-        llm.onnx                          int8: weight-only MatMulNBits (onnxruntime CPU); fp8: FP8 QDQ
+        llm.onnx                          int8: weight-only int8 / int4 DequantizeLinear -> MatMul; fp8: FP8 QDQ
         model/, embeddings.safetensors    hard-linked (copied where links are impossible)
         manifest.json                     precision, and a `quantization` section (method, samples, cache keys)
 """
@@ -141,9 +141,11 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
             llm_graph = manifest.file(source, "llm")
             target = staging / manifest.files["llm"].path
             if options.precision == "int8":
-                console.print(f"llm.onnx: weight-only int{options.llm_bits} (MatMulNBits)")
-                quantize.quantize_weights(llm_graph, target, bits=options.llm_bits)
-                graphs["llm"] = f"weight-only int{options.llm_bits} MatMulNBits (block 32, symmetric)"
+                console.print(f"llm.onnx: weight-only int{options.llm_bits} (DequantizeLinear -> MatMul)")
+                done = quantize.quantize_weights(llm_graph, target, bits=options.llm_bits)
+                layout = "per output channel" if options.llm_bits == 8 else "blocks of 32 along K"
+                graphs["llm"] = (f"weight-only int{options.llm_bits} DequantizeLinear -> MatMul ({layout}, symmetric; "
+                                 f"{done['quantized']} weights, {len(done['float'])} MatMuls left in float)")
             else:
                 console.print(f"calibrating llm.onnx on {len(dataset.images)} image + prompt prefills")
                 llm_ranges, llm_key, hit = _llm_ranges(source, llm_graph, dataset, fingerprint, settings, cache_dir, keep, options)

@@ -6,14 +6,17 @@
                         ─► FP8:  the same places, float8 e4m3fn, scale = amax / 448      (written here, see below)
     /vision/apet/...       stays float: its nodes are excluded by name, so scoring, FPS, TopK and merging
                            see float features and rank exactly as the fp32 build would for those features
-    llm.onnx           ─► INT8/INT4 weight-only: MatMul -> com.microsoft MatMulNBits (blockwise, symmetric)
+    llm.onnx           ─► INT8/INT4 weight-only: int8 / int4 weights ─DequantizeLinear─► MatMul (int8 per
+                           output channel, int4 per block of 32 along K; symmetric): runs on onnxruntime CPU
+                           and parses and builds in TensorRT (com.microsoft MatMulNBits does not)
                         ─► FP8 (TensorRT): QDQ like the vision graph, the lm_head left in float
 
 Why onnxruntime.quantization and not NVIDIA ModelOpt's ONNX quantisation: it is already installed with
 onnxruntime 1.31 and runs its calibration on the CPU provider; its QDQ output (symmetric int8, zero point
 0, per-channel weights) is the explicit-quantisation form TensorRT consumes, and onnxruntime CPU fuses it
-into integer kernels; it has the weight-only MatMulNBits quantiser onnxruntime CPU runs. ModelOpt's ONNX
-path (`nvidia-modelopt[onnx]` 0.47.0) would, per `pip install --dry-run`, downgrade onnx to 1.21.0 and pull
+into integer kernels. The weight-only LLM form (DequantizeLinear on integer weights) is written here: its
+MatMul4BitsQuantizer writes QDQ for 4 bits only and MatMulNBits otherwise, which TensorRT cannot parse.
+ModelOpt's ONNX path (`nvidia-modelopt[onnx]` 0.47.0) would, per `pip install --dry-run`, downgrade onnx to 1.21.0 and pull
 onnxruntime-gpu 1.24.4 and cupy-cuda12x: it cannot share this environment (pinned onnx 1.23.2 /
 onnxruntime 1.31.1).
 
@@ -214,28 +217,90 @@ def sort_topologically(model) -> None:
     model.graph.node.extend(ordered)
 
 
-def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32) -> None:
-    """Weight-only INT8 / INT4 of llm.onnx: every MatMul with a constant weight -> MatMulNBits (symmetric,
-    blockwise along K). accuracy_level 4 lets onnxruntime CPU compute in int8 (activations quantised
-    per block on the fly); the graph's inputs and outputs stay float32."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+WEIGHT_ONLY_BITS = {8: 127, 4: 7}  # bits -> largest magnitude of the symmetric integer range
+BLOCK_DQ_OPSET = 21  # DequantizeLinear's block_size attribute and the int4 type
 
-    if bits not in (4, 8):
+
+def weight_only_weight(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [K, N] float -> (int8 / int4 values [K, N], scale) with W ≈ values * scale, symmetric (zero point 0):
+    int8: one scale per output channel, scale [N] (DequantizeLinear axis 1);
+    int4: one scale per block of `block_size` rows of each column, scale [K / block, N] (axis 0, block_size)."""
+    import ml_dtypes
+
+    largest = WEIGHT_ONLY_BITS[bits]
+    rows, cols = weight.shape
+    if bits == 8:
+        scale = np.abs(weight).max(axis=0) / largest  # [N]
+        expanded = scale
+    else:
+        blocks = np.abs(weight).reshape(rows // block_size, block_size, cols).max(axis=1)  # [K / block, N]
+        scale = blocks / largest
+        expanded = np.repeat(scale, block_size, axis=0)  # [K, N]
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    expanded = np.where(expanded > 0, expanded, 1.0)
+    values = np.clip(np.round(weight / expanded), -largest, largest).astype(np.int8 if bits == 8 else ml_dtypes.int4)
+    return values, scale
+
+
+def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32) -> dict:
+    """Weight-only INT8 / INT4 of llm.onnx: the constant weight of every MatMul becomes integers read through
+    a DequantizeLinear, the form both onnxruntime and TensorRT consume:
+
+        W int8 [K, N] ─DequantizeLinear(scale [N], axis=1)──────────────────┐
+        W int4 [K, N] ─DequantizeLinear(scale [K/32, N], axis=0, block_size=32)┴─► MatMul(x [B, S, K]) -> [B, S, N]
+
+    Activations stay in the graph's float type (the scales have that type, so a DequantizeLinear yields
+    what the MatMul expects in a strongly typed TensorRT network); onnxruntime CPU fuses the pair into its
+    integer-weight kernels, TensorRT into a weight-only GEMM. Symmetric (no zero point: TensorRT's
+    dequantisation requires zero points of 0). Int4 needs K divisible by the block size; a MatMul whose K
+    is not is left in float and counted. Returns {"quantized": n, "float": [names left in float]}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if bits not in WEIGHT_ONLY_BITS:
         raise InvalidInputError(f"weight-only quantisation supports 4 or 8 bits, got {bits}")
-    config = DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits,
-        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-    )
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=4, algo_config=config)
-    with quiet_quantization():  # one INFO line per node otherwise
-        quantizer.process()
-    save(quantizer.model.model, out, large=is_large(graph))
+    model = onnx.load(str(graph))
+    initializers = {init.name: init for init in model.graph.initializer}
+    dequantized: dict[str, str] = {}  # weight -> its DequantizeLinear output (tied weights are quantised once)
+    new_nodes, new_inits, left_float = [], [], []
+    for node in model.graph.node:
+        weight_name = node.input[1] if node.op_type == "MatMul" else None
+        if weight_name not in initializers or len(initializers[weight_name].dims) != 2:
+            continue
+        if weight_name not in dequantized:
+            weight = numpy_helper.to_array(initializers[weight_name])  # [K, N], float32 or float16
+            if bits == 4 and weight.shape[0] % block_size:
+                left_float.append(node.name)
+                continue
+            values, scale = weight_only_weight(weight.astype(np.float32), bits, block_size)
+            q_weight = numpy_helper.from_array(values, f"{weight_name}_int{bits}")
+            w_scale = numpy_helper.from_array(scale.astype(weight.dtype), f"{weight_name}_int{bits}_scale")
+            new_inits += [q_weight, w_scale]
+            attributes = {"axis": 1} if bits == 8 else {"axis": 0, "block_size": block_size}
+            new_nodes.append(helper.make_node(
+                "DequantizeLinear", [q_weight.name, w_scale.name], [f"{weight_name}_dequantized"],
+                name=f"{node.name}/weight_DequantizeLinear", **attributes,
+            ))
+            dequantized[weight_name] = f"{weight_name}_dequantized"
+        node.input[1] = dequantized[weight_name]
+    model.graph.node.extend(new_nodes)
+    model.graph.initializer.extend(new_inits)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    _require_opset(model, BLOCK_DQ_OPSET)
+    sort_topologically(model)
+    save(model, out, large=is_large(graph))
+    return {"quantized": len(set(dequantized)), "float": left_float}
+
+
+def _require_opset(model, version: int) -> None:
+    """Raise the default-domain opset to `version` where it is lower (the graphs the exporter writes are
+    opset 23, for Attention: nothing changes for them)."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < version:
+            opset.version = version
 
 
 def save(model, out: Path, large: bool) -> None:
