@@ -154,16 +154,18 @@ def prefill_tokens(manifest, result) -> float:
 def run_bench_with_tensorrt(
     build_dir: Path, backend: str = "onnxruntime", budgets: list[int] | None = None, runs: int = 5,
     max_new_tokens: int = 16, console: Console | None = None, tensorrt: bool = True,
-    pairs: list[tuple[int, int]] | None = None,
+    pairs: list[tuple[int, int]] | None = None, require_tensorrt: bool = False,
 ) -> list[BenchRow]:
     """run_bench on `backend`, then on the TensorRT engines too where this machine runs them; otherwise
-    one line says why TensorRT was skipped."""
-    from apet_export.runtime.backends.trt import unavailable_reason
+    one line says why TensorRT was skipped (an error instead with require_tensorrt; engines for this GPU
+    that cannot be used are always an error)."""
+    from apet_export.runtime.backends.trt import tensorrt_skip_reason
 
     console = console or Console()
+    if tensorrt and backend != "tensorrt":  # before the first run: a broken TensorRT setup fails fast
+        skipped = tensorrt_skip_reason(build_dir, load_manifest(build_dir), require=require_tensorrt)
     rows = run_bench(build_dir, backend, budgets, runs, max_new_tokens, console, pairs)
     if tensorrt and backend != "tensorrt":
-        skipped = unavailable_reason(build_dir, load_manifest(build_dir))
         if skipped:
             console.print(f"tensorrt: skipped ({skipped})")
         else:

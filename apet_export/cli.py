@@ -105,9 +105,10 @@ def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_c
 @click.option("--min-keep-overlap", type=float, help="quantised builds: kept-index overlap %% (default 80; fp8 70)")
 @click.option("--max-logit-diff", type=float, help="quantised builds: first-step max|dlogit| / max|logit| (default 0.10; fp8 0.35)")
 @click.option("--min-token-agreement", type=float, help="quantised builds: greedy 32-token agreement (default 0.5; fp8 0.4)")
+@click.option("--require-tensorrt", is_flag=True, help="fail instead of skipping the TensorRT engines (GPU CI)")
 def parity(
     build_dir, images, budgets, e2e, budget1, budget2, min_cosine_mean, min_cosine, min_keep_overlap, max_logit_diff,
-    min_token_agreement,
+    min_token_agreement, require_tensorrt,
 ):
     """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure.
 
@@ -121,7 +122,8 @@ def parity(
         min_keep_overlap=min_keep_overlap, max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement,
     )
     pair = stage_pair(budget1, budget2)
-    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair, thresholds=thresholds)
+    run_parity(build_dir, list(images) or None, budgets, e2e=e2e, console=console, pair=pair, thresholds=thresholds,
+               require_tensorrt=require_tensorrt)
 
 
 @cli.command()
@@ -247,7 +249,8 @@ def run(
 @click.option("--budget2", type=int, default=None, help="two-stage builds: ... and this stage-2 budget")
 @click.option("--tensorrt/--no-tensorrt", default=True, show_default=True,
               help="also time the TensorRT engines where TensorRT and a GPU are present (else say why not)")
-def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2, tensorrt):
+@click.option("--require-tensorrt", is_flag=True, help="fail instead of skipping the TensorRT engines (GPU CI)")
+def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, budget2, tensorrt, require_tensorrt):
     """Time vision, prefill and decode per budget against no compression, in one run."""
     import json
 
@@ -255,7 +258,8 @@ def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, 
 
     pair = stage_pair(budget1, budget2)
     rows = run_bench_with_tensorrt(
-        build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None
+        build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None,
+        require_tensorrt=require_tensorrt,
     )
     if json_out:
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")

@@ -88,5 +88,14 @@ class EngineCompatibilityError(ArtifactError):
     """An engine built by another TensorRT version, or for another GPU, than the one loading it."""
 
 
+class EngineInputError(InvalidInputError):
+    """A tensor shape (or shape-tensor value) outside the engine's optimisation profile, or an input the
+    TensorRT execution context rejected."""
+
+
+class EngineRunError(ApetExportError):
+    """TensorRT failed to run an engine (its errors are printed as they happen)."""
+
+
 class DeviceError(ApetExportError):
     """The operation needs a CUDA GPU and none is usable."""

@@ -30,6 +30,13 @@ def llava_build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_fp16_build(tmp_path_factory) -> Path:
+    """tiny-llava exported with --precision fp16 (tower, projector and LLM in fp16: what fp16 engines need).
+    Shared: copy it before writing into it (engines)."""
+    return _build(tmp_path_factory, "tiny-llava", precision="fp16")
+
+
+@pytest.fixture(scope="session")
 def siglip_qwen2_build(tmp_path_factory) -> Path:
     """tiny-llava-siglip-qwen2 (SigLIP + Qwen2), ApET fps, all artifacts."""
     return _build(tmp_path_factory, "tiny-llava-siglip-qwen2")

@@ -4,15 +4,19 @@ The manifest names every dynamic axis of every graph (TensorSpec shapes): the pr
 names, not graphs, so any ONNX artifact that uses them (vision.onnx, llm.onnx, llm_a.onnx, llm_b.onnx ...)
 gets its profiles without code of its own:
 
-    axis            min          opt                      max            from
-    batch           1            1                        max_batch      engine settings
-    keep            M + 1        default budget           N              manifest budget (a shape-tensor input)
-    sequence        1 | 1        prompt | 1               C | 1          prefill | decode, C = context
-    past_sequence   0 | 0        0 | prompt               0 | C - 1      (C = dims.max_context, or the cap)
-    total_sequence  1 | 1        prompt | prompt + 1      C | C
+    axis            min            opt                      max              from
+    batch           1              1                        max_batch        engine settings
+    keep            lowest budget  default budget           N                manifest budget (a shape-tensor input)
+    sequence        1 | 1 | 1      prompt | 1 | chunk       C | 1 | C - 1    prefill | decode | extend
+    past_sequence   0 | 0 | 1      0 | prompt | prompt      0 | C - 1 | C - 1  (C = dims.max_context, or the cap)
+    total_sequence  1 | 1 | 2      prompt | +1 | +chunk     C | C | C
 
-A graph with a `past_sequence` axis is a decoder part and gets two profiles, "prefill" (no cache,
-S up to C) and "decode" (S = 1, cache up to C - 1); any other graph gets one profile, "default".
+A graph with a `past_sequence` axis is a decoder part and gets three profiles, in this order: "prefill"
+(no cache, S up to C), "decode" (S = 1, cache up to C - 1) and "extend" (several tokens onto a non-empty
+cache: chunked prefill, video frames arriving into the cache); any other graph gets one profile, "default".
+The lowest budget is M + 1 on a two-stage build (stage 2, and stage 1 with an explicit --budget1, go
+down to it; the manifest's budget["min"] is the floor of the *average* budget there, 2M + 1), else the
+manifest's minimum.
 A 0-d integer input named like an axis (`keep`) is a shape tensor: TensorRT needs its value range
 (IOptimizationProfile.set_shape_input), which comes from the same table.
 """
@@ -26,7 +30,7 @@ from apet_export.errors import ArtifactError
 from apet_export.manifest import Manifest
 
 PROMPT_TEXT_TOKENS = 32  # text tokens of a typical prompt, for the "opt" point of the sequence axes
-DECODER_AXIS = "past_sequence"  # a graph with this axis is a decoder part: prefill and decode profiles
+DECODER_AXIS = "past_sequence"  # a graph with this axis is a decoder part: prefill, decode, extend profiles
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class AxisRange:
 class Profile:
     """One optimisation profile: input shapes and shape-tensor values, each as (min, opt, max)."""
 
-    name: str  # "default" | "prefill" | "decode"
+    name: str  # "default" | "prefill" | "decode" | "extend"
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     values: dict[str, tuple[int, int, int]]  # shape-tensor inputs (0-d): their value range
 
@@ -68,13 +72,22 @@ class Profile:
         return True
 
 
+def lowest_budget(manifest: Manifest) -> int:
+    """The smallest `keep` any graph of the build is run with: M + 1 on two-stage builds (compression/stages.py
+    lets each stage go down to it), else the manifest's minimum."""
+    if manifest.stage2:
+        return min(manifest.budget["min"], manifest.compression.num_basis + 1)
+    return manifest.budget["min"]
+
+
 def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int | None) -> dict[str, AxisRange]:
-    """The range of every axis name in one phase ("default", "prefill" or "decode")."""
+    """The range of every axis name in one phase ("default", "prefill", "decode" or "extend")."""
     budget = manifest.budget
     typical = budget["default"] if budget["default"] is not None else budget["max"]  # None: a share of N
+    lowest = lowest_budget(manifest)
     ranges = {
         "batch": AxisRange(1, 1, max_batch),
-        "keep": AxisRange(budget["min"], typical, budget["max"]),
+        "keep": AxisRange(lowest, max(lowest, typical), budget["max"]),
     }
     if max_context is None:  # a vision-only build: no decoder axes
         return ranges
@@ -85,6 +98,14 @@ def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int
             past_sequence=AxisRange(0, prompt, max_context - 1),
             total_sequence=AxisRange(1, prompt + 1, max_context),
         )
+    elif phase == "extend":  # S >= 1 new tokens onto P >= 1 cached ones, P + S <= C
+        chunk = max(1, min(typical, max_context // 2))  # a frame's kept tokens, or a prefill chunk
+        past = max(1, min(prompt, max_context - chunk))
+        ranges.update(
+            sequence=AxisRange(1, chunk, max_context - 1),
+            past_sequence=AxisRange(1, past, max_context - 1),
+            total_sequence=AxisRange(2, past + chunk, max_context),
+        )
     else:
         ranges.update(
             sequence=AxisRange(1, prompt, max_context),
@@ -92,7 +113,7 @@ def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int
             total_sequence=AxisRange(1, prompt, max_context),
             # stage2.onnx (two-stage builds): where the image rows are in the prefill's hidden states
             image_start=AxisRange(0, 1, max_context - 1),
-            image_length=AxisRange(budget["min"], typical, budget["max"]),
+            image_length=AxisRange(lowest, max(lowest, typical), budget["max"]),
         )
     return ranges
 
@@ -131,7 +152,7 @@ def profiles_for(
                 f"{artifact} is a decoder graph but the manifest has no dims.max_context: rebuild with "
                 f"`apet-export build`"
             )
-        phases = ("prefill", "decode")
+        phases = ("prefill", "decode", "extend")  # engine profile order: new phases go last
     elif "sequence" in axes:  # stage2.onnx: runs once per image span, on the prefill's hidden states
         context = max_context or manifest.dims["max_context"]
         phases = ("prefill",)

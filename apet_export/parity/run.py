@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from apet_export.errors import ParityError
+from apet_export.errors import InvalidInputError, ParityError
 from apet_export.manifest import load_manifest
 from apet_export.parity.report import ParityRow, print_table, write_report
 from apet_export.parity.vision import vision_parity
@@ -34,14 +34,22 @@ def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=
 def run_parity(
     build_dir: Path, image_paths: list[Path] | None = None, budgets: list[int] | None = None,
     e2e: bool = True, console: Console | None = None, pair: tuple[int, int] | None = None, thresholds=None,
+    require_tensorrt: bool = False,
 ) -> dict[str, list[ParityRow]]:
-    """pair: an explicit (stage-1, stage-2) budget for the e2e check of a two-stage build."""
+    """pair: an explicit (stage-1, stage-2) budget for the e2e check of a two-stage build.
+    require_tensorrt: not running the TensorRT engines (no GPU, no engines for it) is an error, not a skip."""
     console = console or Console()
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     manifest.check_files(build_dir)  # a damaged build fails before any table is printed
     if manifest.quantization:  # a calibrated build: its accuracy cost against fp32 and eager PyTorch
         from apet_export.parity.quantized import run_quantized_parity
+
+        if require_tensorrt:  # that comparison runs on onnxruntime: requiring TensorRT there would be a lie
+            raise InvalidInputError(
+                f"{build_dir} is a calibrated build, whose accuracy parity runs on onnxruntime without TensorRT: drop "
+                f"--require-tensorrt (its engines run with `apet-export run {build_dir} --backend tensorrt`)"
+            )
 
         return {"accuracy": run_quantized_parity(build_dir, image_paths, thresholds, console)}
     budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
@@ -51,9 +59,10 @@ def run_parity(
     # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
     images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]
 
-    from apet_export.runtime.backends.trt import available_engines, unavailable_reason
+    from apet_export.runtime.backends.trt import available_engines, tensorrt_skip_reason
 
-    skipped = unavailable_reason(build_dir, manifest)  # TensorRT runs where it can, and says why not
+    # TensorRT runs where it can and says why not; engines for this GPU that cannot be used raise
+    skipped = tensorrt_skip_reason(build_dir, manifest, require=require_tensorrt)
     engines = None if skipped else available_engines(build_dir, manifest)
     feeds = vision_feeds(build_dir, manifest, images, budgets)
     sections = {"vision": vision_parity(build_dir, manifest, feeds, tensorrt=engines)}
@@ -68,8 +77,8 @@ def run_parity(
 
         sections["e2e"] = e2e_parity(build_dir, manifest, images[0], pair=pair)
         print_table(sections["e2e"], console, title="end-to-end generation: onnxruntime vs torch")
-        if engines and "llm" in engines:
-            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt")
+        if engines and ({"llm_a", "stage2", "llm_b"} <= set(engines) if manifest.stage2 else "llm" in engines):
+            sections["e2e_tensorrt"] = e2e_parity(build_dir, manifest, images[0], backend="tensorrt", pair=pair)
             print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
     if skipped:
         console.print(f"tensorrt: skipped ({skipped})")

@@ -1,19 +1,28 @@
-"""The tensorrt backend's runners without a GPU: a stand-in engine that follows the TensorRT execution-context
-API (shapes and raw addresses by name, execute_async_v3) and computes on the bound CPU memory. This checks
-what our code does (profile choice, host shape tensor, ping-pong KV bindings across steps), not TensorRT."""
+"""The tensorrt backend's runners without a GPU: stand-in engines that follow the TensorRT execution-context
+API (shapes and raw addresses by name, execute_async_v3 on a stream) and compute on the bound CPU memory.
+This checks what our code does (profile choice, host shape tensors, ping-pong KV bindings across steps,
+two-stage wiring, stream use, range checks, runtime cache), not TensorRT."""
 
 from __future__ import annotations
 
 import ctypes
 import types
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from apet_export.config import TensorSpec
-from apet_export.runtime.backends.trt import DeviceKVCache, TrtLlmRunner, TrtVisionRunner
+from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
+from apet_export.errors import EngineCompatibilityError, EngineInputError
+from apet_export.manifest import Manifest
+from apet_export.runtime.backends import trt as trt_backend
+from apet_export.runtime.backends import trt_engine
+from apet_export.runtime.backends.trt import TrtBackend, TrtDecoder, TrtLlmRunner, TrtVisionRunner
+from apet_export.runtime.backends.trt_engine import RunnerStream
 
-HEADS, HEAD_DIM, VOCAB = 2, 4, 7
+HEADS, HEAD_DIM, VOCAB, CONTEXT = 2, 4, 7, 64
+PROFILES = ["prefill", "decode", "extend"]
 
 
 def memory(address: int, shape, dtype) -> np.ndarray:
@@ -24,15 +33,18 @@ def memory(address: int, shape, dtype) -> np.ndarray:
 
 
 class Context:
-    def __init__(self, engine):
-        self.engine, self.shapes, self.addresses, self.profile, self.runs = engine, {}, {}, None, 0
+    def __init__(self, engine, config=None):
+        self.engine, self.config, self.shapes, self.addresses = engine, config, {}, {}
+        self.profile = self.profile_stream = None
+        self.runs, self.streams, self.fed = 0, [], []
 
     def set_optimization_profile_async(self, index, stream):
-        self.profile = index
+        self.profile, self.profile_stream = index, stream
+        return True
 
     def set_input_shape(self, name, shape):
         self.shapes[name] = tuple(shape)
-        return True
+        return name not in getattr(self.engine, "reject", ())  # TensorRT answers False for a shape it refuses
 
     def set_tensor_address(self, name, address):
         self.addresses[name] = address
@@ -46,34 +58,74 @@ class Context:
 
     def execute_async_v3(self, stream):
         self.runs += 1
+        self.streams.append(stream)
+        self.fed.append({n: self.read(n).copy() for n, (mode, _) in self.engine.tensors.items() if mode == "in"})
         for name, value in self.engine.compute(self).items():
             memory(self.addresses[name], value.shape, value.dtype)[...] = value
         return True
 
 
-class LlmEngine:
-    """One layer: the new keys are the embeddings, values twice that; logits = sum of all keys + v."""
+class DecoderEngine:
+    """One decoder layer `layer`: new keys = the input rows, values twice that. First part (inputs_embeds):
+    hidden_states = 2 * input. Last part: logits = sum of all its keys + arange(V)."""
 
-    tensors = {
-        "inputs_embeds": ("in", np.float32), "attention_mask": ("in", np.int64), "position_ids": ("in", np.int64),
-        "past_key_0": ("in", np.float32), "past_value_0": ("in", np.float32),
-        "logits": ("out", np.float32), "present_key_0": ("out", np.float32), "present_value_0": ("out", np.float32),
-    }
+    def __init__(self, layer: int, first: str = "inputs_embeds", last: bool = True, kv_dtype=np.float32):
+        self.layer, self.first, self.last, self.kv_dtype = layer, first, last, kv_dtype
+        out = "logits" if last else "hidden_states"
+        self.output = out
+        self.tensors = {
+            first: ("in", np.float32), "attention_mask": ("in", np.int64), "position_ids": ("in", np.int64),
+            f"past_key_{layer}": ("in", kv_dtype), f"past_value_{layer}": ("in", kv_dtype),
+            out: ("out", np.float32), f"present_key_{layer}": ("out", kv_dtype), f"present_value_{layer}": ("out", kv_dtype),
+        }
 
     def output_shape(self, context, name):
-        return (-1, VOCAB)
+        batch, sequence, _ = context.shapes[self.first]
+        return (batch, VOCAB) if name == "logits" else (batch, sequence, HEAD_DIM)
 
     def compute(self, context):
-        embeds = context.read("inputs_embeds")  # [B, S, Dh]
-        new = np.repeat(embeds[:, None], HEADS, axis=1)  # [B, Hkv, S, Dh]
-        key = np.concatenate([context.read("past_key_0"), new], axis=2)
-        value = np.concatenate([context.read("past_value_0"), 2 * new], axis=2)
-        logits = key.sum(axis=(1, 2, 3))[:, None] + np.arange(VOCAB, dtype=np.float32)
-        return {"present_key_0": key, "present_value_0": value, "logits": logits.astype(np.float32)}
+        rows = context.read(self.first)  # [B, S, Dh]
+        new = np.repeat(rows[:, None], HEADS, axis=1).astype(self.kv_dtype)  # [B, Hkv, S, Dh]
+        key = np.concatenate([context.read(f"past_key_{self.layer}"), new], axis=2)
+        value = np.concatenate([context.read(f"past_value_{self.layer}"), 2 * new], axis=2)
+        out = {f"present_key_{self.layer}": key, f"present_value_{self.layer}": value}
+        if self.last:
+            out["logits"] = (key.astype(np.float32).sum(axis=(1, 2, 3))[:, None] + np.arange(VOCAB)).astype(np.float32)
+        else:
+            out["hidden_states"] = (2 * rows).astype(np.float32)
+        return out
+
+
+class Stage2Engine:
+    """compressed_states = the hidden states with each span cut to its first `keep` rows."""
+
+    tensors = {
+        "hidden_states": ("in", np.float32), "image_start": ("in", np.int64), "image_length": ("in", np.int64),
+        "keep": ("in", np.int64), "compressed_states": ("out", np.float32), "keep_index": ("out", np.int64),
+        "scores": ("out", np.float32),
+    }
+    host = {"image_start", "image_length", "keep"}
+
+    def values(self, context):
+        return [int(memory(context.addresses[n], (), np.int64)) for n in ("image_start", "image_length", "keep")]
+
+    def output_shape(self, context, name):
+        batch, length, hidden = context.shapes["hidden_states"]
+        _, span, keep = self.values(context)
+        return {"compressed_states": (batch, length - span + keep, hidden), "keep_index": (batch, keep),
+                "scores": (batch, span)}[name]
+
+    def compute(self, context):
+        hidden = context.read("hidden_states")
+        start, span, keep = self.values(context)
+        compressed = np.concatenate([hidden[:, :start], hidden[:, start : start + keep], hidden[:, start + span :]], 1)
+        batch = hidden.shape[0]
+        return {"compressed_states": compressed, "keep_index": np.tile(np.arange(keep), (batch, 1)),
+                "scores": np.zeros((batch, span), np.float32)}
 
 
 class VisionEngine:
-    """image_embeds [B, keep, 3] = the token index; keep is a host shape tensor."""
+    """image_embeds [B, keep, Dh] = the token index; keep is a host shape tensor."""
 
     tensors = {
         "pixel_values": ("in", np.float32), "keep": ("in", np.int64),
@@ -83,16 +135,29 @@ class VisionEngine:
 
     def output_shape(self, context, name):
         batch, keep = context.shapes["pixel_values"][0], int(memory(context.addresses["keep"], (), np.int64))
-        return (batch, keep, 3) if name == "image_embeds" else (batch, keep)
+        return (batch, keep, HEAD_DIM) if name == "image_embeds" else (batch, keep)
 
     def compute(self, context):
         batch, keep, _ = self.output_shape(context, "image_embeds")
         index = np.broadcast_to(np.arange(keep), (batch, keep))
-        return {"image_embeds": np.repeat(index[..., None], 3, axis=2).astype(np.float32), "keep_index": index.copy()}
+        return {"image_embeds": np.repeat(index[..., None], HEAD_DIM, axis=2).astype(np.float32), "keep_index": index.copy()}
 
 
-def fake_tensorrt(engine):
-    """The slice of the tensorrt module the runners use, around one stand-in engine."""
+class RuntimeCache:
+    def __init__(self):
+        self.blob = b""
+
+    def deserialize(self, blob):
+        self.blob = bytes(blob)
+        return True
+
+    def serialize(self):
+        return self.blob + b"+kernels"
+
+
+def fake_tensorrt(engines: dict[bytes, object], name: str = "tensorrt", version: str = "10.15"):
+    """The slice of the tensorrt module the runners use, around stand-in engines chosen by the engine
+    file's bytes. name "tensorrt_rtx_bindings" adds TensorRT-RTX's runtime config and cache."""
 
     class Logger:
         Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2)
@@ -100,60 +165,316 @@ def fake_tensorrt(engine):
         def __init__(self):
             pass
 
-    names = list(engine.tensors)
-    cuda_engine = types.SimpleNamespace(
-        num_io_tensors=len(names),
-        get_tensor_name=lambda i: names[i],
-        get_tensor_mode=lambda n: engine.tensors[n][0],
-        get_tensor_dtype=lambda n: engine.tensors[n][1],
-        get_tensor_location=lambda n: "host" if n in getattr(engine, "host", ()) else "device",
-        get_tensor_shape=lambda n: engine.output_shape(None, n),
-        create_execution_context=lambda: engine.contexts.append(Context(engine)) or engine.contexts[-1],
-    )
-    engine.contexts = []
-    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: cuda_engine)
+    def cuda_engine(engine):
+        names = list(engine.tensors)
+        engine.contexts, engine.caches = [], []
+
+        def create_execution_context(config=None):
+            engine.contexts.append(Context(engine, config))
+            return engine.contexts[-1]
+
+        def create_runtime_config():
+            config = types.SimpleNamespace(cache=None)
+            config.create_runtime_cache = lambda: engine.caches.append(RuntimeCache()) or engine.caches[-1]
+            config.set_runtime_cache = lambda cache: setattr(config, "cache", cache) or True
+            return config
+
+        return types.SimpleNamespace(
+            num_io_tensors=len(names), get_tensor_name=lambda i: names[i],
+            get_tensor_mode=lambda n: engine.tensors[n][0], get_tensor_dtype=lambda n: engine.tensors[n][1],
+            get_tensor_location=lambda n: "host" if n in getattr(engine, "host", ()) else "device",
+            create_execution_context=create_execution_context, create_runtime_config=create_runtime_config,
+        )
+
+    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: cuda_engine(engines[bytes(data)]))
     return types.SimpleNamespace(
-        __name__="tensorrt", __version__="10.15", ILogger=Logger, Runtime=lambda logger: runtime,
+        __name__=name, __version__=version, ILogger=Logger, Runtime=lambda logger: runtime,
         TensorIOMode=types.SimpleNamespace(INPUT="in"), TensorLocation=types.SimpleNamespace(HOST="host"),
         nptype=lambda dtype: dtype,
     )
 
 
+def decoder_spec(engine: DecoderEngine) -> ArtifactSpec:
+    kv = lambda n, axis: TensorSpec(n, "float32", ("batch", HEADS, axis, HEAD_DIM))  # noqa: E731
+    inputs = (TensorSpec(engine.first, "float32", ("batch", "sequence", HEAD_DIM)),
+              TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
+              TensorSpec("position_ids", "int64", ("batch", "sequence")),
+              kv(f"past_key_{engine.layer}", "past_sequence"), kv(f"past_value_{engine.layer}", "past_sequence"))
+    return ArtifactSpec("part.onnx", inputs, (TensorSpec(engine.output, "float32", ("batch", "sequence", HEAD_DIM)),))
+
+
+def decoder_entry(names=PROFILES, max_sequence=CONTEXT, path="engines/sm89/llm.engine") -> dict:
+    """A manifest engine entry as `apet-export engine` writes it (only the fields the backend reads)."""
+    ranges = {"prefill": ((1, 1, max_sequence), (0, 0, 0)), "decode": ((1, 1, 1), (0, 8, CONTEXT - 1)),
+              "extend": ((1, 4, CONTEXT - 1), (1, 8, CONTEXT - 1))}
+    profiles = []
+    for name in names:
+        sequence, past = ranges[name]
+        shapes = {"inputs_embeds": [[1, s, HEAD_DIM] for s in sequence], "hidden_states": [[1, s, HEAD_DIM] for s in sequence]}
+        shapes |= {f"past_{k}_{i}": [[1, HEADS, p, HEAD_DIM] for p in past] for i in (0, 1) for k in ("key", "value")}
+        profiles.append({"name": name, "shapes": shapes, "values": {}})
+    return {"path": path, "profiles": profiles, "settings": {"max_context": CONTEXT}}
+
+
+def decoder(tmp_path, engine, entry=None, stream=None, trt=None) -> TrtDecoder:
+    (tmp_path / "llm.engine").write_bytes(b"llm")
+    trt = trt or fake_tensorrt({b"llm": engine})
+    part = TrtDecoder(trt, tmp_path / "llm.engine", decoder_spec(engine), entry or decoder_entry(), "cpu",
+                      stream or RunnerStream())
+    part.activate()
+    return part
+
+
+def step(part, cache, embeds, start, stop):
+    feed = {part.input_name: embeds[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
+            "position_ids": np.arange(start, stop)[None]}
+    return part(feed, cache)[0]
+
+
 def test_llm_runner_prefills_then_decodes_on_the_bound_cache(tmp_path):
-    engine = LlmEngine()
-    (tmp_path / "llm.engine").write_bytes(b"stand-in")
-    inputs = (TensorSpec("inputs_embeds", "float32", ("batch", "sequence", HEAD_DIM)),)
-    runner = TrtLlmRunner(fake_tensorrt(engine), tmp_path / "llm.engine", inputs, ["prefill", "decode"], device="cpu")
+    engine = DecoderEngine(0)
+    part = decoder(tmp_path, engine)
+    runner = TrtLlmRunner(part, decoder_spec(engine).inputs)
     runner.activate()
-    cache = DeviceKVCache(["key_0", "value_0"], 1, HEADS, HEAD_DIM, capacity=16, dtype=torch.float32, device="cpu")
+    cache = runner.new_cache(1)
     embeds = np.random.default_rng(0).standard_normal((1, 8, HEAD_DIM)).astype(np.float32)
-
-    def step(start, stop):
-        feed = {"inputs_embeds": embeds[:, start:stop], "attention_mask": np.ones((1, stop), np.int64),
-                "position_ids": np.arange(start, stop)[None]}
-        return runner.infer(feed, check_inputs=False, cache=cache)[0]
-
-    step(0, 5)  # prefill: 5 tokens, empty cache
+    runner.infer({"inputs_embeds": embeds[:, :5], "attention_mask": np.ones((1, 5), np.int64),
+                  "position_ids": np.arange(5)[None]}, check_inputs=False, cache=cache)  # prefill: empty cache
     for position in range(5, 8):  # decode: one token at a time, the cache never leaves its buffers
-        logits = step(position, position + 1)
-    prefill, decode = engine.contexts
-    assert (prefill.profile, prefill.runs, decode.profile, decode.runs) == (0, 1, 1, 3)
+        logits = step(part, cache, embeds, position, position + 1)
+    prefill, decode, extend = engine.contexts
+    assert (prefill.profile, prefill.runs, decode.profile, decode.runs, extend.runs) == (0, 1, 1, 3, 0)
     assert cache.length == 8
     expected_keys = np.repeat(embeds[:, None], HEADS, axis=1)  # [1, Hkv, 8, Dh]: every step's keys, in order
-    keys = cache.view(0, cache.current, cache.length).numpy()
-    np.testing.assert_array_equal(keys, expected_keys)
+    np.testing.assert_array_equal(cache.view(0, cache.current, cache.length).numpy(), expected_keys)
     np.testing.assert_array_equal(cache.view(1, cache.current, cache.length).numpy(), 2 * expected_keys)
     np.testing.assert_allclose(logits[0], expected_keys.sum() + np.arange(VOCAB), rtol=1e-5)
     runner.deactivate()
 
 
+def test_several_tokens_onto_a_cache_use_the_extend_profile(tmp_path):
+    """Chunked prefill / video frames arriving into the cache: 3 + 4 + 1 tokens; the 4-token step on a
+    non-empty cache runs the "extend" profile and appends to the cache like any other step."""
+    engine = DecoderEngine(0)
+    part = decoder(tmp_path, engine)
+    cache = part.new_cache(1)
+    embeds = np.random.default_rng(1).standard_normal((1, 8, HEAD_DIM)).astype(np.float32)
+    step(part, cache, embeds, 0, 3)
+    step(part, cache, embeds, 3, 7)
+    logits = step(part, cache, embeds, 7, 8)
+    prefill, decode, extend = engine.contexts
+    assert (prefill.runs, extend.runs, decode.runs) == (1, 1, 1) and extend.profile == 2
+    assert extend.fed[0]["past_key_0"].shape == (1, HEADS, 3, HEAD_DIM)  # the 3 cached tokens were bound
+    expected_keys = np.repeat(embeds[:, None], HEADS, axis=1)
+    np.testing.assert_array_equal(cache.view(0, cache.current, 8).numpy(), expected_keys)
+    np.testing.assert_allclose(logits[0], expected_keys.sum() + np.arange(VOCAB), rtol=1e-5)
+
+
+def test_engines_without_the_extend_profile_say_to_rebuild(tmp_path):
+    part = decoder(tmp_path, DecoderEngine(0), entry=decoder_entry(["prefill", "decode"]))
+    cache = part.new_cache(1)
+    embeds = np.zeros((1, 8, HEAD_DIM), np.float32)
+    step(part, cache, embeds, 0, 3)
+    with pytest.raises(EngineInputError, match="a step of 4 tokens on a cache of 3 needs the 'extend' profile.*rebuild"):
+        step(part, cache, embeds, 3, 7)
+    assert cache.length == 3  # nothing was bound or advanced
+
+
+def test_shapes_outside_the_profile_are_typed_errors(tmp_path):
+    """A shape outside the profile names tensor, shape and range before TensorRT sees it; a shape TensorRT
+    itself refuses (set_input_shape -> False) is an error too, not an unclear failure later."""
+    part = decoder(tmp_path, DecoderEngine(0), entry=decoder_entry(max_sequence=6))
+    cache = part.new_cache(1)
+    embeds = np.zeros((1, 8, HEAD_DIM), np.float32)
+    with pytest.raises(EngineInputError, match=r"input inputs_embeds of shape \[1, 8, 4\] is outside the 'prefill' "
+                                               r"profile \(min \[1, 1, 4\], max \[1, 6, 4\]\)"):
+        step(part, cache, embeds, 0, 8)
+    refusing = DecoderEngine(0)
+    refusing.reject = {"position_ids"}
+    part = decoder(tmp_path, refusing)  # position_ids has no recorded range to pre-check: TensorRT's answer counts
+    with pytest.raises(EngineInputError, match=r"TensorRT rejected input position_ids of shape \[1, 2\]"):
+        step(part, part.new_cache(1), embeds, 0, 2)
+
+
+def test_the_kv_cache_takes_the_engine_tensor_dtype(tmp_path):
+    """An fp32 manifest does not make the cache fp32: the engine's past_* dtype does (here fp16)."""
+    part = decoder(tmp_path, DecoderEngine(0, kv_dtype=np.float16))
+    cache = part.new_cache(1)
+    assert cache.dtype == torch.float16
+    embeds = np.random.default_rng(2).standard_normal((1, 3, HEAD_DIM)).astype(np.float32)
+    step(part, cache, embeds, 0, 3)
+    np.testing.assert_allclose(cache.view(0, cache.current, 3).numpy(), np.repeat(embeds[:, None], HEADS, 1), rtol=1e-3)
+
+
+class Stream(RunnerStream):
+    """A stand-in CUDA stream with a handle of its own that counts synchronisations."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle, self.synchronized = handle, 0
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+def test_one_stream_for_enqueue_and_synchronisation(tmp_path, monkeypatch):
+    """The stream captured at activation is the one every profile is selected on, every step enqueued on
+    and synchronised, even when another stream is current by the time a step runs."""
+    captured, later = Stream(11), Stream(22)
+    monkeypatch.setattr(trt_engine, "current_stream", lambda device: later)
+    engine = DecoderEngine(0)
+    part = decoder(tmp_path, engine, stream=captured)
+    cache = part.new_cache(1)
+    embeds = np.zeros((1, 4, HEAD_DIM), np.float32)
+    step(part, cache, embeds, 0, 3)
+    step(part, cache, embeds, 3, 4)
+    assert {c.profile_stream for c in engine.contexts} == {11}
+    assert [s for c in engine.contexts for s in c.streams] == [11, 11]
+    assert captured.synchronized == 2 and later.synchronized == 0
+
+
 def test_vision_runner_feeds_the_budget_as_a_host_shape_tensor(tmp_path):
     engine = VisionEngine()
-    (tmp_path / "vision.engine").write_bytes(b"stand-in")
+    (tmp_path / "vision.engine").write_bytes(b"vision")
     inputs = (TensorSpec("pixel_values", "float32", ("batch", 3, 8, 8)), TensorSpec("keep", "int64", ()))
-    runner = TrtVisionRunner(fake_tensorrt(engine), tmp_path / "vision.engine", inputs, device="cpu")
+    profiles = [{"name": "default", "shapes": {"pixel_values": [[1, 3, 8, 8], [1, 3, 8, 8], [4, 3, 8, 8]]},
+                 "values": {"keep": [3, 5, 9]}}]
+    runner = TrtVisionRunner(fake_tensorrt({b"vision": engine}), tmp_path / "vision.engine", inputs, profiles=profiles,
+                             device="cpu")
     runner.activate()
     outputs = runner.infer({"pixel_values": np.zeros((2, 3, 8, 8), np.float32), "keep": np.array(5, np.int64)})
-    assert outputs["image_embeds"].shape == (2, 5, 3) and outputs["keep_index"].tolist() == [list(range(5))] * 2
+    assert outputs["image_embeds"].shape == (2, 5, HEAD_DIM) and outputs["keep_index"].tolist() == [list(range(5))] * 2
     assert engine.contexts[0].shapes["keep"] == ()  # a 0-d shape tensor, read from host memory
+    with pytest.raises(EngineInputError, match=r"input keep = 10 is outside the 'default' profile's range \[3, 9\]"):
+        runner.infer({"pixel_values": np.zeros((1, 3, 8, 8), np.float32), "keep": np.array(10, np.int64)})
     runner.deactivate()
+
+
+# -- the backend on a two-stage build ---------------------------------------------------------------
+
+def two_stage_build(tmp_path: Path, module: str = "tensorrt_rtx_bindings") -> tuple[Path, Manifest, dict]:
+    """A two-stage build directory (vision, llm_a = layer 0, stage2, llm_b = layer 1) with stand-in engines
+    for sm89 and the manifest `apet-export engine` would write for them."""
+    from safetensors.numpy import save_file
+
+    build = tmp_path / "build"
+    (build / "engines" / "sm89").mkdir(parents=True)
+    engines = {"vision": VisionEngine(), "llm_a": DecoderEngine(0, last=False), "stage2": Stage2Engine(),
+               "llm_b": DecoderEngine(1, first="hidden_states")}
+    for name in engines:
+        (build / "engines" / "sm89" / f"{name}.engine").write_bytes(name.encode())
+    save_file({"embed_tokens": np.arange(10 * HEAD_DIM, dtype=np.float32).reshape(10, HEAD_DIM)},
+              str(build / "embeddings.safetensors"))
+    vision_inputs = (TensorSpec("pixel_values", "float32", ("batch", 3, 8, 8)), TensorSpec("keep", "int64", ()))
+    stage2_inputs = (TensorSpec("hidden_states", "float32", ("batch", "sequence", HEAD_DIM)),
+                     *(TensorSpec(n, "int64", ()) for n in ("image_start", "image_length", "keep")))
+    files = {
+        "vision": ArtifactSpec("vision.onnx", vision_inputs, ()),
+        "llm_a": decoder_spec(engines["llm_a"]), "stage2": ArtifactSpec("stage2.onnx", stage2_inputs, ()),
+        "llm_b": decoder_spec(engines["llm_b"]), "embeddings": ArtifactSpec("embeddings.safetensors", (), ()),
+    }
+    built = {"module": module, "version": "1.7.1.116"}
+    stage2_profile = [{"name": "prefill", "shapes": {}, "values": {"keep": [11, 16, 32], "image_length": [11, 16, 32]}}]
+    entries = [{**decoder_entry(path=f"engines/sm89/{name}.engine"), "artifact": name} for name in ("llm_a", "llm_b")]
+    entries += [{"artifact": "vision", "path": "engines/sm89/vision.engine", "profiles": [], "settings": {}},
+                {"artifact": "stage2", "path": "engines/sm89/stage2.engine", "profiles": stage2_profile, "settings": {}}]
+    manifest = Manifest(
+        source={}, family="llava", dims={"num_layers": 2, "num_kv_heads": HEADS, "head_dim": HEAD_DIM},
+        method="apet", compression=ApetConfig(), budget={"default": 16, "min": 21, "max": 32}, precision="fp32",
+        opset=23, files=files, stage2={"layer": 1},
+        engines={"files": [{**e, "target": "sm89", "tensorrt": built, "precision": "fp32"} for e in entries]},
+    )
+    return build, manifest, engines
+
+
+def test_backend_runs_two_stage_builds_with_a_cache_per_part(tmp_path, monkeypatch):
+    """llm_a -> stage2 -> llm_b engines with one KV cache each: prefill compresses the image span, part B sees
+    the shorter sequence at contiguous positions, decode steps go through both parts."""
+    build, manifest, engines = two_stage_build(tmp_path)
+    trt = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, name="tensorrt_rtx_bindings",
+                        version="1.7.1.116")
+    imported = []
+    monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: imported.append(prefer) or trt)
+    monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
+    backend = TrtBackend(build, manifest, device="cpu").activate()
+    assert imported == ["tensorrt_rtx_bindings"]  # the module the manifest records, not `tensorrt` first
+    assert backend.llm.name == "tensorrt:llm_a+stage2+llm_b"
+
+    embeds = np.random.default_rng(3).standard_normal((1, 30, HEAD_DIM)).astype(np.float32)  # [1, L1, H]
+    start, span, keep2 = 4, 20, 11  # one image of 20 rows at 4..23, stage 2 keeps 11 (M + 1, the lowest budget)
+    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, 30), np.int64), "position_ids": np.arange(30)[None]}
+    logits, cache = backend.llm.infer(feed, check_inputs=False, cache=backend.new_cache(1),
+                                      image_spans=[(start, span)], keep2=keep2)
+    hidden = 2 * embeds
+    compressed = np.concatenate([hidden[:, :start], hidden[:, start : start + keep2], hidden[:, start + span :]], 1)
+    np.testing.assert_allclose(logits[0], HEADS * compressed.sum() + np.arange(VOCAB), rtol=1e-5)
+    assert (cache.first.length, cache.second.length, cache.shift) == (30, 21, 9)
+    stage2_fed = engines["stage2"].contexts[0].fed[0]
+    assert [int(stage2_fed[n]) for n in ("image_start", "image_length", "keep")] == [4, 20, 11]
+    second_prefill = engines["llm_b"].contexts[0].fed[0]
+    assert second_prefill["position_ids"].tolist() == [list(range(21))]  # contiguous after the cut
+    assert second_prefill["attention_mask"].shape == (1, 21)
+
+    token = np.random.default_rng(4).standard_normal((1, 1, HEAD_DIM)).astype(np.float32)
+    decode = {"inputs_embeds": token, "attention_mask": np.ones((1, 31), np.int64), "position_ids": np.array([[30]])}
+    logits, cache = backend.llm.infer(decode, check_inputs=False, cache=cache)
+    np.testing.assert_allclose(logits[0], HEADS * (compressed.sum() + 2 * token.sum()) + np.arange(VOCAB), rtol=1e-5)
+    second_decode = engines["llm_b"].contexts[1].fed[0]  # part B's decode profile
+    assert second_decode["position_ids"].tolist() == [[21]] and second_decode["attention_mask"].shape == (1, 22)
+    assert (cache.first.length, cache.second.length) == (31, 22)
+    keys_a = cache.first.view(0, cache.first.current, 31).numpy()
+    np.testing.assert_array_equal(keys_a, np.repeat(np.concatenate([embeds, token], 1)[:, None], HEADS, 1))
+    backend.deactivate()
+
+
+def test_stage2_keep_below_the_profile_is_a_typed_error(tmp_path, monkeypatch):
+    build, manifest, engines = two_stage_build(tmp_path)
+    trt = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, name="tensorrt_rtx_bindings",
+                        version="1.7.1.116")
+    monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: trt)
+    monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
+    with TrtBackend(build, manifest, device="cpu") as backend:
+        feed = {"inputs_embeds": np.zeros((1, 30, HEAD_DIM), np.float32), "attention_mask": np.ones((1, 30), np.int64),
+                "position_ids": np.arange(30)[None]}
+        with pytest.raises(EngineInputError, match=r"stage2.engine: input keep = 10 is outside .*\[11, 32\]"):
+            backend.llm.infer(feed, check_inputs=False, cache=backend.new_cache(1), image_spans=[(4, 20)], keep2=10)
+
+
+def test_backend_keeps_the_tensorrt_rtx_runtime_cache_per_target(tmp_path, monkeypatch):
+    """TensorRT-RTX: one runtime cache attached to every execution context, read from and written back to
+    engines/<target>/runtime.cache; full TensorRT has none."""
+    build, manifest, engines = two_stage_build(tmp_path)
+    path = build / "engines" / "sm89" / "runtime.cache"
+    path.write_bytes(b"earlier")
+    trt = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, name="tensorrt_rtx_bindings",
+                        version="1.7.1.116")
+    monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: trt)
+    monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
+    with TrtBackend(build, manifest, device="cpu") as backend:
+        configs = [c.config for engine in engines.values() for c in engine.contexts]
+        caches = {id(c.cache) for c in configs}
+        assert len(configs) == 1 + 3 + 1 + 3 and len(caches) == 1  # vision, llm_a x3, stage2, llm_b x3: one cache
+        assert backend.runtime_cache.loaded and configs[0].cache.blob == b"earlier"
+    assert path.read_bytes() == b"earlier+kernels"  # saved at deactivation (atomically, no temporary left)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["llm_a.engine", "llm_b.engine", "runtime.cache",
+                                                              "stage2.engine", "vision.engine"]
+    full = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, version="10.15")
+    for entry in manifest.engines["files"]:
+        entry["tensorrt"] = {"module": "tensorrt", "version": "10.15"}
+    monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: full)
+    with TrtBackend(build, manifest, device="cpu"):
+        assert all(c.config is None for engine in engines.values() for c in engine.contexts[-1:])
+
+
+def test_backend_names_the_missing_part_engines(tmp_path, monkeypatch):
+    build, manifest, engines = two_stage_build(tmp_path)
+    manifest.engines["files"] = [e for e in manifest.engines["files"] if e["artifact"] != "stage2"]
+    trt = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, name="tensorrt_rtx_bindings",
+                        version="1.7.1.116")
+    monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: trt)
+    monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
+    with pytest.raises(Exception, match="has no stage2 engine.*for sm89.*--artifact stage2"):
+        TrtBackend(build, manifest, device="cpu").activate()
+    with pytest.raises(EngineCompatibilityError, match="has no 'extend' optimisation profile"):
+        engine = trt_engine.Engine(trt, build / "engines" / "sm89" / "llm_a.engine", decoder_entry(["prefill"])["profiles"])
+        engine.profile_index("extend")

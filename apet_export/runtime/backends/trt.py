@@ -1,9 +1,13 @@
 """TensorRT backend: the engines of `apet-export engine` (vision + ApET, LLM) on this machine's GPU.
 
-    select_engines(): manifest["engines"] → the engine of each artifact for this GPU, after checking the
-                      TensorRT module/version that built them and the target (compute capability)
+    load_tensorrt():  manifest["engines"] → the engine of each artifact for this GPU, loaded with the
+                      TensorRT module the manifest records for them, version and target checked
     TrtVisionRunner:  {pixel_values, keep} → {image_embeds, keep_index, scores}   (keep: shape tensor)
-    TrtLlmRunner:     one execution context per profile (prefill, decode); the KV cache stays on the GPU
+    TrtDecoder:       one decoder engine, one execution context per profile (prefill, decode, extend);
+                      TrtLlmRunner drives `llm`, two_stage.TwoStageLlmRunner drives llm_a → stage2 → llm_b
+                      (a TrtDecoder and KV cache per part, TrtStage2 between them)
+    one CUDA stream per backend (trt_engine.py), captured at activation: every runner copies, enqueues
+    and synchronises on it; on TensorRT-RTX one runtime cache of JIT-compiled kernels, kept per target
 
 KV cache without host round trips: per layer, key and value each own two flat device buffers of the full
 context (ping-pong). A step binds past_* to the first P*... elements of one buffer, as a contiguous
@@ -24,14 +28,20 @@ import numpy as np
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
-from apet_export.errors import (
-    ApetExportError,
-    ArtifactError,
-    DeviceError,
-    EngineCompatibilityError,
-)
+from apet_export.errors import ArtifactError, DeviceError, EngineCompatibilityError, EngineInputError
 from apet_export.manifest import Manifest
 from apet_export.runtime.backends.base import Backend
+from apet_export.runtime.backends.trt_engine import (
+    RUNTIME_CACHE,
+    Engine,
+    RtxRuntimeCache,
+    RunnerStream,
+    bind_inputs,
+    current_stream,
+    launch,
+    run_once,
+)
+from apet_export.runtime.two_stage import TwoStageLlmRunner
 
 
 def current_target() -> str:
@@ -49,68 +59,109 @@ def current_target() -> str:
 
 def select_engines(build_dir: Path, manifest: Manifest, trt_name: str, trt_version: str, target: str) -> dict[str, dict]:
     """artifact name -> its engine record for `target`, checked against the loading TensorRT."""
-    record = manifest.engines
-    if not record or not record.get("files"):
+    from apet_export.export.tensorrt import earlier_engines
+
+    entries = earlier_engines(manifest.engines)
+    if not entries:
         raise ArtifactError(
             f"{build_dir} has no TensorRT engines: build them with `apet-export engine {build_dir} --target current`"
         )
-    built = record["tensorrt"]
-    if (built["module"], built["version"]) != (trt_name, trt_version):
-        raise EngineCompatibilityError(
-            f"the engines in {build_dir} were built by {built['module']} {built['version']} and this is "
-            f"{trt_name} {trt_version} (engines load only in the version that built them): rebuild with "
-            f"`apet-export engine {build_dir} --target current`"
-        )
-    files = {f["artifact"]: f for f in record["files"] if f["target"] == target}
+    files = {e["artifact"]: e for e in entries if e["target"] == target}
     if not files:
+        targets = sorted({e["target"] for e in entries})
         raise EngineCompatibilityError(
-            f"the engines in {build_dir} are for {', '.join(record['targets'])} and this GPU is {target}: build "
+            f"the engines in {build_dir} are for {', '.join(targets)} and this GPU is {target}: build "
             f"engines for it with `apet-export engine {build_dir} --target current`"
         )
-    for entry in files.values():
+    for name, entry in files.items():
+        built = entry["tensorrt"]
+        if (built["module"], built["version"]) != (trt_name, trt_version):
+            raise EngineCompatibilityError(
+                f"the {target} {name} engine in {build_dir} was built by {built['module']} {built['version']} and "
+                f"this is {trt_name} {trt_version} (engines load only in the version that built them): rebuild "
+                f"with `apet-export engine {build_dir} --target current`"
+            )
         if not (Path(build_dir) / entry["path"]).is_file():
             raise ArtifactError(f"{entry['path']} is listed in the manifest but missing: rerun `apet-export engine`")
     return files
 
 
-def unavailable_reason(build_dir: Path, manifest: Manifest) -> str | None:
-    """Why the tensorrt backend cannot run this build here (for parity/bench to say), or None."""
-    import torch
+def engines_for_target(build_dir: Path, manifest: Manifest, target: str) -> list[dict]:
+    """The engine entries of the manifest for `target`; ArtifactError / EngineCompatibilityError naming the
+    command that builds them."""
+    from apet_export.export.tensorrt import earlier_engines
 
+    entries = earlier_engines(manifest.engines)
+    if not entries:
+        raise ArtifactError(
+            f"{build_dir} has no TensorRT engines: build them with `apet-export engine {build_dir} --target current`"
+        )
+    mine = [e for e in entries if e["target"] == target]
+    if not mine:
+        targets = sorted({e["target"] for e in entries})
+        raise EngineCompatibilityError(
+            f"the engines in {build_dir} are for {', '.join(targets)} and this GPU is {target}: build "
+            f"engines for it with `apet-export engine {build_dir} --target current`"
+        )
+    return mine
+
+
+def load_tensorrt(build_dir: Path, manifest: Manifest, target: str):
+    """(trt module, {artifact: engine entry}) for `target`, importing exactly the TensorRT module the manifest
+    records for those engines (`tensorrt` and TensorRT-RTX engines do not load in each other)."""
     from apet_export.compat import import_tensorrt
 
+    modules = sorted({e["tensorrt"]["module"] for e in engines_for_target(build_dir, manifest, target)})
+    if len(modules) > 1:
+        raise EngineCompatibilityError(
+            f"the {target} engines in {build_dir} were built by different TensorRT modules ({', '.join(modules)}): "
+            f"rebuild them all with one, `apet-export engine {build_dir} --target current`"
+        )
+    trt = import_tensorrt(prefer=modules[0])  # MissingDependencyError naming the install where it is absent
+    return trt, select_engines(build_dir, manifest, trt.__name__, trt.__version__, target)
+
+
+def tensorrt_skip_reason(build_dir: Path, manifest: Manifest, require: bool = False) -> str | None:
+    """Why parity / bench do not run TensorRT here (no GPU, no engines for this GPU), or None when they run
+    it. Engines for this GPU that cannot be used (their TensorRT module missing or another version, a file
+    missing) raise: that is a broken setup, not a skip. require=True (--require-tensorrt, for GPU CI) turns
+    a skip into DeviceError too."""
+    import torch
+
+    from apet_export.export.tensorrt import earlier_engines
+
+    reason = None
     if not torch.cuda.is_available():  # checked first: cheap, and the usual reason on CPU machines
-        return "no CUDA GPU"
-    try:
-        trt = import_tensorrt()
-    except ApetExportError:
-        return "TensorRT not installed"
-    try:
-        select_engines(build_dir, manifest, trt.__name__, trt.__version__, current_target())
-    except ApetExportError as error:
-        return str(error)
-    return None
+        reason = "no CUDA GPU"
+    else:
+        target = current_target()
+        entries = earlier_engines(manifest.engines)
+        if not entries:
+            reason = f"no TensorRT engines in the build: `apet-export engine {build_dir} --target current`"
+        elif not [e for e in entries if e["target"] == target]:
+            built = ", ".join(sorted({e["target"] for e in entries}))
+            reason = f"no engines for this GPU ({target}; the build has {built}): `apet-export engine {build_dir} --target current`"
+        else:
+            load_tensorrt(build_dir, manifest, target)  # engines for this GPU: they must be usable
+    if reason and require:
+        raise DeviceError(f"--require-tensorrt: the TensorRT engines were not run ({reason})")
+    return reason
 
 
 def available_engines(build_dir: Path, manifest: Manifest) -> dict[str, str]:
-    """{artifact: engine path} for this GPU; call after unavailable_reason() returned None."""
-    from apet_export.compat import import_tensorrt
-
-    trt = import_tensorrt()
-    files = select_engines(build_dir, manifest, trt.__name__, trt.__version__, current_target())
+    """{artifact: engine path} for this GPU; call after tensorrt_skip_reason() returned None."""
+    _, files = load_tensorrt(build_dir, manifest, current_target())
     return {name: entry["path"] for name, entry in files.items()}
 
 
 def vision_runner(build_dir: Path, manifest: Manifest, artifact: str = "vision") -> TrtVisionRunner:
     """A (not yet active) runner of this GPU's engine of a vision artifact, for parity checks."""
-    from apet_export.compat import import_tensorrt
-
-    trt = import_tensorrt()
-    files = select_engines(build_dir, manifest, trt.__name__, trt.__version__, current_target())
+    trt, files = load_tensorrt(build_dir, manifest, current_target())
     if artifact == "vision_plugin":
         _register_plugin_or_fail(trt, artifact)
-    path = Path(build_dir) / files[artifact]["path"]
-    return TrtVisionRunner(trt, path, manifest.files[artifact].inputs, name=f"tensorrt:{artifact}")
+    entry = files[artifact]
+    return TrtVisionRunner(trt, Path(build_dir) / entry["path"], manifest.files[artifact].inputs,
+                           profiles=entry.get("profiles"), name=f"tensorrt:{artifact}")
 
 
 def _register_plugin_or_fail(trt, artifact: str) -> None:
@@ -121,82 +172,20 @@ def _register_plugin_or_fail(trt, artifact: str) -> None:
         raise ArtifactError(f"cannot run the {artifact} engine: {reason}")
 
 
-class _Engine:
-    """A deserialized engine (with the runtime and logger it needs alive) and its I/O names."""
-
-    def __init__(self, trt, path: Path):
-        from apet_export.export.trt_network import make_logger
-
-        self.trt, self.path = trt, path
-        self.logger = make_logger(trt, echo=True)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise EngineCompatibilityError(
-                f"{trt.__name__} {trt.__version__} could not load {path} (built for another version or GPU): "
-                f"rebuild with `apet-export engine {path.parent.parent.parent} --target current`"
-            )
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        mode = trt.TensorIOMode.INPUT
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
-
-    def torch_dtype(self, name: str):
-        import torch
-
-        return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
-                np.dtype(np.bool_): torch.bool}[np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))]
-
-    def on_host(self, name: str) -> bool:  # shape-tensor inputs (keep) are read from host memory
-        return self.engine.get_tensor_location(name) == self.trt.TensorLocation.HOST
-
-    def context(self, profile: int, stream: int):
-        context = self.engine.create_execution_context()
-        context.set_optimization_profile_async(profile, stream)
-        return context
-
-
-def _stream(device: str) -> int:
-    """The CUDA stream handle the engines run on (torch's current stream; 0 off the GPU, for tests)."""
-    import torch
-
-    return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.current_stream().synchronize()
-
-
-def _bind_inputs(context, feeds: dict) -> None:
-    """Input shapes and addresses by name: device tensors, or host arrays for shape tensors (keep)."""
-    for name, value in feeds.items():
-        context.set_input_shape(name, tuple(value.shape))
-        context.set_tensor_address(name, value.ctypes.data if isinstance(value, np.ndarray) else value.data_ptr())
-
-
-def _launch(context, stream, outputs: dict) -> None:
-    """Bind the output tensors and enqueue; the caller synchronises."""
-    for name, tensor in outputs.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    if not context.execute_async_v3(stream):
-        raise ApetExportError("TensorRT failed to run the engine (its errors are printed above)")
-
-
 class TrtVisionRunner(BaseRunner):
-    """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against).
-    device: "cuda" (tests pass "cpu" with a stand-in engine)."""
+    """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against); profiles:
+    the engine's profiles as the manifest records them (for range errors). device: "cuda" (tests pass "cpu"
+    with a stand-in engine); stream: the backend's (None: captured at activation)."""
 
-    def __init__(self, trt, path: Path, inputs, name: str = "tensorrt-vision", device: str = "cuda"):
+    def __init__(self, trt, path: Path, inputs, profiles=None, name: str = "tensorrt-vision", device: str = "cuda",
+                 stream: RunnerStream | None = None, runtime_cache: RtxRuntimeCache | None = None):
         super().__init__(name=name, prefix="trt-vision-runner")
-        self.trt, self.path, self.inputs, self.device = trt, path, inputs, device
+        self.trt, self.path, self.inputs, self.profiles, self.device = trt, path, inputs, profiles, device
+        self.stream, self.runtime_cache = stream, runtime_cache
 
     def activate_impl(self):
-        self.stream = _stream(self.device)
-        self.engine = _Engine(self.trt, self.path)
+        self.stream = self.stream or current_stream(self.device)
+        self.engine = Engine(self.trt, self.path, self.profiles, self.runtime_cache)
         self.context = self.engine.context(0, self.stream)
 
     def get_input_metadata_impl(self):
@@ -206,25 +195,10 @@ class TrtVisionRunner(BaseRunner):
         return metadata
 
     def infer_impl(self, feed_dict):
-        import torch
-
         start = time.perf_counter()
-        feeds = {}
-        for name in self.engine.inputs:
-            value = np.require(feed_dict[name], requirements="C")  # ascontiguousarray would make keep 1-d
-            if self.engine.on_host(name):  # the budget: a shape tensor, read from host memory
-                feeds[name] = value.astype(np.int64)
-            else:
-                feeds[name] = torch.from_numpy(value).to(self.device, self.engine.torch_dtype(name))
-        _bind_inputs(self.context, feeds)  # now the output shapes ([B, keep, H] ...) are known
-        outputs = {
-            name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.engine.torch_dtype(name), device=self.device)
-            for name in self.engine.outputs
-        }
-        _launch(self.context, self.stream, outputs)
-        _synchronize(self.device)
+        outputs = run_once(self.engine, self.context, 0, self.stream, feed_dict, self.device)
         self.inference_time = time.perf_counter() - start
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        return outputs
 
     def deactivate_impl(self):
         self.context = self.engine = None
@@ -240,6 +214,7 @@ class DeviceKVCache:
 
         self.names, self.length, self.capacity = names, 0, capacity
         self.shape = (batch, kv_heads, head_dim)
+        self.dtype = dtype
         size = batch * kv_heads * capacity * head_dim
         self.buffers = [(torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
                         for _ in names]
@@ -253,7 +228,10 @@ class DeviceKVCache:
         """(past_* inputs [B, Hkv, P, Dh], present_* outputs [B, Hkv, P+S, Dh]) for a step of new_tokens."""
         total = self.length + new_tokens
         if total > self.capacity:
-            raise ApetExportError(f"the KV cache holds {self.capacity} tokens; this step needs {total}")
+            raise EngineInputError(
+                f"the KV cache holds {self.capacity} tokens (the engines' max context); this step needs {total}: "
+                f"shorten the request, or rebuild the engines with a larger --max-context"
+            )
         past = {f"past_{n}": self.view(i, self.current, self.length) for i, n in enumerate(self.names)}
         present = {f"present_{n}": self.view(i, 1 - self.current, total) for i, n in enumerate(self.names)}
         return past, present
@@ -263,18 +241,88 @@ class DeviceKVCache:
         self.current = 1 - self.current
 
 
-class TrtLlmRunner(BaseRunner):
-    """llm engine; profile "prefill" for the prompt (no cache), "decode" for one token at a time."""
+def step_phase(new_tokens: int, past: int) -> str:
+    """The optimisation profile of a decoder step (export/trt_profiles.py): "prefill" on an empty cache,
+    "decode" for one token on a cache, "extend" for several tokens on a cache (chunked prefill, video
+    frames arriving into the cache)."""
+    if past == 0:
+        return "prefill"
+    return "decode" if new_tokens == 1 else "extend"
 
-    def __init__(self, trt, path: Path, inputs, profiles: list[str], name: str = "tensorrt-llm", device: str = "cuda"):
+
+class TrtDecoder:
+    """One decoder engine (llm, or a two-stage part llm_a / llm_b) with one execution context per profile:
+    feed {inputs_embeds | hidden_states [B, S, H], attention_mask [B, P+S], position_ids} + its own
+    DeviceKVCache -> (logits [B, V] | hidden_states [B, S, H] as numpy, the cache)."""
+
+    def __init__(self, trt, path: Path, spec, entry: dict, device: str, stream: RunnerStream,
+                 runtime_cache: RtxRuntimeCache | None = None):
+        self.trt, self.path, self.entry, self.device, self.stream = trt, path, entry, device, stream
+        self.runtime_cache = runtime_cache
+        self.input_name, self.output_name = spec.inputs[0].name, spec.outputs[0].name
+        past = [t for t in spec.inputs if t.name.startswith("past_")]  # [B, Hkv, P, Dh], global layer indices
+        self.kv_names = [t.name.removeprefix("past_") for t in past]
+        self.kv_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.engine = None
+
+    def activate(self) -> None:
+        self.engine = Engine(self.trt, self.path, self.entry.get("profiles"), self.runtime_cache)
+        self.contexts = {p["name"]: (i, self.engine.context(i, self.stream)) for i, p in enumerate(self.engine.profiles)}
+        self.outputs: dict[tuple, object] = {}  # (name, shape) -> device buffer, reused across steps
+
+    def deactivate(self) -> None:
+        self.engine = self.contexts = self.outputs = None
+
+    def new_cache(self, batch: int) -> DeviceKVCache:
+        """The cache in the dtype the engine's past_* tensors have (an fp16 graph may keep some in fp32)."""
+        dtype = self.engine.torch_dtype(f"past_{self.kv_names[0]}")
+        capacity = self.entry["settings"]["max_context"]
+        return DeviceKVCache(self.kv_names, batch, self.kv_heads, self.head_dim, capacity, dtype, self.device)
+
+    def _output(self, name: str, shape: tuple):
+        import torch
+
+        key = (name, shape)
+        if key not in self.outputs:
+            self.outputs[key] = torch.empty(shape, dtype=self.engine.torch_dtype(name), device=self.device)
+        return self.outputs[key]
+
+    def __call__(self, feed_dict: dict, cache: DeviceKVCache):
+        import torch
+
+        new_tokens = feed_dict[self.input_name].shape[1]
+        phase = step_phase(new_tokens, cache.length)
+        if phase not in self.contexts:
+            raise EngineInputError(
+                f"{self.engine.name}: a step of {new_tokens} tokens on a cache of {cache.length} needs the {phase!r} "
+                f"profile, which this engine (built before it existed) lacks: rebuild it with `apet-export engine "
+                f"{self.path.parent.parent.parent} --target {self.path.parent.name}`"
+            )
+        profile, context = self.contexts[phase]
+        with self.stream.scope():
+            feeds = {name: torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device, self.engine.torch_dtype(name))
+                     for name in (self.input_name, "attention_mask", "position_ids")}
+            past, present = cache.bindings(new_tokens)
+            feeds.update(past)
+            bind_inputs(self.engine, context, profile, feeds)
+            output = self._output(self.output_name, tuple(context.get_tensor_shape(self.output_name)))
+            launch(self.engine, context, self.stream, {self.output_name: output, **present})
+            cache.advance(new_tokens)
+            self.stream.synchronize()  # the stream the work was enqueued on, not whichever is current now
+            result = output.cpu().numpy()
+        return result, cache
+
+
+class TrtLlmRunner(BaseRunner):
+    """llm engine of a one-stage build: profile "prefill" for the prompt (no cache), "decode" for one token at
+    a time, "extend" for several tokens onto a cache."""
+
+    def __init__(self, decoder: TrtDecoder, inputs, name: str = "tensorrt-llm"):
         super().__init__(name=name, prefix="trt-llm-runner")
-        self.trt, self.path, self.inputs, self.profile_names, self.device = trt, path, inputs, profiles, device
+        self.decoder, self.inputs = decoder, inputs
 
     def activate_impl(self):
-        self.stream = _stream(self.device)
-        self.engine = _Engine(self.trt, self.path)
-        self.contexts = {name: self.engine.context(i, self.stream) for i, name in enumerate(self.profile_names)}
-        self.logits = None  # [B, V] device buffer, allocated once per batch size
+        self.decoder.activate()
 
     def get_input_metadata_impl(self):  # the cache is bound separately (device buffers)
         metadata = TensorMetadata()
@@ -283,73 +331,112 @@ class TrtLlmRunner(BaseRunner):
                 metadata.add(spec.name, np.dtype(spec.dtype), spec.shape)
         return metadata
 
-    def infer_impl(self, feed_dict, cache: DeviceKVCache = None):
-        import torch
+    def new_cache(self, batch: int) -> DeviceKVCache:
+        return self.decoder.new_cache(batch)
 
+    def infer_impl(self, feed_dict, cache: DeviceKVCache = None):
         start = time.perf_counter()
-        new_tokens = feed_dict["inputs_embeds"].shape[1]
-        phase = "decode" if new_tokens == 1 and cache.length > 0 and "decode" in self.contexts else "prefill"
-        context = self.contexts[phase]
-        feeds = {name: torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device, self.engine.torch_dtype(name))
-                 for name in ("inputs_embeds", "attention_mask", "position_ids")}
-        past, present = cache.bindings(new_tokens)
-        feeds.update(past)
-        shape = (feeds["inputs_embeds"].shape[0], self.engine.engine.get_tensor_shape("logits")[-1])
-        if self.logits is None or tuple(self.logits.shape) != shape:
-            self.logits = torch.empty(shape, dtype=self.engine.torch_dtype("logits"), device=self.device)
-        _bind_inputs(context, feeds)
-        _launch(context, self.stream, {"logits": self.logits, **present})
-        cache.advance(new_tokens)
-        logits = self.logits.float().cpu().numpy()  # synchronises the stream
+        logits, cache = self.decoder(feed_dict, cache)
         self.inference_time = time.perf_counter() - start
-        return logits, cache
+        return logits.astype(np.float32), cache
 
     def deactivate_impl(self):
-        self.contexts = self.engine = self.logits = None
+        self.decoder.deactivate()
+
+
+class TrtStage2:
+    """stage2 engine: (hidden [B, L1, H], image_start, image_length, keep) -> compressed_states [B, L2, H]."""
+
+    def __init__(self, trt, path: Path, entry: dict, device: str, stream: RunnerStream,
+                 runtime_cache: RtxRuntimeCache | None = None):
+        self.trt, self.path, self.entry, self.device, self.stream = trt, path, entry, device, stream
+        self.runtime_cache = runtime_cache
+
+    def activate(self) -> None:
+        self.engine = Engine(self.trt, self.path, self.entry.get("profiles"), self.runtime_cache)
+        self.context = self.engine.context(0, self.stream)
+
+    def __call__(self, hidden: np.ndarray, start: int, length: int, keep: int) -> np.ndarray:
+        feed = {"hidden_states": hidden, "image_start": np.array(start, np.int64),
+                "image_length": np.array(length, np.int64), "keep": np.array(keep, np.int64)}
+        return run_once(self.engine, self.context, 0, self.stream, feed, self.device)["compressed_states"]
+
+
+def trt_two_stage_runner(trt, build_dir: Path, manifest: Manifest, files: dict, device: str, stream: RunnerStream,
+                         runtime_cache: RtxRuntimeCache | None = None) -> TwoStageLlmRunner:
+    """llm_a -> stage2 -> llm_b engines, a KV cache per part, driven by the runner the other backends use."""
+    def part(name):
+        return TrtDecoder(trt, Path(build_dir) / files[name]["path"], manifest.files[name], files[name], device,
+                          stream, runtime_cache)
+
+    first, second = part("llm_a"), part("llm_b")
+    stage2 = TrtStage2(trt, Path(build_dir) / files["stage2"]["path"], files["stage2"], device, stream, runtime_cache)
+    for piece in (first, stage2, second):
+        piece.activate()
+
+    def second_logits(feed, cache):
+        logits, cache = second(feed, cache)
+        return logits.astype(np.float32), cache
+
+    runner = TwoStageLlmRunner(
+        first, stage2, second_logits, lambda batch: (first.new_cache(batch), second.new_cache(batch)),
+        name="tensorrt:llm_a+stage2+llm_b",
+    )
+    runner.parts = (first, stage2, second)
+    return runner
 
 
 class TrtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, build_dir, manifest, vision_graph: str = "vision"):
+    def __init__(self, build_dir, manifest, vision_graph: str = "vision", device: str = "cuda"):
         super().__init__(build_dir, manifest)
-        self.vision_graph = vision_graph
+        self.vision_graph, self.device = vision_graph, device
+        self.runtime_cache = None
 
     def activate(self) -> TrtBackend:
         from safetensors.numpy import load_file
 
-        from apet_export.compat import import_tensorrt
+        from apet_export.export.tensorrt import ENGINES_DIR
 
         target = current_target()
-        trt = import_tensorrt()
-        files = select_engines(self.build_dir, self.manifest, trt.__name__, trt.__version__, target)
-        for artifact in (self.vision_graph, "llm"):
-            if artifact not in files:
-                raise ArtifactError(
-                    f"{self.build_dir} has no {artifact} engine for {target}: build it with "
-                    f"`apet-export engine {self.build_dir} --target current`"
-                )
+        trt, files = load_tensorrt(self.build_dir, self.manifest, target)
+        llm_parts = ("llm_a", "stage2", "llm_b") if self.manifest.stage2 else ("llm",)
+        missing = [name for name in (self.vision_graph, *llm_parts) if name not in files]
+        if missing:
+            artifacts = " ".join(f"--artifact {name}" for name in missing)
+            raise ArtifactError(
+                f"{self.build_dir} has no {', '.join(missing)} engine(s) for {target} (it has {', '.join(sorted(files))}): "
+                f"build them with `apet-export engine {self.build_dir} --target current {artifacts}`"
+            )
         if self.vision_graph == "vision_plugin":
             _register_plugin_or_fail(trt, self.vision_graph)
-        vision = self.vision_graph
-        self.vision = TrtVisionRunner(trt, self.build_dir / files[vision]["path"], self.manifest.files[vision].inputs)
-        self.vision.activate()
-        llm = files["llm"]
-        self.llm = TrtLlmRunner(
-            trt, self.build_dir / llm["path"], self.manifest.files["llm"].inputs, [p["name"] for p in llm["profiles"]]
+        self.stream = current_stream(self.device)  # the one stream of every runner, copy and synchronisation
+        self.runtime_cache = RtxRuntimeCache(trt, self.build_dir / ENGINES_DIR / target / RUNTIME_CACHE)
+        vision = files[self.vision_graph]
+        self.vision = TrtVisionRunner(
+            trt, self.build_dir / vision["path"], self.manifest.files[self.vision_graph].inputs,
+            profiles=vision.get("profiles"), device=self.device, stream=self.stream, runtime_cache=self.runtime_cache,
         )
+        self.vision.activate()
+        if self.manifest.stage2:
+            self.llm = trt_two_stage_runner(trt, self.build_dir, self.manifest, files, self.device, self.stream,
+                                            self.runtime_cache)
+        else:
+            decoder = TrtDecoder(trt, self.build_dir / files["llm"]["path"], self.manifest.files["llm"], files["llm"],
+                                 self.device, self.stream, self.runtime_cache)
+            self.llm = TrtLlmRunner(decoder, self.manifest.files["llm"].inputs)
         self.llm.activate()
         self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
         return self
 
+    def deactivate(self) -> None:
+        super().deactivate()
+        if self.runtime_cache is not None:
+            self.runtime_cache.save()  # the kernels TensorRT-RTX compiled for this GPU, for the next run
+
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.table[token_ids]
 
-    def new_cache(self, batch: int) -> DeviceKVCache:
-        import torch
-
-        dims = self.manifest.dims
-        names = [f"{kind}_{i}" for i in range(dims["num_layers"]) for kind in ("key", "value")]
-        capacity = self.manifest.engines["settings"]["max_context"]
-        dtype = torch.float16 if self.manifest.precision == "fp16" else torch.float32
-        return DeviceKVCache(names, batch, dims["num_kv_heads"], dims["head_dim"], capacity, dtype)
+    def new_cache(self, batch: int):
+        return self.llm.new_cache(batch)  # a DeviceKVCache, or a StagedCache of one per part
