@@ -259,18 +259,28 @@ def test_weight_only_round_trip():
     assert np.abs(restored - weight).max() <= scale.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_tensorrt_rtx_builds_the_weight_only_llm_for_sm89(llava_build, tmp_path, bits):
-    """The weight-only LLM (fp32 activations) through `apet-export engine`: parsed with zero errors and
-    built for SM89 by TensorRT-RTX, a QUANTIZE-free network whose DequantizeLinear layers read int weights."""
+@pytest.mark.parametrize(("source", "bits"), [("llava_build", 4), ("llava_fp16_build", 8), ("llava_fp16_build", 4)])
+def test_tensorrt_rtx_builds_the_weight_only_llm_for_sm89(request, tmp_path, source, bits):
+    """The weight-only LLM through `apet-export engine`, with fp32 and with fp16 activations (the scales take
+    the graph's type): onnxruntime runs it, TensorRT-RTX parses it with zero errors into a network whose
+    DequantizeLinear layers read int weights, and builds it for SM89."""
     import shutil
 
     from apet_export.export.tensorrt import EngineOptions, build_engines
+    from apet_export.runtime.sessions import onnxruntime_session
 
     trt = pytest.importorskip("tensorrt_rtx_bindings")
+    source = request.getfixturevalue(source)
     build = tmp_path / "build"
-    shutil.copytree(llava_build, build, ignore=shutil.ignore_patterns("engines", "*.onnx", "*.onnx.data"))
-    quantize.quantize_weights(llava_build / "llm.onnx", build / "llm.onnx", bits=bits)
+    shutil.copytree(source, build, ignore=shutil.ignore_patterns("engines", "*.onnx", "*.onnx.data"))
+    quantize.quantize_weights(source / "llm.onnx", build / "llm.onnx", bits=bits)
+    manifest = load_manifest(build)
+    feed = _llm_feed(manifest, np.float16 if manifest.precision == "fp16" else np.float32)
+    expected = onnxruntime_session(source / "llm.onnx").run(["logits"], feed)[0].astype(np.float32)
+    actual = onnxruntime_session(build / "llm.onnx").run(["logits"], feed)[0].astype(np.float32)
+    cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
+    print(f"{manifest.precision} activations, int{bits} weights: logits cosine {cosine:.6f} on onnxruntime")
+    assert cosine > 0.99
     logger = trt.Logger(trt.Logger.ERROR)
     network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
-from apet_export.errors import EngineCompatibilityError, EngineInputError
+from apet_export.errors import ArtifactError, EngineCompatibilityError, EngineInputError
 from apet_export.manifest import Manifest
 from apet_export.runtime.backends import trt as trt_backend
 from apet_export.runtime.backends import trt_engine
@@ -424,7 +424,9 @@ def test_backend_runs_two_stage_builds_with_a_cache_per_part(tmp_path, monkeypat
     assert (cache.first.length, cache.second.length) == (31, 22)
     keys_a = cache.first.view(0, cache.first.current, 31).numpy()
     np.testing.assert_array_equal(keys_a, np.repeat(np.concatenate([embeds, token], 1)[:, None], HEADS, 1))
+    parts = backend.llm.parts
     backend.deactivate()
+    assert all(part.engine is None for part in parts)  # the part engines and their contexts are released
 
 
 def test_stage2_keep_below_the_profile_is_a_typed_error(tmp_path, monkeypatch):
@@ -473,8 +475,9 @@ def test_backend_names_the_missing_part_engines(tmp_path, monkeypatch):
                         version="1.7.1.116")
     monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: trt)
     monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
-    with pytest.raises(Exception, match="has no stage2 engine.*for sm89.*--artifact stage2"):
+    with pytest.raises(ArtifactError, match=r"has no stage2 engine\(s\) for sm89 \(it has llm_a, llm_b, vision\): "
+                                            r"build them with `apet-export engine .* --target current --artifact stage2`"):
         TrtBackend(build, manifest, device="cpu").activate()
-    with pytest.raises(EngineCompatibilityError, match="has no 'extend' optimisation profile"):
-        engine = trt_engine.Engine(trt, build / "engines" / "sm89" / "llm_a.engine", decoder_entry(["prefill"])["profiles"])
-        engine.profile_index("extend")
+    manifest.engines["files"][0]["tensorrt"] = {"module": "tensorrt", "version": "10.15"}
+    with pytest.raises(EngineCompatibilityError, match="built by different TensorRT modules"):
+        TrtBackend(build, manifest, device="cpu").activate()

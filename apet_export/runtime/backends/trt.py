@@ -356,6 +356,9 @@ class TrtStage2:
         self.engine = Engine(self.trt, self.path, self.entry.get("profiles"), self.runtime_cache)
         self.context = self.engine.context(0, self.stream)
 
+    def deactivate(self) -> None:
+        self.engine = self.context = None
+
     def __call__(self, hidden: np.ndarray, start: int, length: int, keep: int) -> np.ndarray:
         feed = {"hidden_states": hidden, "image_start": np.array(start, np.int64),
                 "image_length": np.array(length, np.int64), "keep": np.array(keep, np.int64)}
@@ -378,12 +381,22 @@ def trt_two_stage_runner(trt, build_dir: Path, manifest: Manifest, files: dict, 
         logits, cache = second(feed, cache)
         return logits.astype(np.float32), cache
 
-    runner = TwoStageLlmRunner(
+    return TrtTwoStageRunner(
         first, stage2, second_logits, lambda batch: (first.new_cache(batch), second.new_cache(batch)),
-        name="tensorrt:llm_a+stage2+llm_b",
+        name="tensorrt:llm_a+stage2+llm_b", parts=(first, stage2, second),
     )
-    runner.parts = (first, stage2, second)
-    return runner
+
+
+class TrtTwoStageRunner(TwoStageLlmRunner):
+    """TwoStageLlmRunner whose deactivation releases the part engines (their contexts hold device memory)."""
+
+    def __init__(self, *args, parts=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parts = parts
+
+    def deactivate_impl(self):
+        for part in self.parts:
+            part.deactivate()
 
 
 class TrtBackend(Backend):

@@ -131,15 +131,6 @@ class Engine:
     def on_host(self, name: str) -> bool:  # shape-tensor inputs (keep) are read from host memory
         return self.engine.get_tensor_location(name) == self.trt.TensorLocation.HOST
 
-    def profile_index(self, name: str) -> int:
-        names = [p["name"] for p in self.profiles]
-        if name not in names:
-            raise EngineCompatibilityError(
-                f"{self.name} has no {name!r} optimisation profile (it has {', '.join(names) or 'none'}): rebuild "
-                f"it with `apet-export engine {self.path.parent.parent.parent} --target {self.path.parent.name}`"
-            )
-        return names.index(name)
-
     def context(self, profile: int, stream: RunnerStream):
         config = self.runtime_cache.runtime_config(self.engine) if self.runtime_cache else None
         context = self.engine.create_execution_context(config) if config is not None else self.engine.create_execution_context()
