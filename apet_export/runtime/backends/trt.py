@@ -229,8 +229,8 @@ class DeviceKVCache:
         total = self.length + new_tokens
         if total > self.capacity:
             raise EngineInputError(
-                f"the KV cache holds {self.capacity} tokens (the engines' max context); this step needs {total}: "
-                f"shorten the request, or rebuild the engines with a larger --max-context"
+                f"the KV cache holds {self.capacity} tokens; this step needs {total} (the engines' max context is "
+                f"{self.capacity}): shorten the request, or rebuild the engines with a larger --max-context"
             )
         past = {f"past_{n}": self.view(i, self.current, self.length) for i, n in enumerate(self.names)}
         present = {f"present_{n}": self.view(i, 1 - self.current, total) for i, n in enumerate(self.names)}
