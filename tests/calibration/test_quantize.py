@@ -292,3 +292,20 @@ def test_tensorrt_rtx_builds_the_weight_only_llm_for_sm89(request, tmp_path, sou
     record = build_engines(build, EngineOptions(targets=("sm89",), artifacts=("llm",), optimization_level=0))
     (entry,) = record["files"]
     assert entry["target"] == "sm89" and (build / entry["path"]).stat().st_size == entry["bytes"] > 1_000_000
+
+
+@pytest.mark.slow
+def test_default_engine_run_on_a_calibrated_build_builds_every_graph(int8_build, tmp_path):
+    """`apet-export engine DIR --target sm89` on a calibrated int8 build: the QDQ vision graphs, the plugin
+    graph and the weight-only LLM all become SM89 engines with TensorRT-RTX; nothing failed or was skipped."""
+    import shutil
+
+    from apet_export.export.tensorrt import EngineOptions, build_engines
+
+    pytest.importorskip("tensorrt_rtx_bindings")
+    build = tmp_path / "int8"
+    shutil.copytree(int8_build, build)
+    record = build_engines(build, EngineOptions(targets=("sm89",), optimization_level=0))
+    assert {e["artifact"] for e in record["files"]} == {"vision", "vision_plugin", "llm"}
+    assert not record["failed"] and not record["skipped"]
+    assert all(e["precision"] == "int8" and (build / e["path"]).stat().st_size == e["bytes"] for e in record["files"])
