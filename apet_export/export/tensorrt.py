@@ -261,7 +261,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     try:
         result = _build_into(staging, trt, build_dir, manifest, graphs, targets, options, Stages(console))
         result.skipped = skipped
-        record = _publish(staging, final, build_dir, manifest, result, trt, options)
+        record = _publish(staging, final, build_dir, manifest, result)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     built = sum(f["bytes"] for f in result.built) / 2**20
@@ -318,14 +318,13 @@ def _build_into(staging: Path, trt, build_dir: Path, manifest, graphs, targets, 
     return result
 
 
-def _publish(staging: Path, final: Path, build_dir: Path, manifest, result: RunResult, trt, options) -> dict:
+def _publish(staging: Path, final: Path, build_dir: Path, manifest, result: RunResult) -> dict:
     """Move each staged engine over its place (one rename each), then rewrite the manifest atomically with
     the engines of earlier runs that this run did not replace."""
-    final.mkdir(exist_ok=True)
     for entry in result.built:
-        (final / entry["target"]).mkdir(exist_ok=True)
+        (final / entry["target"]).mkdir(parents=True, exist_ok=True)
         os.replace(staging / entry["target"] / f"{entry['artifact']}.engine", build_dir / entry["path"])
-    if (staging / TIMING_CACHE).is_file():
+    if (staging / TIMING_CACHE).is_file() and final.is_dir():
         os.replace(staging / TIMING_CACHE, final / TIMING_CACHE)
     replaced = {engine_key(e["target"], e["artifact"]) for e in result.built}
     previous = [e for e in earlier_engines(manifest.engines) if engine_key(e["target"], e["artifact"]) not in replaced]
