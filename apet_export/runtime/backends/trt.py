@@ -12,7 +12,9 @@
 KV cache without host round trips: per layer, key and value each own two flat device buffers of the full
 context (ping-pong). A step binds past_* to the first P*... elements of one buffer, as a contiguous
 [B, Hkv, P, Dh] tensor, and present_* to the other, where the graph writes [B, Hkv, P+S, Dh]; then the
-two swap. Only the step's embeddings go up and its logits come down (the sampler runs on the host).
+two swap. Only the step's embeddings go up and its logits come down (the sampler runs on the host). On a
+two-stage build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b (the runner the
+other backends share works on host arrays; for decode steps that is one row per step).
 
 Everything CUDA-side (tensorrt, torch.cuda buffers) is imported when a runner activates, so this module
 imports on any machine. Tested without a GPU: engine selection, version and target checks, and the runners
