@@ -50,6 +50,7 @@ def chat_body(images: list, prompt: str, **fields) -> dict:
 class Reply:
     status: int
     json: dict | None = None  # the whole body (non-stream, or an error)
+    body: str | None = None  # a body that is not JSON
     chunks: list[dict] = field(default_factory=list)  # stream: each data: event's object
     done: bool = False  # stream: the [DONE] event arrived
     first_token_s: float | None = None  # from sending the request to the first text delta
@@ -86,7 +87,11 @@ def post_chat(url: str, body: dict | bytes, api_key: str | None = None, timeout:
         response = conn.getresponse()
         reply = Reply(response.status)
         if not response.getheader("content-type", "").startswith("text/event-stream"):
-            reply.json = json.loads(response.read() or b"null")
+            raw = response.read()
+            try:
+                reply.json = json.loads(raw or b"null")
+            except ValueError:  # not from the application (e.g. Ray's proxy while the server stops)
+                reply.body = raw.decode(errors="replace")
             if reply.json is not None and "choices" in reply.json:
                 reply.first_token_s = time.perf_counter() - start  # the whole answer at once
         else:

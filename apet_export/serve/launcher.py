@@ -79,14 +79,17 @@ def deploy(options: ServeOptions):
 
     from apet_export.serve.app import ChatModel
 
-    serve.start(http_options={"host": options.host, "port": options.port}, proxy_location="HeadOnly")
+    quiet = {"log_level": "WARNING"}  # warnings and failed requests on the console; Ray's session folder has the rest
+    serve.start(http_options={"host": options.host, "port": options.port}, proxy_location="HeadOnly",
+                logging_config=quiet)
     deployment = serve.deployment(
         ChatModel, name="ChatModel", num_replicas=options.replicas,
         max_ongoing_requests=options.model.max_batch,  # beyond this Ray queues requests for the next free slot
         ray_actor_options={"num_cpus": replica_cpus(options)},
         graceful_shutdown_timeout_s=options.drain_timeout_s, graceful_shutdown_wait_loop_s=0.5,
     )
-    return serve.run(deployment.bind(options.model), name=APP_NAME, route_prefix="/", blocking=False)
+    return serve.run(deployment.bind(options.model), name=APP_NAME, route_prefix="/", blocking=False,
+                     logging_config=quiet)
 
 
 def serve_until_stopped(options: ServeOptions, say=print) -> None:

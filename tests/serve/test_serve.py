@@ -24,10 +24,10 @@ BUDGET = 32
 MAX_TOKENS = 12
 
 
-def run_command(build, image_path, prompt=PROMPT, budget=BUDGET, max_new_tokens=MAX_TOKENS):
+def run_command(build, image_path, prompt=PROMPT, budget=BUDGET, max_new_tokens=MAX_TOKENS, extra=()):
     """`apet-export run ... --json`: (summary dict, None) or (None, the error it refused with)."""
     result = CliRunner().invoke(cli, ["run", str(build), "--image", str(image_path), "--prompt", prompt, "--budget",
-                                      str(budget), "--max-new-tokens", str(max_new_tokens), "--json"])
+                                      str(budget), "--max-new-tokens", str(max_new_tokens), "--json", *extra])
     if result.exception is not None:
         return None, result.exception
     return json.loads(result.output.strip().splitlines()[-1]), None
@@ -84,6 +84,13 @@ def test_stream_answer_equals_run(server, picture, run_answer):
     assert reply.usage["completion_tokens"] == run_answer["generated_tokens"]
     finish = [c["choices"][0]["finish_reason"] for c in reply.chunks if c.get("choices")]
     assert finish[-1] in ("length", "stop") and set(finish[:-1]) == {None}
+
+
+def test_seeded_sampling_equals_run(server, llava_build, picture):
+    expected, error = run_command(llava_build, picture, extra=["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"])
+    assert error is None, error
+    replies = [ask(server, picture, temperature=0.9, top_p=0.95, seed=7, stream=stream) for stream in (False, True)]
+    assert [r.text for r in replies] == [expected["text"]] * 2
 
 
 def test_16_concurrent_greedy_requests_match_run_and_share_vision_batches(server, picture, run_answer):
