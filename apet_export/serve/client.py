@@ -117,7 +117,11 @@ def get_json(url: str, path: str, api_key: str | None = None, timeout: float = 3
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"null")
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw or b"null")
+        except ValueError:  # not from the application: Ray's proxy before the model is deployed, or while stopping
+            return response.status, None
     finally:
         conn.close()
 
