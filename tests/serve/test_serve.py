@@ -188,6 +188,15 @@ def test_body_over_the_limit_is_refused_before_it_is_sent(server):
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
 
 
+def test_chunked_body_over_the_limit_is_refused_once_past_it(server):
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    piece = b"x" * (1024 * 1024)
+    chunks = (f"{len(piece):x}\r\n".encode() + piece + b"\r\n") * (MAX_BODY_MB + 1) + b"0\r\n\r\n"
+    response = raw_request(server, head, chunks)
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+
+
 def test_client_disconnect_mid_stream_frees_its_slot(server, picture):
     before = get_json(server.url, "/health")[1]
     body = json.dumps(chat_body([data_url(picture)], PROMPT, max_tokens=1900, stream=True)).encode()
