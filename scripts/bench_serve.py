@@ -1,10 +1,10 @@
 """Load test of `apet-export serve` on loopback: N concurrent clients streaming greedy requests.
 
-For each server setting (--replicas, e.g. 1 and 2) and each client count (1, 4, 16, 64) it reports
+For each server setting (--settings REPLICASxMAX_BATCH, e.g. 1x16 and 2x8) and each client count (1, 4, 16, 64) it reports
 requests/s, generated tokens/s, time to first token p50/p99, errors (must be 0) and whether every greedy
 answer equals `apet-export run`'s for the same picture, prompt and budget.
 
-    python scripts/bench_serve.py BUILD_DIR [--replicas 1,2] [--clients 1,4,16,64] [--json-out rows.json]
+    python scripts/bench_serve.py BUILD_DIR [--settings 1x16,2x16,2x8] [--clients 1,4,16,64] [--json-out rows.json]
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def load_level(url: str, clients: int, requests: int, urls: list[str], answers: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("build", type=Path)
-    parser.add_argument("--replicas", default="1,2", help="server settings to compare, comma-separated")
+    parser.add_argument("--settings", default="1x16,2x16,2x8",
+                        help="server settings to compare: REPLICASxMAX_BATCH, comma-separated")
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--requests-per-client", type=int, default=2, help="at least 8 requests per level")
-    parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--budget", type=int, default=64)
     parser.add_argument("--pictures", type=int, default=4, help="distinct synthetic pictures asked about")
@@ -87,14 +87,15 @@ def main() -> None:
         answers = run_answers(args.build, pictures, args.budget, args.max_tokens)
         urls = [data_url(p) for p in pictures]
         rows = []
-        for replicas in [int(r) for r in args.replicas.split(",")]:
-            server = LocalServer(args.build, "--replicas", str(replicas), "--max-batch", str(args.max_batch),
-                                 log=Path(folder) / f"serve-{replicas}.log")
+        for setting in args.settings.split(","):
+            replicas, max_batch = (int(n) for n in setting.split("x"))
+            server = LocalServer(args.build, "--replicas", str(replicas), "--max-batch", str(max_batch),
+                                 log=Path(folder) / f"serve-{setting}.log")
             try:
                 server.wait_healthy()
                 post_chat(server.url, chat_body([urls[0]], PROMPT, max_tokens=2))  # warm up every lazy path
                 for clients in [int(c) for c in args.clients.split(",")]:
-                    row = {"replicas": replicas, **load_level(
+                    row = {"replicas": replicas, "max_batch": max_batch, **load_level(
                         server.url, clients, max(8, clients * args.requests_per_client), urls, answers,
                         args.budget, args.max_tokens)}
                     rows.append(row)
@@ -103,7 +104,7 @@ def main() -> None:
                 status = server.stop()
                 if status != 0:
                     print(f"server exited with {status}:\n{server.log_tail()}", file=sys.stderr)
-    header = ["replicas", "clients", "requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+    header = ["replicas", "max_batch", "clients", "requests", "requests_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
               "errors", "same_as_run"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:

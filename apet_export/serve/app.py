@@ -95,6 +95,12 @@ class ChatModel:
         self.stats = {"running": 0, "cancelled": 0, "vision_batches": 0, "vision_requests": 0}
         self.stats_lock = threading.Lock()
 
+    def __del__(self):  # Ray Serve calls it when the replica stops (after its in-flight requests)
+        if hasattr(self, "vision_thread"):  # (absent when __init__ failed part-way)
+            self.vision_thread.shutdown(wait=False)
+        if hasattr(self, "pipeline"):
+            self.pipeline.close()
+
     def count(self, name: str, change: int = 1) -> None:
         with self.stats_lock:
             self.stats[name] += change
