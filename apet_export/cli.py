@@ -265,6 +265,46 @@ def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, 
         Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
 
 
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface)")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--vision-graph", type=click.Choice(["plain", "plugin"]), default="plain", show_default=True,
+              help="vision.onnx, or vision.plugin.onnx (ApET scoring as one ApetScore node)")
+@click.option("--replicas", default=1, show_default=True, help="model replicas (processes), spread over the Ray cluster")
+@click.option("--max-batch", default=16, show_default=True,
+              help="vision encodes batched together per replica, and the requests one replica runs at once")
+@click.option("--api-key", default=None, envvar="APET_SERVE_API_KEY",
+              help="require Authorization: Bearer KEY on /v1 (or set APET_SERVE_API_KEY)")
+@click.option("--max-body-mb", default=32.0, show_default=True, help="largest request body accepted, MiB")
+@click.option("--address", default=None,
+              help="join this running Ray cluster (HOST:6379 or 'auto') instead of starting a private one")
+@click.option("--cpus-per-replica", type=float, default=None,
+              help="CPUs Ray reserves per replica (default: this machine's cores / replicas; on a cluster 1)")
+@click.option("--drain-timeout", default=30.0, show_default=True, help="seconds in-flight requests get after SIGTERM")
+def serve(build_dir, host, port, backend, vision_graph, replicas, max_batch, api_key, max_body_mb, address,
+          cpus_per_replica, drain_timeout):
+    """Serve BUILD_DIR over an OpenAI-compatible HTTP API (POST /v1/chat/completions) on Ray Serve."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as error:
+        from apet_export.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"serve needs Ray Serve: pip install 'apet-export[serve]' ({error})") from error
+    from apet_export.serve.app import ModelOptions
+    from apet_export.serve.launcher import ServeOptions, serve_until_stopped
+
+    model = ModelOptions(
+        build_dir=str(Path(build_dir).resolve()), backend=backend,
+        vision_graph={"plain": "vision", "plugin": "vision_plugin"}[vision_graph], max_batch=max_batch,
+        api_key=api_key, max_body_bytes=int(max_body_mb * 1024 * 1024),
+    )
+    options = ServeOptions(model=model, host=host, port=port, replicas=replicas, address=address,
+                           cpus_per_replica=cpus_per_replica, drain_timeout_s=drain_timeout)
+    serve_until_stopped(options, say=lambda text: status_console.print(f"[dim]{text}[/dim]"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typed errors become one clear line on stderr and exit status 1."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model file is local: never wait on the network

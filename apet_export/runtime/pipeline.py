@@ -176,11 +176,13 @@ class Pipeline:
     def generate(
         self, images, prompt: str, budget: int | None = None, max_new_tokens: int = 64,
         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream: bool = True,
-        budget1: int | None = None, budget2: int | None = None,
+        budget1: int | None = None, budget2: int | None = None, encode=None,
     ):
         """Generation (iterable of text deltas) if stream, else the GenerationResult. images: one image or a
         list, each a path or a PIL image. On a two-stage build `budget` is the average of the stages (96/32
-        for 64) unless budget1/budget2 are given (stages.py)."""
+        for 64) unless budget1/budget2 are given (stages.py). encode: a callable (images, stage-1 budget) ->
+        what encode_batch gives per request, in place of encoding here (a server batches the vision encodes
+        of concurrent requests through it)."""
         from apet_export.compression.stages import resolve_budgets
 
         if self.manifest.dims.get("media", "image") == "video":
@@ -205,13 +207,36 @@ class Pipeline:
         rows_bound = self.family.image_rows_bound(self.manifest, budget or self.manifest.budget["max"])
         self.check_context(num_text, len(images), rows_bound, max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
-        generation = Generation(self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2))
+        steps = self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2, encode)
+        generation = Generation(steps)
         return generation if stream else generation.run()
 
-    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None) -> Iterator[TokenEvent]:
+    def encode_batch(self, requests: list[tuple[list[Image.Image], int | None]]) -> list[tuple[list, list, list]]:
+        """The vision encodes of several requests at once: [(checked RGB images, stage-1 budget)] -> per request
+        the family's encode_images result (rows [L_i, H], layouts, keep_index [T_i] per image). The graph's
+        `keep` is one number per call, so the images of all requests that share a budget go through the
+        vision graph together, along its batch axis."""
+        results = [None] * len(requests)
+        by_budget: dict[int | None, list[int]] = {}
+        for number, (_, budget) in enumerate(requests):
+            by_budget.setdefault(budget, []).append(number)
+        for budget, numbers in by_budget.items():
+            images = [image for number in numbers for image in requests[number][0]]
+            rows, layouts, keep_index = self.family.encode_images(self, images, budget)
+            start = 0
+            for number in numbers:  # back to each request: its own images, in order
+                end = start + len(requests[number][0])
+                results[number] = (rows[start:end], layouts[start:end], keep_index[start:end])
+                start = end
+        return results
+
+    def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None, encode=None) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         image_token_id = self.manifest.dims["image_token_id"]
-        rows, layouts, keep_index = self.family.encode_images(self, images, budget)  # per image [L_i, H], ...
+        if encode is None:
+            rows, layouts, keep_index = self.family.encode_images(self, images, budget)  # per image [L_i, H], ...
+        else:
+            rows, layouts, keep_index = encode(images, budget)
         embeds = self.merge_embeddings(ids, rows)  # [1, L, H]
         positions, rope_delta = self.family.position_ids(  # [(3,) 1, L]
             ids, image_token_id, layouts, keep_index, length=embeds.shape[1]
