@@ -129,8 +129,8 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
         dims = family.vision_dims(model, processor)
         check_against_model(options, dims.num_tokens)
         minimum = budget_floor(options.method, options.compression)
-        if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
-            from apet_export.compression.stages import average_budget_floor
+        if options.stage2_layer is not None:  # --budget is the average of the two stages (compression/budget.py)
+            from apet_export.compression.budget import average_budget_floor
             from apet_export.export.llm_split import check_stage2_layer
 
             check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))

@@ -6,7 +6,8 @@ gets its profiles without code of its own:
 
     axis            min          opt                      max            from
     batch           1            1                        max_batch      engine settings
-    keep            M + 1        default budget           N              manifest budget (a shape-tensor input)
+    keep            M + 1        default budget per call  N              the family's budget policy (a shape-tensor input)
+    patches, crops, frames ...                                           the family (ModelFamily.axis_ranges)
     sequence        1 | 1        prompt | 1               C | 1          prefill | decode, C = context
     past_sequence   0 | 0        0 | prompt               0 | C - 1      (C = dims.max_context, or the cap)
     total_sequence  1 | 1        prompt | prompt + 1      C | C
@@ -21,22 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apet_export.config import ArtifactSpec, TensorSpec
+from apet_export.config import ArtifactSpec, AxisRange, TensorSpec
 from apet_export.errors import ArtifactError
 from apet_export.manifest import Manifest
 
 PROMPT_TEXT_TOKENS = 32  # text tokens of a typical prompt, for the "opt" point of the sequence axes
 DECODER_AXIS = "past_sequence"  # a graph with this axis is a decoder part: prefill and decode profiles
-
-
-@dataclass(frozen=True)
-class AxisRange:
-    min: int
-    opt: int
-    max: int
-
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.min, self.opt, self.max)
 
 
 @dataclass(frozen=True)
@@ -69,12 +60,17 @@ class Profile:
 
 
 def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int | None) -> dict[str, AxisRange]:
-    """The range of every axis name in one phase ("default", "prefill" or "decode")."""
-    budget = manifest.budget
-    typical = budget["default"] if budget["default"] is not None else budget["max"]  # None: a share of N
+    """The range of every axis name in one phase ("default", "prefill" or "decode"): the generic axes below,
+    and the family's own (patches, crops, frames ...) from its contract (ModelFamily.axis_ranges)."""
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    policy = family.budget_policy(manifest)
+    typical = policy.calls_budget(None)  # one vision call at the build's default budget (or share)
     ranges = {
         "batch": AxisRange(1, 1, max_batch),
-        "keep": AxisRange(budget["min"], typical, budget["max"]),
+        "keep": AxisRange(policy.min, typical, policy.max),
+        **family.axis_ranges(manifest, max_batch),
     }
     if max_context is None:  # a vision-only build: no decoder axes
         return ranges
@@ -92,7 +88,7 @@ def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int
             total_sequence=AxisRange(1, prompt, max_context),
             # stage2.onnx (two-stage builds): where the image rows are in the prefill's hidden states
             image_start=AxisRange(0, 1, max_context - 1),
-            image_length=AxisRange(budget["min"], typical, budget["max"]),
+            image_length=AxisRange(policy.min, typical, policy.max),
         )
     return ranges
 
@@ -112,8 +108,8 @@ def _shape(spec: TensorSpec, ranges: dict[str, AxisRange], artifact: str, which:
         else:
             raise ArtifactError(
                 f"{artifact} input {spec.name} has the dynamic axis {axis!r}, for which no TensorRT profile "
-                f"range is known (known: {', '.join(sorted(ranges))}): give it a range in "
-                f"apet_export/export/trt_profiles.py axis_ranges()"
+                f"range is known (known: {', '.join(sorted(ranges))}): give it a range in its family's "
+                f"axis_ranges() (apet_export/models/)"
             )
     return tuple(dims)
 
