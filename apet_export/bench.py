@@ -61,7 +61,7 @@ def case_peak_rss(build_dir: Path, backend: str, first: int, second: int | None,
     """Run in a fresh process: load the build, generate once at this case; the process's peak RSS."""
     budgets = {"budget": first} if second is None else {"budget1": first, "budget2": second}
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        pipeline.generate([synthetic_image(0)], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
+        pipeline.answer([synthetic_image(0)], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
     return peak_rss_mib()
 
 
@@ -114,7 +114,7 @@ def run_bench(
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
         def generate(first, second):
             budgets = {"budget": first} if second is None else {"budget1": first, "budget2": second}
-            return pipeline.generate([image], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
+            return pipeline.answer([image], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
 
         results: dict[tuple, list] = {case: [] for case in cases}
         for case in cases:  # warm-up, then a first timed run

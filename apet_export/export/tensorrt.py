@@ -164,6 +164,18 @@ def check_options(build_dir: Path, manifest, options: EngineOptions) -> None:
         )
 
 
+def check_precision_targets(manifest, targets: list[Target]) -> None:
+    """FP8 tensor cores start at Ada (sm89): an fp8 build's engines cannot target older GPUs."""
+    if manifest.precision != "fp8":
+        return
+    older = [t.name for t in targets if t.name[2:].isdigit() and int(t.name[2:]) < 89]
+    if older:
+        raise EngineTargetError(
+            f"FP8 needs sm89 or newer: this fp8 build has no engine for {', '.join(older)}; choose --target sm89 "
+            f"(or newer), or calibrate an int8 build for those GPUs"
+        )
+
+
 class Stages:
     """A spinner per stage on a terminal; one plain line per finished stage otherwise (CI logs)."""
 
@@ -191,6 +203,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     graphs = onnx_artifacts(build_dir, manifest, options.artifacts)
     trt = import_tensorrt()
     targets = resolve_targets(trt, options.targets, current_gpu_target())
+    check_precision_targets(manifest, targets)
 
     skipped = {}
     if any(name in PLUGIN_ARTIFACTS for name in graphs):

@@ -1,7 +1,20 @@
-"""What a model family declares so that the exporters, parity checks and runtime can drive it.
+"""The family contract: what a model family declares so that every path (export, engines, calibration,
+every runtime backend, parity, bench, visualize) drives it the same way.
 
-A family is a small registered class (optimum-style): how to load the checkpoint, its vision features
-at the feature layer, its projector, and the names and dynamic axes of the vision graph's I/O.
+A family is a small registered class (optimum-style) in its own module, plus a registry line. Its
+declarations come in groups, in this order below:
+
+    declarations   class attributes: media, budget unit, default budget or share, position shape ...
+    checkpoint     load, load_processor, language_model, lm_head, image_token_id, extra tensors, dims
+    vision graph   vision_dims, vision_io (named axes), export_example, vision_features, split_prefix,
+                   project, eager_features
+    refusals       stage2_refusal: a path the family does not offer, and why (one line)
+    budget         budget_policy: every budget rule of a build (apet_export/compression/budget.py)
+    axis ranges    axis_ranges: the TensorRT (min, opt, max) of the family's own axes
+    prompt         prompt_ids: the chat template with one placeholder per image (or video)
+    feeds          vision_feeds, encode_images(infer, ...), position_ids, decode_position_ids: pictures ->
+                   vision feeds -> (the vision graph, passed in as a function) -> LLM rows and positions
+    parity         e2e_budgets, feed_label
 """
 
 from __future__ import annotations
@@ -145,6 +158,13 @@ class ModelFamily:
         """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
         return {}
 
+    # -- paths a family does not take, and why (one line each; the README's support matrix lists them) ----
+    def stage2_refusal(self) -> str | None:
+        """Why `build --stage2-layer` is refused for this family, or None where stage 2 is available."""
+        if not self.fixed_image_rows:
+            return "ApET stage 2 in the LLM is implemented for families with a fixed number of image tokens per image (LLaVA)"
+        return None
+
     # -- budget: one policy object (apet_export/compression/budget.py) ---------------------------------
     def budget_policy(self, manifest) -> BudgetPolicy:
         """Every budget rule of a build of this family: range, default or share, per-crop / per-frame split,
@@ -152,17 +172,8 @@ class ModelFamily:
         budget = manifest.budget
         return BudgetPolicy(
             num_basis=budget["min"] - 1, max=budget["max"], default=budget.get("default"), method=manifest.method,
-            unit=self.budget_unit, max_units=self.max_units(manifest), ratio=budget.get("ratio"),
-            two_stage=bool(manifest.stage2), extra_rows=self.extra_rows(manifest),
+            unit=self.budget_unit, ratio=budget.get("ratio"), two_stage=bool(manifest.stage2),
         )
-
-    def max_units(self, manifest) -> int:
-        """The most vision calls' worth of tokens one request budget covers (LLaVA-NeXT: crops per image)."""
-        return 1
-
-    def extra_rows(self, manifest) -> int:
-        """LLM rows per image besides its kept tokens, at most (LLaVA-NeXT: one newline per grid row)."""
-        return 0
 
     # -- TensorRT profiles: the family's own dynamic axes ----------------------------------------------
     def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
@@ -187,13 +198,10 @@ class ModelFamily:
     #   families override vision_feeds (per-image feeds, layout inputs) or, where rows need packing after
     #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt. Every path
     #   (runtime backends, calibration, parity, bench, visualize) builds its feeds through these.
-    def preprocess_crops(self, processor, images) -> np.ndarray:
-        """PIL images -> the vision graph's pixel_values for all of them: [K, 3, S, S] float32."""
-        return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
-
     def vision_feeds(self, processor, images, budget: int | None, manifest):
-        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here."""
-        pixel_values = self.preprocess_crops(processor, images)
+        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here,
+        pixel_values [K, 3, S, S] float32."""
+        pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
         keep = self.budget_policy(manifest).calls_budget(budget)
         return [{"pixel_values": pixel_values, "keep": np.array(keep, dtype=np.int64)}], [None] * len(images)
 

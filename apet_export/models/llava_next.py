@@ -17,11 +17,13 @@ in the released code. With no compression the rows equal HF's pack_image_feature
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from apet_export.compression.budget import BudgetPolicy
 from apet_export.config import AxisRange, TensorSpec
 from apet_export.models.base import VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
@@ -49,22 +51,15 @@ class LlavaNextFamily(LlavaFamily):
         return rename_axis(inputs, "batch", "crops"), rename_axis(outputs, "batch", "crops")
 
     def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
-        crops = self.max_units(manifest)
+        crops = max_crops(manifest)
         return {"crops": AxisRange(1, crops, crops * max_batch)}  # max_batch images of the most crops each
 
-    def max_units(self, manifest) -> int:
-        """The most crops of one image: the base image + the tiles of the largest grid pinpoint."""
-        side = manifest.dims["image_size"]
-        return 1 + max((h // side) * (w // side) for h, w in manifest.dims["image_grid_pinpoints"])
-
-    def extra_rows(self, manifest) -> int:
-        """One image_newline row per grid row of the tallest tile grid."""
+    def budget_policy(self, manifest) -> BudgetPolicy:
+        """A whole image's budget over at most max_crops crops; its rows add one image_newline per grid row
+        of the tallest tile grid."""
         side, grid = manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"])
-        return max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
-
-    def preprocess_crops(self, processor, images) -> np.ndarray:
-        """PIL images -> every image's crops, concatenated: [sum P_i, 3, S, S]."""
-        return np.concatenate([crops for crops, _ in self._crops(processor, images)])
+        newlines = max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
+        return replace(super().budget_policy(manifest), max_units=max_crops(manifest), extra_rows=newlines)
 
     def _crops(self, processor, images):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -100,6 +95,12 @@ class LlavaNextFamily(LlavaFamily):
             ))
             keep_index.append(vision["keep_index"])
         return rows, [None] * len(rows), keep_index
+
+
+def max_crops(manifest) -> int:
+    """The most crops of one image: the base image + the tiles of the largest grid pinpoint."""
+    side = manifest.dims["image_size"]
+    return 1 + max((h // side) * (w // side) for h, w in manifest.dims["image_grid_pinpoints"])
 
 
 def pack_crops(

@@ -283,12 +283,14 @@ class Pipeline:
             image_tokens_stage2=image_tokens_stage2,
         )
 
-    def answer(self, pictures, prompt: str, budget: int | None = None, **options):
+    def answer(self, pictures, prompt: str, budget: int | None = None, budget1=None, budget2=None, **options):
         """generate() on an image build, generate_video() with the pictures as the frames of one video on a
-        video build: what checks that hold pictures for any family (parity, bench, calibration) call."""
+        video build (one-stage): what checks holding pictures for any family (parity, bench) call."""
         if self.family.media == "video":
+            if budget1 is not None or budget2 is not None:
+                raise InvalidInputError("--budget1/--budget2 are for two-stage image builds: pass --budget with a video")
             return self.generate_video(list(pictures), prompt, budget=budget, **options)
-        return self.generate(pictures, prompt, budget=budget, **options)
+        return self.generate(pictures, prompt, budget=budget, budget1=budget1, budget2=budget2, **options)
 
     # -- video: frames encoded as they arrive -------------------------------------------------------
     def generate_video(
