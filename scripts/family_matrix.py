@@ -22,6 +22,7 @@ PROMPT = ["--prompt", "Describe it.", "--max-new-tokens", "4"]
 # (cell, the cell it needs, the command's arguments); {d} is the preset's folder, {images}/{video} the inputs.
 CELLS = (
     ("build-fp32", None, ["build", "--model", "{preset}", "--out", "{d}/fp32"]),
+    ("engine-fp32", "build-fp32", ["engine", "{d}/fp32", "--target", "sm89"]),
     ("build-fp16", None, ["build", "--model", "{preset}", "--precision", "fp16", "--out", "{d}/fp16"]),
     ("engine-fp16", "build-fp16", ["engine", "{d}/fp16", "--target", "sm89"]),
     ("calibrate-int8", "build-fp32", ["calibrate", "{d}/fp32", "--images", "{images}", "--precision", "int8",

@@ -97,9 +97,12 @@ class Workspace:
 
 def _calibrate(precision: str):
     def run(ws: Workspace):
-        out = ws.root / f"{precision}-cell"
-        return ws.cli("calibrate", ws.build("fp32"), "--images", ws.pictures(), "--precision", precision,
-                      "--samples", "2", "--out", out, "--force")
+        out = ws.root / precision
+        result = ws.cli("calibrate", ws.build("fp32"), "--images", ws.pictures(), "--precision", precision,
+                        "--samples", "2", "--out", out, "--force")
+        if result[0] == 0:
+            ws.builds[precision] = out  # the engine and parity cells use this build
+        return result
     return run
 
 
