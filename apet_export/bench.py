@@ -17,6 +17,7 @@ from rich.table import Table
 
 from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
+from apet_export.models.registry import budget_policy
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
 
@@ -60,14 +61,15 @@ def case_peak_rss(build_dir: Path, backend: str, first: int, second: int | None,
     """Run in a fresh process: load the build, generate once at this case; the process's peak RSS."""
     budgets = {"budget": first} if second is None else {"budget1": first, "budget2": second}
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        pipeline.generate([synthetic_image(0)], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
+        pipeline.answer([synthetic_image(0)], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
     return peak_rss_mib()
 
 
 def bench_cases(manifest, budgets: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, int | None]]:
     """(stage-1, stage-2 or None) budget pairs to measure, the uncompressed reference first."""
-    from apet_export.compression.stages import check_stage_budgets, split_budget
+    from apet_export.compression.budget import split_budget
 
+    policy = budget_policy(manifest)
     full = manifest.budget["max"]
     if not manifest.stage2:
         return [(b, None) for b in dict.fromkeys([full, *budgets])]
@@ -75,7 +77,7 @@ def bench_cases(manifest, budgets: list[int], pairs: list[tuple[int, int]]) -> l
     for budget in budgets:
         cases += [(budget, budget), split_budget(budget, full)]  # one-stage b, then the paper's two-stage b
     for first, second in pairs:
-        cases.append(check_stage_budgets(first, second, manifest.compression.num_basis, full))
+        cases.append(policy.check_stages(first, second))
     return list(dict.fromkeys(cases))
 
 
@@ -91,10 +93,11 @@ def run_bench(
         raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     manifest = load_manifest(build_dir)
     manifest.check_files(build_dir)  # a damaged build fails before anything is measured
-    full = manifest.budget["max"]
-    budgets = list(dict.fromkeys(budgets or manifest.budgets_within((full, 192, 128, 64))))
+    policy = budget_policy(manifest)
+    full = policy.request_range()[1]  # no compression: every token (of every crop)
+    budgets = list(dict.fromkeys(budgets or policy.within((full, 192, 128, 64))))
     for budget in budgets:
-        manifest.check_budget(budget)
+        policy.check(budget)
     if pairs and not manifest.stage2:
         raise InvalidInputError("--budget1/--budget2 need a two-stage build (apet-export build --stage2-layer K)")
     cases = bench_cases(manifest, budgets, pairs or [])
@@ -111,7 +114,7 @@ def run_bench(
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
         def generate(first, second):
             budgets = {"budget": first} if second is None else {"budget1": first, "budget2": second}
-            return pipeline.generate([image], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
+            return pipeline.answer([image], PROMPT, max_new_tokens=max_new_tokens, stream=False, **budgets)
 
         results: dict[tuple, list] = {case: [] for case in cases}
         for case in cases:  # warm-up, then a first timed run

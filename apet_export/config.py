@@ -54,6 +54,18 @@ class ApetConfig:
 
 
 @dataclass(frozen=True)
+class AxisRange:
+    """The (min, opt, max) size of one named dynamic axis: what a TensorRT optimisation profile needs."""
+
+    min: int
+    opt: int
+    max: int
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.min, self.opt, self.max)
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One graph input/output: name, dtype and shape with named dynamic axes (str) or static sizes (int)."""
 

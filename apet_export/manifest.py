@@ -77,17 +77,6 @@ class Manifest:
         temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         os.replace(temporary, path)
 
-    def check_budget(self, budget: int) -> int:
-        """The budget, or BudgetError if this build does not accept it."""
-        from apet_export.compression.apet import validate_budget
-
-        return validate_budget(budget, self.budget["min"] - 1, self.budget["max"])
-
-    def budgets_within(self, candidates) -> list[int]:
-        """The candidate budgets this build accepts, in order, without repeats."""
-        low, high = self.budget["min"], self.budget["max"]
-        return list(dict.fromkeys(b for b in candidates if low <= b <= high))
-
     def file(self, directory: Path, name: str) -> Path:
         """Absolute path of artifact `name`, checked to exist."""
         if name not in self.files:

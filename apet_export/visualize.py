@@ -44,9 +44,9 @@ def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None
     if output.is_dir():
         raise InvalidInputError(f"-o {output} is a folder: pass the PNG file to write, e.g. {output / 'apet.png'}")
     manifest = load_manifest(build_dir)
-    budget = manifest.budget["default"] if budget is None else budget  # None: the family's share of the tokens
-    if budget is not None:
-        manifest.check_budget(budget)
+    from apet_export.models.registry import budget_policy
+
+    budget, _ = budget_policy(manifest).resolve(budget)  # None: the family's share of the image's tokens
     image = load_image(image_path) if image_path is not None else synthetic_image(0)
     family = get_family(manifest.family)
     feeds, layouts = family.vision_feeds(family.load_processor(manifest.model_dir(build_dir)), [image], budget, manifest)

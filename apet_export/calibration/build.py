@@ -102,17 +102,21 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
                       f"(first: {dataset.skipped[0][0]}: {dataset.skipped[0][1]})")
     fingerprint = dataset.fingerprint()
     cache_dir = Path(options.cache_dir) if options.cache_dir else source / cache.CACHE_DIR_NAME
-    keep = manifest.budget["default"]
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    keep = manifest.budget["default"]  # the request budget calibrated at (None: the family's share per image)
     settings = {"method": options.method, "keep": keep, "batch_size": options.batch_size, "seed": options.seed}
-    processor = data.load_processor(source)
+    processor = data.load_processor(source, manifest)
 
     out = options.output.resolve()
     with staging_dir.staged_output(out, options.force) as staging:  # as `build`: locked, atomic
-        console.print(f"calibrating vision.onnx on {len(dataset.images)} images ({options.method}, budget {keep})")
+        shown = "the family's share" if keep is None else keep
+        console.print(f"calibrating vision.onnx on {len(dataset.images)} images ({options.method}, budget {shown})")
         vision_graph = manifest.file(source, "vision")
         ranges_file, vision_key, hit = cached_ranges(
             vision_graph, "vision", fingerprint, settings, cache_dir,
-            lambda: data.vision_feeds(dataset, processor.image_processor, keep, options.batch_size),
+            lambda: data.vision_feeds(dataset, family, processor, manifest, keep, options.batch_size),
             options.method, options.feeds_per_pass,
         )
         console.print(f"  ranges {'read from' if hit else 'saved to'} {ranges_file}")

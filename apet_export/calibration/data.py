@@ -2,8 +2,11 @@
 
     FOLDER (recursive) ─► files Pillow can open, sorted ─► seeded permutation ─► first N readable
                                                                                     │ (unreadable: skipped, counted)
-    CalibrationSet(images, prompts) ─► VisionBatches: {pixel_values [B, 3, S, S], keep []}, one batch per
-                                       get_next(), each opened and preprocessed only when it is asked for
+    CalibrationSet(images, prompts) ─► the family's vision feeds (ModelFamily.vision_feeds: LLaVA
+                                       {pixel_values [B, 3, S, S], keep []}, LLaVA-NeXT one image's crops,
+                                       Qwen2.5-VL one image's patches + window layout), one per get_next(),
+                                       each image opened and preprocessed only when it is asked for
+                                   ─► LLM prefill feeds: the family's rows and positions, as the runtime
 
 Nothing is loaded up front: a reader holds file paths and opens B images per call, so the calibration's
 memory does not grow with the number of samples.
@@ -136,21 +139,21 @@ def select_images(folder: Path, samples: int, prompts_file: Path | None = None, 
     return CalibrationSet(Path(folder), chosen, prompts, skipped, seed)
 
 
-def load_processor(build_dir: Path):
-    """The image processor saved with the build (DIR/model), as the runtime uses it."""
-    from transformers import AutoProcessor
+def load_processor(build_dir: Path, manifest):
+    """The processor saved with the build (DIR/model), loaded by its family as the runtime loads it."""
+    from apet_export.models.registry import get_family
 
-    return AutoProcessor.from_pretrained(Path(build_dir) / "model", backend="pil")
+    return get_family(manifest.family).load_processor(manifest.model_dir(build_dir))
 
 
-def pixel_batches(images: list[Path], image_processor, batch_size: int = 1) -> Iterator[np.ndarray]:
-    """pixel_values [B, 3, S, S] float32 per batch; each batch's files are opened only when it is reached."""
+def picture_batches(images: list[Path], batch_size: int = 1) -> Iterator[list[Image.Image]]:
+    """RGB pictures per batch; each batch's files are opened only when it is reached."""
     for start in range(0, len(images), batch_size):
         pictures = []
         for path in images[start : start + batch_size]:
             with Image.open(path) as image:
                 pictures.append(image.convert("RGB"))
-        yield image_processor(pictures, return_tensors="np")["pixel_values"].astype(np.float32)
+        yield pictures
 
 
 class FeedReader:
@@ -184,34 +187,37 @@ class FeedReader:
         return self.total
 
 
-def vision_feeds(data: CalibrationSet, image_processor, keep: int, batch_size: int = 1) -> FeedReader:
-    """Feeds of vision.onnx: {pixel_values [B, 3, S, S] f32, keep [] i64} (keep = the budget calibrated at)."""
-    batches = pixel_batches(data.images, image_processor, batch_size)
-    feeds = ({"pixel_values": pixel_values, "keep": np.array(keep, dtype=np.int64)} for pixel_values in batches)
+def vision_feeds(data: CalibrationSet, family, processor, manifest, budget: int | None, batch_size: int = 1) -> FeedReader:
+    """Feeds of vision.onnx as the family builds them for the runtime (ModelFamily.vision_feeds) at the
+    request budget `budget` (None: the family's share): batch_size images per feed where the family batches
+    images into one feed (LLaVA, video frames), one feed per image otherwise (crops, dynamic resolution)."""
+    batch_size = batch_size if family.batched_feeds else 1
+    feeds = (
+        feed
+        for pictures in picture_batches(data.images, batch_size)
+        for feed in family.vision_feeds(processor, pictures, budget, manifest)[0]
+    )
     return FeedReader(feeds, math.ceil(len(data.images) / batch_size))
 
 
-def llm_feeds(data: CalibrationSet, pipeline, keep: int) -> FeedReader:
-    """Prefill feeds of llm.onnx from image i + prompt i (mod the prompt count), as the runtime builds them:
-    {inputs_embeds [1, L, H], attention_mask [1, L], position_ids [1, L], past_* [1, Hkv, 0, Dh]}.
-    `pipeline` is an fp32 Pipeline of the source build: it supplies the image embeddings and text embeds."""
+def llm_feeds(data: CalibrationSet, pipeline, budget: int | None) -> FeedReader:
+    """Prefill feeds of llm.onnx from image i + prompt i (mod the prompt count), as the runtime builds them
+    (the family's rows and positions: 1-D, or M-RoPE [3, 1, L]):
+    {inputs_embeds [1, L, H], attention_mask [1, L], position_ids [(3,) 1, L], past_* [1, Hkv, 0, Dh]}.
+    `pipeline` is an fp32 Pipeline of the source build: it runs the vision graph and embeds the text."""
+    family, image_token_id = pipeline.family, pipeline.manifest.dims["image_token_id"]
 
     def feeds():
-        for i, path in enumerate(data.images):
-            with Image.open(path) as image:
-                picture = image.convert("RGB")
-            pixel_values = pipeline.processor.image_processor([picture], return_tensors="np")["pixel_values"]
-            vision = pipeline.backend.vision.infer(
-                {"pixel_values": pixel_values.astype(np.float32), "keep": np.array(keep, dtype=np.int64)},
-                check_inputs=False,
-            )
-            ids = pipeline.prompt_ids(data.prompts[i % len(data.prompts)], 1)
-            embeds = pipeline.merge_embeddings(ids, vision["image_embeds"])  # [1, L, H]
+        for i, (picture,) in enumerate(picture_batches(data.images, 1)):
+            ids = pipeline.prompt_ids(data.prompts[i % len(data.prompts)], 1)  # a picture is a 1-frame video there
+            rows, layouts, keep_index = pipeline.encode_images([picture], budget)  # [L_i, H] per image
+            embeds = pipeline.merge_embeddings(ids, rows)  # [1, L, H]
             length = embeds.shape[1]
+            positions, _ = family.position_ids(ids, image_token_id, layouts, keep_index, length=length)
             yield {
                 "inputs_embeds": embeds.astype(np.float32),
                 "attention_mask": np.ones((1, length), np.int64),
-                "position_ids": np.arange(length, dtype=np.int64)[None],
+                "position_ids": positions,
                 **pipeline.backend.new_cache(1).feed(),
             }
 

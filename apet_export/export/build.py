@@ -22,7 +22,7 @@ from apet_export.errors import ArtifactError, InvalidInputError
 from apet_export.export import staging as staging_dir
 from apet_export.export.progress import stage_progress
 from apet_export.manifest import Manifest
-from apet_export.models.registry import family_for_checkpoint, prepare_checkpoint
+from apet_export.models.registry import PRESETS, family_for_checkpoint, get_family, prepare_checkpoint
 
 
 @dataclass
@@ -81,11 +81,23 @@ def check_options(options: BuildOptions) -> None:
             "--stage2-layer needs --method apet and the LLM graphs: drop --no-llm / choose --method apet, "
             "or drop --stage2-layer"
         )
+    if options.stage2_layer is not None:
+        family = source_family(options.model)
+        refusal = family.stage2_refusal() if family is not None else None
+        if refusal:
+            raise InvalidInputError(f"--stage2-layer is not available for {family.name}: {refusal}; drop --stage2-layer")
     out = Path(options.out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out} is a file, not a build directory: choose another --out")
     if out.exists() and not options.force:
         raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+
+
+def source_family(model: str):
+    """The family of `--model` (a preset's, or a checkpoint directory's config.json), None if neither yet."""
+    if model in PRESETS:
+        return get_family(PRESETS[model].family)
+    return family_for_checkpoint(Path(model)) if (Path(model) / "config.json").is_file() else None
 
 
 def check_against_model(options: BuildOptions, num_tokens: int) -> None:
@@ -119,7 +131,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
         task = step(f"model: {options.model}")
         checkpoint = staging / "model"
         source_id = prepare_checkpoint(options.model, checkpoint)
-        family = family_for_checkpoint(checkpoint)
+        family = source_family(options.model) or family_for_checkpoint(checkpoint)
         try:
             model, processor = family.load(checkpoint, trust_remote_code=options.trust_remote_code)
         except (OSError, ValueError) as error:  # name the user's checkpoint, not the staging copy
@@ -129,16 +141,11 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
         dims = family.vision_dims(model, processor)
         check_against_model(options, dims.num_tokens)
         minimum = budget_floor(options.method, options.compression)
-        if options.stage2_layer is not None:  # --budget is the average of the two stages (stages.py)
-            from apet_export.compression.stages import average_budget_floor
+        if options.stage2_layer is not None:  # --budget is the average of the two stages (compression/budget.py)
+            from apet_export.compression.budget import average_budget_floor
             from apet_export.export.llm_split import check_stage2_layer
 
             check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
-            if not family.fixed_image_rows:
-                raise InvalidInputError(
-                    f"--stage2-layer is implemented for families with a fixed number of image tokens "
-                    f"(LLaVA), not {family.name}: drop --stage2-layer"
-                )
             minimum = average_budget_floor(options.compression.num_basis)
         default_budget = options.budget if options.budget is not None else family.default_budget
         if default_budget is not None:

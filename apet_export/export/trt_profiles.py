@@ -4,19 +4,19 @@ The manifest names every dynamic axis of every graph (TensorSpec shapes): the pr
 names, not graphs, so any ONNX artifact that uses them (vision.onnx, llm.onnx, llm_a.onnx, llm_b.onnx ...)
 gets its profiles without code of its own:
 
-    axis            min            opt                      max              from
-    batch           1              1                        max_batch        engine settings
-    keep            lowest budget  default budget           N                manifest budget (a shape-tensor input)
-    sequence        1 | 1 | 1      prompt | 1 | chunk       C | 1 | C - 1    prefill | decode | extend
+    axis            min            opt                      max                from
+    batch           1              1                        max_batch          engine settings
+    keep            M + 1          default budget per call  N                  the family's budget policy (a shape-tensor input)
+    patches, crops, frames ...                                                 the family (ModelFamily.axis_ranges)
+    sequence        1 | 1 | 1      prompt | 1 | chunk       C | 1 | C - 1      prefill | decode | extend
     past_sequence   0 | 0 | 1      0 | prompt | prompt      0 | C - 1 | C - 1  (C = dims.max_context, or the cap)
     total_sequence  1 | 1 | 2      prompt | +1 | +chunk     C | C | C
 
 A graph with a `past_sequence` axis is a decoder part and gets three profiles, in this order: "prefill"
 (no cache, S up to C), "decode" (S = 1, cache up to C - 1) and "extend" (several tokens onto a non-empty
 cache: chunked prefill, video frames arriving into the cache); any other graph gets one profile, "default".
-The lowest budget is M + 1 on a two-stage build (stage 2, and stage 1 with an explicit --budget1, go
-down to it; the manifest's budget["min"] is the floor of the *average* budget there, 2M + 1), else the
-manifest's minimum.
+The lowest `keep` is M + 1 on every build, two-stage ones included (stage 2, and stage 1 with an explicit
+--budget1, go down to it; the floor of a two-stage build's *average* budget, 2M + 1, is higher).
 A 0-d integer input named like an axis (`keep`) is a shape tensor: TensorRT needs its value range
 (IOptimizationProfile.set_shape_input), which comes from the same table.
 """
@@ -25,22 +25,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apet_export.config import ArtifactSpec, TensorSpec
+from apet_export.config import ArtifactSpec, AxisRange, TensorSpec
 from apet_export.errors import ArtifactError
 from apet_export.manifest import Manifest
 
 PROMPT_TEXT_TOKENS = 32  # text tokens of a typical prompt, for the "opt" point of the sequence axes
 DECODER_AXIS = "past_sequence"  # a graph with this axis is a decoder part: prefill, decode, extend profiles
-
-
-@dataclass(frozen=True)
-class AxisRange:
-    min: int
-    opt: int
-    max: int
-
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.min, self.opt, self.max)
 
 
 @dataclass(frozen=True)
@@ -72,22 +62,18 @@ class Profile:
         return True
 
 
-def lowest_budget(manifest: Manifest) -> int:
-    """The smallest `keep` any graph of the build is run with: M + 1 on two-stage builds (compression/stages.py
-    lets each stage go down to it), else the manifest's minimum."""
-    if manifest.stage2:
-        return min(manifest.budget["min"], manifest.compression.num_basis + 1)
-    return manifest.budget["min"]
-
-
 def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int | None) -> dict[str, AxisRange]:
-    """The range of every axis name in one phase ("default", "prefill", "decode" or "extend")."""
-    budget = manifest.budget
-    typical = budget["default"] if budget["default"] is not None else budget["max"]  # None: a share of N
-    lowest = lowest_budget(manifest)
+    """The range of every axis name in one phase ("default", "prefill", "decode" or "extend"): the generic axes,
+    and the family's own (patches, crops, frames ...) from its contract (ModelFamily.axis_ranges)."""
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    policy = family.budget_policy(manifest)
+    typical = policy.calls_budget(None)  # one vision call at the build's default budget (or share)
     ranges = {
         "batch": AxisRange(1, 1, max_batch),
-        "keep": AxisRange(lowest, max(lowest, typical), budget["max"]),
+        "keep": AxisRange(policy.min, typical, policy.max),
+        **family.axis_ranges(manifest, max_batch),
     }
     if max_context is None:  # a vision-only build: no decoder axes
         return ranges
@@ -113,7 +99,7 @@ def axis_ranges(manifest: Manifest, phase: str, max_batch: int, max_context: int
             total_sequence=AxisRange(1, prompt, max_context),
             # stage2.onnx (two-stage builds): where the image rows are in the prefill's hidden states
             image_start=AxisRange(0, 1, max_context - 1),
-            image_length=AxisRange(lowest, max(lowest, typical), budget["max"]),
+            image_length=AxisRange(policy.min, typical, policy.max),
         )
     return ranges
 
@@ -133,8 +119,8 @@ def _shape(spec: TensorSpec, ranges: dict[str, AxisRange], artifact: str, which:
         else:
             raise ArtifactError(
                 f"{artifact} input {spec.name} has the dynamic axis {axis!r}, for which no TensorRT profile "
-                f"range is known (known: {', '.join(sorted(ranges))}): give it a range in "
-                f"apet_export/export/trt_profiles.py axis_ranges()"
+                f"range is known (known: {', '.join(sorted(ranges))}): give it a range in its family's "
+                f"axis_ranges() (apet_export/models/)"
             )
     return tuple(dims)
 

@@ -1,18 +1,41 @@
-"""What a model family declares so that the exporters, parity checks and runtime can drive it.
+"""The family contract: what a model family declares so that every path (export, engines, calibration,
+every runtime backend, parity, bench, visualize) drives it the same way.
 
-A family is a small registered class (optimum-style): how to load the checkpoint, its vision features
-at the feature layer, its projector, and the names and dynamic axes of the vision graph's I/O.
+A family is a small registered class (optimum-style) in its own module, plus a registry line. Its
+declarations come in groups, in this order below:
+
+    declarations   class attributes: media, budget unit, default budget or share, position shape ...
+    checkpoint     load, load_processor, language_model, lm_head, image_token_id, extra tensors, dims
+    vision graph   vision_dims, vision_io (named axes), export_example, vision_features, split_prefix,
+                   project, eager_features
+    refusals       stage2_refusal: a path the family does not offer, and why (one line)
+    budget         budget_policy: every budget rule of a build (apet_export/compression/budget.py)
+    axis ranges    axis_ranges: the TensorRT (min, opt, max) of the family's own axes
+    prompt         prompt_ids: the chat template with one placeholder per image (or video)
+    feeds          vision_feeds, encode_images(infer, ...), position_ids, decode_position_ids: pictures ->
+                   vision feeds -> (the vision graph, passed in as a function) -> LLM rows and positions
+    parity         e2e_budgets, feed_label
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from apet_export.config import TensorSpec
+from apet_export.compression.budget import BudgetPolicy
+from apet_export.config import AxisRange, TensorSpec
+
+# the vision graph on some backend: a feed {name: array} -> its outputs {image_embeds, keep_index, scores}
+VisionInfer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def rename_axis(specs: list[TensorSpec], old: str, new: str) -> list[TensorSpec]:
+    """The specs with dynamic axis `old` named `new` (a family's own name for the vision batch axis)."""
+    return [TensorSpec(s.name, s.dtype, tuple(new if a == old else a for a in s.shape)) for s in specs]
 
 
 @dataclass(frozen=True)
@@ -30,6 +53,8 @@ class ModelFamily:
     model_types: tuple[str, ...] = ()  # Hugging Face config.model_type values this family handles
     model_class: str = ""  # the transformers class of the checkpoint, e.g. "LlavaForConditionalGeneration"
     media: str = "image"  # what the vision graph encodes per call: "image" (one per call) or "video" (frames)
+    budget_unit: str = "image"  # what a request's budget is for: "image", "crops" (whole image), "frames" (video)
+    batched_feeds: bool = True  # vision_feeds puts all images in one feed (else one feed per image)
     prefix_tokens: int = 0  # rows per call kept whole in front of the compressed tokens (see split_prefix)
     exportable_methods: tuple[str, ...] = ("apet", "visionzip", "none")
     default_budget: int | None = 64  # tokens kept per image when the build names no budget
@@ -133,42 +158,68 @@ class ModelFamily:
         """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
         return {}
 
-    # -- runtime hooks (numpy): images -> vision feeds -> LLM rows and their positions ------------------
-    #   encode_images (the pipeline's one entry) = vision_feeds -> vision graph per feed -> rows per image;
+    # -- paths a family does not take, and why (one line each; the README's support matrix lists them) ----
+    def stage2_refusal(self) -> str | None:
+        """Why `build --stage2-layer` is refused for this family, or None where stage 2 is available."""
+        if not self.fixed_image_rows:
+            return "ApET stage 2 in the LLM is implemented for families with a fixed number of image tokens per image (LLaVA)"
+        return None
+
+    # -- budget: one policy object (apet_export/compression/budget.py) ---------------------------------
+    def budget_policy(self, manifest) -> BudgetPolicy:
+        """Every budget rule of a build of this family: range, default or share, per-crop / per-frame split,
+        two-stage split, and their messages."""
+        budget = manifest.budget
+        return BudgetPolicy(
+            num_basis=budget["min"] - 1, max=budget["max"], default=budget.get("default"), method=manifest.method,
+            unit=self.budget_unit, ratio=budget.get("ratio"), two_stage=bool(manifest.stage2),
+        )
+
+    # -- TensorRT profiles: the family's own dynamic axes ----------------------------------------------
+    def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
+        """(min, opt, max) of the vision graph's family-specific axes (patches, crops, frames ...); the generic
+        axes (batch, keep, sequence, past ...) come from export/trt_profiles.py."""
+        return {}
+
+    # -- prompt: the chat template with one placeholder per image (or one per video) --------------------
+    def prompt_ids(self, tokenizer, prompt: str, count: int) -> list[int]:
+        """Token ids of the prompt with `count` placeholders of this family's media, through the chat template."""
+        media = self.media
+        if tokenizer.chat_template:
+            content = [{"type": media}] * count + [{"type": "text", "text": prompt}]
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote BOS
+        return tokenizer(f"{getattr(tokenizer, f'{media}_token')}\n" * count + prompt).input_ids
+
+    # -- feeds (numpy): images -> vision feeds -> LLM rows and their positions ------------------------
+    #   encode_images = vision_feeds -> `infer` (the vision graph on any backend) per feed -> rows per image;
     #   families override vision_feeds (per-image feeds, layout inputs) or, where rows need packing after
-    #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt.
-    def check_budget(self, manifest, budget: int) -> int:
-        """The budget of one request (per image here), or an InvalidInputError that says the valid range."""
-        return manifest.check_budget(budget)
-
-    def image_rows_bound(self, manifest, budget: int) -> int:
-        """At most this many LLM rows per image at this budget (for the context check)."""
-        return budget
-
-    def preprocess_crops(self, processor, images) -> np.ndarray:
-        """PIL images -> the vision graph's pixel_values for all of them: [K, 3, S, S] float32."""
-        return processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
-
+    #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt. Every path
+    #   (runtime backends, calibration, parity, bench, visualize) builds its feeds through these.
     def vision_feeds(self, processor, images, budget: int | None, manifest):
-        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here."""
-        pixel_values = self.preprocess_crops(processor, images)
-        budget = manifest.budget["max"] if manifest.method == "none" else budget or manifest.budget["default"]
-        return [{"pixel_values": pixel_values, "keep": np.array(budget, dtype=np.int64)}], [None] * len(images)
+        """(feeds of the vision graph, one layout per image for position_ids): one batched feed here,
+        pixel_values [K, 3, S, S] float32."""
+        pixel_values = processor.image_processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+        keep = self.budget_policy(manifest).calls_budget(budget)
+        return [{"pixel_values": pixel_values, "keep": np.array(keep, dtype=np.int64)}], [None] * len(images)
 
-    def encode_images(self, pipeline, images, budget: int | None):
+    def encode_images(self, infer: VisionInfer, processor, manifest, images, budget: int | None, extras=None):
         """PIL images -> (per image its LLM rows [L_i, H], layouts and per image keep_index for position_ids):
-        the vision graph run on each of vision_feeds' feeds."""
-        feeds, layouts = self.vision_feeds(pipeline.processor, images, budget, pipeline.manifest)
+        `infer(feed) -> outputs` (the vision graph on any backend) on each of vision_feeds' feeds. extras:
+        the build's extra tensors (extra_tensors), for families that pack rows with them."""
+        feeds, layouts = self.vision_feeds(processor, images, budget, manifest)
         rows, keep_index = [], []  # per image: [L_i, H], [T_i]
         for feed in feeds:  # one batched feed (LLaVA) or one per image (dynamic resolution)
-            vision = pipeline.backend.vision.infer(feed, check_inputs=False)
+            vision = infer(feed)
             rows += list(vision["image_embeds"])
             keep_index += list(vision["keep_index"])
         return rows, layouts, keep_index
 
     def e2e_budgets(self, manifest) -> list[int]:
         """Budgets of the end-to-end parity check: 64 and N (no compression)."""
-        return manifest.budgets_within((64, manifest.budget["max"]))
+        return self.budget_policy(manifest).within((64, manifest.budget["max"]))
 
     def feed_label(self, feed: dict[str, np.ndarray]) -> str:
         return f"b={feed['pixel_values'].shape[0]}"

@@ -17,15 +17,16 @@ in the released code. With no compression the rows equal HF's pack_image_feature
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from apet_export.errors import InvalidInputError
+from apet_export.compression.budget import BudgetPolicy
+from apet_export.config import AxisRange, TensorSpec
+from apet_export.models.base import VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
-
-EXTRAS_FILE = "vision_extras"  # manifest artifact holding image_newline for the runtime
 
 
 class LlavaNextFamily(LlavaFamily):
@@ -40,41 +41,25 @@ class LlavaNextFamily(LlavaFamily):
     def runtime_dims(self, model) -> dict:
         return {"image_grid_pinpoints": model.config.image_grid_pinpoints}
 
-    # -- runtime ------------------------------------------------------------------------------------
-    def check_budget(self, manifest, budget: int) -> int:
-        low, high = manifest.budget["min"], manifest.budget["max"] * self.max_crops(manifest)
-        if not low <= budget <= high:
-            raise InvalidInputError(
-                f"budget {budget} is outside [{low}, {high}]: a LLaVA-NeXT budget is for the whole image, split "
-                f"evenly across its crops, each of which must keep more than num_basis={low - 1} tokens"
-            )
-        return budget
+    # -- contract: the vision batch is the crops of one image; the budget is for the whole image ----------
+    budget_unit = "crops"
+    batched_feeds = False  # one feed per image: its crops
 
-    def max_crops(self, manifest) -> int:
-        side = manifest.dims["image_size"]
-        return 1 + max((h // side) * (w // side) for h, w in manifest.dims["image_grid_pinpoints"])
+    def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """As LLaVA's, with the batch axis named `crops`: one call encodes the crops of an image (up to 5)."""
+        inputs, outputs = super().vision_io(dims, model)
+        return rename_axis(inputs, "batch", "crops"), rename_axis(outputs, "batch", "crops")
 
-    def image_rows_bound(self, manifest, budget: int) -> int:
+    def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
+        crops = max_crops(manifest)
+        return {"crops": AxisRange(1, crops, crops * max_batch)}  # max_batch images of the most crops each
+
+    def budget_policy(self, manifest) -> BudgetPolicy:
+        """A whole image's budget over at most max_crops crops; its rows add one image_newline per grid row
+        of the tallest tile grid."""
         side, grid = manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"])
-        grid_rows = max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
-        most = manifest.budget["max"] * self.max_crops(manifest)  # every crop uncompressed
-        kept = most if manifest.method == "none" else min(budget, most)
-        return kept + grid_rows  # + one newline per row
-
-    def crop_budget(self, manifest, budget: int, crops: int) -> int:
-        if manifest.method == "none":
-            return manifest.budget["max"]
-        per_crop = min(budget // crops, manifest.budget["max"])
-        if per_crop < manifest.budget["min"]:
-            raise InvalidInputError(
-                f"budget {budget} over this image's {crops} crops leaves {per_crop} tokens per crop: pass at least "
-                f"{manifest.budget['min'] * crops}"
-            )
-        return per_crop
-
-    def preprocess_crops(self, processor, images) -> np.ndarray:
-        """PIL images -> every image's crops, concatenated: [sum P_i, 3, S, S]."""
-        return np.concatenate([crops for crops, _ in self._crops(processor, images)])
+        newlines = max(h // side for h, _ in manifest.dims["image_grid_pinpoints"]) * grid
+        return replace(super().budget_policy(manifest), max_units=max_crops(manifest), extra_rows=newlines)
 
     def _crops(self, processor, images):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -85,25 +70,37 @@ class LlavaNextFamily(LlavaFamily):
             count = image_size_to_num_patches(tuple(int(s) for s in size), pinpoints, side)
             yield pixel_values[:count].astype(np.float32), tuple(int(s) for s in size)  # [P, 3, S, S], (h, w)
 
-    def encode_images(self, pipeline, images, budget: int):
-        """Per image: its crops through the vision graph at budget // crops each, then packed (pack_crops).
-        keep_index per image is [P, T] (per crop); positions are 1-D over the packed rows."""
-        from safetensors.numpy import load_file
+    def vision_feeds(self, processor, images, budget: int | None, manifest):
+        """One feed per image: its crops [P, 3, S, S] at budget // P each (calls of different crop counts)."""
+        feeds = [feed for feed, _ in self._feeds(processor, images, budget, manifest)]
+        return feeds, [None] * len(feeds)
 
-        manifest = pipeline.manifest
-        newline = load_file(str(manifest.file(pipeline.build_dir, EXTRAS_FILE)))["image_newline"]  # [H]
+    def _feeds(self, processor, images, budget: int | None, manifest):
+        """(feed, image size (h, w)) per image."""
+        policy = self.budget_policy(manifest)
+        for crops, size in self._crops(processor, images):
+            yield {"pixel_values": crops, "keep": np.array(policy.per_crop(budget, len(crops)), np.int64)}, size
+
+    def encode_images(self, infer, processor, manifest, images, budget: int | None, extras=None):
+        """Per image: its crops through the vision graph at budget // crops each, then packed (pack_crops).
+        keep_index per image is [P, T] (per crop); positions are 1-D over the packed rows. extras: the
+        build's image_newline [H]."""
+        newline = extras["image_newline"]
         rows, keep_index = [], []
-        for crops, size in self._crops(pipeline.processor, images):
-            keep = self.crop_budget(manifest, budget, len(crops))
-            vision = pipeline.backend.vision.infer(
-                {"pixel_values": crops, "keep": np.array(keep, dtype=np.int64)}, check_inputs=False
-            )
+        for feed, size in self._feeds(processor, images, budget, manifest):
+            vision = infer(feed)
             rows.append(pack_crops(
                 vision["image_embeds"], vision["keep_index"], size, manifest.dims["image_grid_pinpoints"],
                 manifest.dims["image_size"], math.isqrt(manifest.dims["num_image_tokens"]), newline,
             ))
             keep_index.append(vision["keep_index"])
         return rows, [None] * len(rows), keep_index
+
+
+def max_crops(manifest) -> int:
+    """The most crops of one image: the base image + the tiles of the largest grid pinpoint."""
+    side = manifest.dims["image_size"]
+    return 1 + max((h // side) * (w // side) for h, w in manifest.dims["image_grid_pinpoints"])
 
 
 def pack_crops(

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from apet_export.config import TensorSpec
+from apet_export.config import AxisRange, TensorSpec
 from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
 
 MASKED = -1e9  # additive attention mask value (finite: no NaN rows)
+TYPICAL_IMAGE_TOKENS = 256  # a 448 x 448 image: the "opt" point of the TensorRT profile's image axes
 
 # The Qwen2.5-VL chat template (default system prompt; one vision span per image part).
 QWEN_CHAT_TEMPLATE = (
@@ -116,6 +117,7 @@ class QwenVLFamily(ModelFamily):
     default_keep_ratio = 0.3  # released code: 30% of each image's tokens
     llm_position_shape = (3, "batch", "sequence")  # M-RoPE: (t, h, w) position per token
     fixed_image_rows = False  # each image keeps its own share of its own token count
+    batched_feeds = False  # one feed per image: its own patch count
 
     model_class = "Qwen2_5_VLForConditionalGeneration"
 
@@ -240,20 +242,24 @@ class QwenVLFamily(ModelFamily):
         dynamic = ({0: patches}, {0: patches}, {0: merged}, {0: windows}, {0: patches})
         return inputs, dynamic, math.prod(grid) // (merge * merge)
 
-    # -- runtime ----------------------------------------------------------------------------------------
-    def image_keep(self, manifest, budget: int | None, num_tokens: int) -> int:
-        """Tokens kept of an image of num_tokens: all for method none or budget >= N; 30% by default."""
-        if manifest.method == "none":
-            return num_tokens
-        floor = manifest.budget["min"] - 1
-        if num_tokens <= floor:
-            raise InvalidInputError(
-                f"the image gives {num_tokens} visual tokens, not more than the ApET basis size {floor}: "
-                f"pass a larger image (or raise the processor's min_pixels)"
-            )
-        if budget is None:
-            budget = max(floor + 1, int(manifest.budget.get("ratio", self.default_keep_ratio) * num_tokens))
-        return min(budget, num_tokens)
+    # -- contract: axes of one image's patches, merged tokens and windows ---------------------------------
+    def runtime_dims(self, model) -> dict:
+        vision = model.config.vision_config
+        return {"merge_size": vision.spatial_merge_size,
+                "window_units": vision.window_size // vision.patch_size // vision.spatial_merge_size}
+
+    def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
+        """merged: an image's tokens, from M + 1 (fewer are refused) to N (max_pixels), typically a 448 px square;
+        patches = merge² x merged; windows: 1 up to one per merged token (a one-token-wide image)."""
+        low, high = manifest.budget["min"], manifest.budget["max"]
+        typical = min(max(TYPICAL_IMAGE_TOKENS, low), high)
+        unit = manifest.dims.get("merge_size", 2) ** 2
+        per_side = math.ceil(math.isqrt(typical) / manifest.dims.get("window_units", 4))
+        return {
+            "merged": AxisRange(low, typical, high),
+            "patches": AxisRange(unit * low, unit * typical, unit * high),
+            "windows": AxisRange(1, min(per_side * per_side, high), high),
+        }
 
     def vision_feeds(self, processor, images, budget: int | None, manifest):
         """One feed per image (its own patch count) and its merged grid (t, rows, cols) for the positions."""
@@ -261,12 +267,13 @@ class QwenVLFamily(ModelFamily):
         pixel_values = out["pixel_values"].astype(np.float32)  # [sum P, C·t·p·p]
         merge = processor.image_processor.merge_size
         patch = processor.image_processor.patch_size
+        policy = self.budget_policy(manifest)
         feeds, layouts, offset = [], [], 0
         for t, h, w in out["image_grid_thw"].tolist():
             patches = t * h * w
             feed = {"pixel_values": np.ascontiguousarray(pixel_values[offset : offset + patches])}
             feed.update(window_layout((t, h, w), merge, processor.window_size, patch))
-            feed["keep"] = np.array(self.image_keep(manifest, budget, patches // (merge * merge)), np.int64)
+            feed["keep"] = np.array(policy.per_image(budget, patches // (merge * merge)), np.int64)
             feeds.append(feed)
             layouts.append((t, h // merge, w // merge))
             offset += patches
@@ -274,7 +281,7 @@ class QwenVLFamily(ModelFamily):
 
     def e2e_budgets(self, manifest) -> list[int]:
         """Two budgets (16 ~ the 30% default, 32) and no compression (the largest image's N; smaller images keep all)."""
-        return manifest.budgets_within((16, 32, manifest.budget["max"]))
+        return self.budget_policy(manifest).within((16, 32, manifest.budget["max"]))
 
     def feed_label(self, feed: dict[str, np.ndarray]) -> str:
         t, rows, cols = grid_from_positions(feed["patch_positions"])

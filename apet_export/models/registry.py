@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apet_export.compat import quiet_libraries
+from apet_export.compression.budget import BudgetPolicy
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
@@ -73,6 +74,11 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise UnknownNameError("model family", name, list(FAMILIES))
     return FAMILIES[name]
+
+
+def budget_policy(manifest) -> BudgetPolicy:
+    """The budget rules of a build (its family's policy over its manifest)."""
+    return get_family(manifest.family).budget_policy(manifest)
 
 
 def family_for_checkpoint(path: Path) -> ModelFamily:

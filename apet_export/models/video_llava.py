@@ -22,17 +22,19 @@ from pathlib import Path
 
 import torch
 
-from apet_export.config import TensorSpec
-from apet_export.models.base import ModelFamily, VisionDims
+from apet_export.config import AxisRange, TensorSpec
+from apet_export.models.base import ModelFamily, VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER
 
 VIDEO_TOKEN = "<video>"
+FRAMES_PER_VIDEO = 8  # the model's video_seq_length = 8 x 257 rows
 
 
 class VideoLlavaFamily(ModelFamily):
     name = "video_llava"
     model_types = ("video_llava",)
     media = "video"
+    budget_unit = "frames"  # a request's budget is for the whole video, split evenly over its frames
     prefix_tokens = 1  # the frame's CLS row
     exportable_methods = ("apet", "none")  # VisionZip is not wired up for the video tower
     fixed_image_rows = False  # a video placeholder becomes F x (1 + T) rows
@@ -62,9 +64,14 @@ class VideoLlavaFamily(ModelFamily):
         return model.config.video_token_id  # the placeholder that the frames' rows replace
 
     def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """LLaVA's I/O with the batch axis named `frames` and CLS + kept rows out: image_embeds [F, 1+T, H]."""
         inputs, outputs = super().vision_io(dims, model)
         outputs[0] = TensorSpec("image_embeds", "float32", ("batch", "image_tokens", dims.text_hidden))  # 1 + keep
-        return inputs, outputs
+        return rename_axis(inputs, "batch", "frames"), rename_axis(outputs, "batch", "frames")
+
+    def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
+        # the runtime encodes each frame as it arrives (1); parity and calibration batch up to a video's frames
+        return {"frames": AxisRange(1, 1, max(FRAMES_PER_VIDEO, max_batch))}
 
 
 # Video-LLaVA's conversation: "USER: <video>\n{prompt} ASSISTANT:" (LLaVA-1.5 format with a video part).

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from apet_export.manifest import Manifest
-from apet_export.models.registry import get_family
+from apet_export.models.registry import budget_policy, get_family
 from apet_export.parity.report import ParityRow
 from apet_export.runtime.pipeline import Pipeline
 
@@ -50,7 +50,7 @@ def e2e_cases(manifest: Manifest, budgets: list[int] | None, pair: tuple[int, in
     if budgets:
         return [{"budget": b} for b in budgets]
     if manifest.stage2:
-        return [{"budget": b} for b in manifest.budgets_within((64, 192))]
+        return [{"budget": b} for b in budget_policy(manifest).within((64, 192))]
     return [{"budget": b} for b in get_family(manifest.family).e2e_budgets(manifest)]
 
 
@@ -59,15 +59,13 @@ def e2e_parity(
     pair: tuple[int, int] | None = None, backend: str = "onnxruntime",
 ) -> list[ParityRow]:
     """Greedy generation on `backend` (onnxruntime or tensorrt) against the torch backend."""
-    from apet_export.compression.stages import resolve_budgets
-
     rows = []
     atol = LOGITS_ATOL[manifest.precision]
     with Pipeline.from_dir(build_dir, backend="torch") as reference, Pipeline.from_dir(build_dir, backend=backend) as candidate:
         for case in e2e_cases(manifest, budgets, pair):
             expected = generate(reference, image, max_new_tokens, **case)
             actual = generate(candidate, image, max_new_tokens, **case)
-            first, second = resolve_budgets(manifest, **case)
+            first, second = candidate.budgets.resolve(**case)
             check = f"greedy {max_new_tokens} tokens k={first}" + ("" if second is None else f"/{second}")
             check += "" if backend == "onnxruntime" else f" {backend}"
             mismatches = sum(x != y for x, y in zip(expected.token_ids, actual.token_ids, strict=False))

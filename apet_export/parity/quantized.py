@@ -82,29 +82,36 @@ def token_agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b, strict=False)) / length
 
 
-def vision_outputs(build_dir: Path, manifest: Manifest, backend: str, pixel_values, budgets) -> dict[int, dict]:
-    """{budget: vision outputs} from onnxruntime (fused or simulated QDQ as the precision needs) or eager."""
+def vision_outputs(build_dir: Path, manifest: Manifest, backend: str, feeds: dict) -> dict:
+    """{budget: [outputs of each feed]} from onnxruntime (fused or simulated QDQ as the precision needs) or
+    eager. feeds: {budget: the family's vision feeds of the images at that budget}."""
     if backend == "torch":
         from apet_export.runtime.backends.torch import TorchVisionRunner
 
         runner = TorchVisionRunner(build_dir, manifest)
         with runner:
-            return {k: runner.infer({"pixel_values": pixel_values, "keep": np.array(k, np.int64)}) for k in budgets}
+            return {k: [runner.infer(feed) for feed in each] for k, each in feeds.items()}
     from apet_export.runtime.sessions import onnxruntime_session
 
     session = onnxruntime_session(manifest.file(build_dir, "vision"), fuse_qdq=manifest.precision != "fp8")
     names = [o.name for o in session.get_outputs()]
-    return {
-        k: dict(zip(names, session.run(None, {"pixel_values": pixel_values, "keep": np.array(k, np.int64)}), strict=True))
-        for k in budgets
-    }
+    return {k: [dict(zip(names, session.run(None, feed), strict=True)) for feed in each] for k, each in feeds.items()}
 
 
-def generate(build_dir: Path, backend: str, image, budget: int):
+def generate(build_dir: Path, backend: str, image, budget: int | None):
     from apet_export.runtime.pipeline import Pipeline
 
     with Pipeline.from_dir(build_dir, backend=backend) as pipeline:
-        return pipeline.generate([image], PROMPT, budget=budget, max_new_tokens=NEW_TOKENS, stream=False)
+        return pipeline.answer([image], PROMPT, budget=budget, max_new_tokens=NEW_TOKENS, stream=False)
+
+
+def family_feeds(build_dir: Path, manifest: Manifest, images, budgets) -> dict:
+    """{budget: the vision feeds of every image at that request budget}, as the runtime builds them."""
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    processor = family.load_processor(manifest.model_dir(build_dir))
+    return {k: family.vision_feeds(processor, images, k, manifest)[0] for k in budgets}
 
 
 def source_of(build_dir: Path, manifest: Manifest) -> Path:
@@ -118,33 +125,36 @@ def source_of(build_dir: Path, manifest: Manifest) -> Path:
 
 
 def accuracy_rows(build_dir: Path, images, thresholds: AccuracyThresholds) -> list[AccuracyRow]:
-    from apet_export.parity.run import vision_feeds
+    from apet_export.models.registry import budget_policy
 
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     source = source_of(build_dir, manifest)
     source_manifest = load_manifest(source)
-    full, default = manifest.budget["max"], manifest.budget["default"]
-    budgets = [full, *manifest.budgets_within((64, default))]
-    # one batched feed of every image, as the pipeline preprocesses them (calibrated builds are LLaVA-family)
-    pixel_values = vision_feeds(build_dir, manifest, images, [full], batches=(len(images),))[0]["pixel_values"]
-    quantized = vision_outputs(build_dir, manifest, "onnxruntime", pixel_values, budgets)
+    policy = budget_policy(manifest)
+    full, default = policy.request_range()[1], manifest.budget["default"]  # full: every token of every call
+    budgets = list(dict.fromkeys([full, *policy.within(policy.scaled((64,))), default]))  # default None: the share
+    feeds = family_feeds(build_dir, manifest, images, budgets)  # the family's feeds, as the runtime's
+    quantized = vision_outputs(build_dir, manifest, "onnxruntime", feeds)
     generated = generate(build_dir, "onnxruntime", images[0], default) if "llm" in manifest.files else None
     t = thresholds
     rows: list[AccuracyRow] = []
     for reference, backend in (("fp32 onnxruntime", "onnxruntime"), ("eager PyTorch", "torch")):
-        expected = vision_outputs(source, source_manifest, backend, pixel_values, budgets)
-        cosine = cosine_per_token(quantized[full]["image_embeds"], expected[full]["image_embeds"])
-        worst = np.unravel_index(int(np.argmin(cosine)), cosine.shape)
+        expected = vision_outputs(source, source_manifest, backend, feeds)
+        cosines = [cosine_per_token(q["image_embeds"], e["image_embeds"]) for q, e in zip(quantized[full], expected[full], strict=True)]
+        flat = np.concatenate([c.ravel() for c in cosines])  # every token of every feed
+        worst = min(range(len(cosines)), key=lambda i: cosines[i].min())
         rows += [
-            AccuracyRow(reference, f"image-embedding cosine mean (k={full})", float(cosine.mean()), t.min_cosine_mean, True,
-                        float(cosine.mean()) >= t.min_cosine_mean),
-            AccuracyRow(reference, f"image-embedding cosine min (k={full})", float(cosine.min()), t.min_cosine_min, True,
-                        float(cosine.min()) >= t.min_cosine_min, f"image {worst[0]} token {worst[1]}"),
+            AccuracyRow(reference, f"image-embedding cosine mean (k={full})", float(flat.mean()), t.min_cosine_mean, True,
+                        float(flat.mean()) >= t.min_cosine_mean),
+            AccuracyRow(reference, f"image-embedding cosine min (k={full})", float(flat.min()), t.min_cosine_min, True,
+                        float(flat.min()) >= t.min_cosine_min, f"feed {worst}"),
         ]
         for budget in budgets[1:]:
-            overlap = keep_overlap(quantized[budget]["keep_index"], expected[budget]["keep_index"])
-            rows.append(AccuracyRow(reference, f"kept-index overlap % (k={budget})", float(overlap.mean()),
+            overlap = np.concatenate([keep_overlap(q["keep_index"], e["keep_index"])
+                                      for q, e in zip(quantized[budget], expected[budget], strict=True)])
+            label = "the share" if budget is None else budget
+            rows.append(AccuracyRow(reference, f"kept-index overlap % (k={label})", float(overlap.mean()),
                                     t.min_keep_overlap, True, float(overlap.mean()) >= t.min_keep_overlap,
                                     f"min over images {overlap.min():.1f}%"))
         if generated is not None:

@@ -8,27 +8,11 @@ from rich.console import Console
 
 from apet_export.errors import InvalidInputError, ParityError
 from apet_export.manifest import load_manifest
+from apet_export.models.registry import budget_policy
+from apet_export.parity.feeds import vision_feeds
 from apet_export.parity.report import ParityRow, print_table, write_report
 from apet_export.parity.vision import vision_parity
 from apet_export.runtime.images import load_image, synthetic_image
-
-
-def vision_feeds(build_dir: Path, manifest, images, budgets: list[int], batches=(1, 2)) -> list[dict]:
-    """The vision-graph feeds of the first 1 and 2 images at each budget, built as the pipeline builds them
-    (one batched feed for LLaVA, one per image for dynamic-resolution families; repeats dropped)."""
-    from apet_export.models.registry import get_family
-
-    family = get_family(manifest.family)
-    processor = family.load_processor(manifest.model_dir(build_dir))
-    feeds, seen = [], set()
-    for budget in budgets:
-        for batch in batches:
-            for feed in family.vision_feeds(processor, images[:batch], budget, manifest)[0]:
-                key = (family.feed_label(feed), int(feed["keep"]))
-                if key not in seen:
-                    seen.add(key)
-                    feeds.append(feed)
-    return feeds
 
 
 def run_parity(
@@ -52,9 +36,10 @@ def run_parity(
             )
 
         return {"accuracy": run_quantized_parity(build_dir, image_paths, thresholds, console)}
-    budgets = budgets or manifest.budgets_within((16, 64, 192, manifest.budget["max"]))
+    policy = budget_policy(manifest)
+    budgets = budgets or policy.within(policy.scaled((16, 64, 192, manifest.budget["max"])))
     for budget in budgets:
-        manifest.check_budget(budget)
+        policy.check(budget)
     images = [load_image(p) for p in image_paths] if image_paths else []
     # batch 2 needs two; the second is portrait, so dynamic-resolution families see two grid shapes
     images += [synthetic_image(seed, (400, 300) if seed == 0 else (300, 500)) for seed in range(len(images), 2)]

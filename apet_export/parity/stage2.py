@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.compression.stages import split_budget
+from apet_export.compression.budget import split_budget
 from apet_export.manifest import Manifest
+from apet_export.models.registry import budget_policy
 from apet_export.parity.report import ParityRow
 from apet_export.runtime.sessions import onnxruntime_session
 from apet_export.runtime.two_stage import eager_stage2
@@ -27,7 +28,7 @@ def stage2_parity(build_dir: Path, manifest: Manifest, budgets=(64, 192), batche
     dtype = np.dtype(manifest.files["stage2"].inputs[0].dtype)
     rng = np.random.default_rng(0)
     rows = []
-    for budget in manifest.budgets_within(budgets):
+    for budget in budget_policy(manifest).within(budgets):
         length, keep = split_budget(budget, manifest.budget["max"])
         for batch in batches:
             states = rng.standard_normal((batch, PREFIX + length + SUFFIX, hidden)).astype(dtype)

@@ -92,7 +92,24 @@ class Pipeline:
 
         self.build_dir, self.manifest, self.backend, self.processor = build_dir, manifest, backend, processor
         self.tokenizer = processor.tokenizer
-        self.family = get_family(manifest.family)  # its hooks turn images into LLM rows and their positions
+        self.family = get_family(manifest.family)  # its contract turns images into LLM rows and their positions
+        self.budgets = self.family.budget_policy(manifest)
+        self.extras = self._load_extras()  # the build's extra tensors (LLaVA-NeXT's image_newline)
+
+    def _load_extras(self) -> dict:
+        if "vision_extras" not in self.manifest.files:
+            return {}
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.manifest.file(self.build_dir, "vision_extras")))
+
+    def vision_infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The vision graph on this pipeline's backend: a feed -> {image_embeds, keep_index, scores}."""
+        return self.backend.vision.infer(feed, check_inputs=False)
+
+    def encode_images(self, images, budget: int | None):
+        """PIL images -> (per image its LLM rows [L_i, H], layouts, keep_index) through the family's feeds."""
+        return self.family.encode_images(self.vision_infer, self.processor, self.manifest, images, budget, self.extras)
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
@@ -138,16 +155,9 @@ class Pipeline:
         self.close()
 
     # -- prompt -------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, num_images: int, media: str = "image") -> list[int]:
-        """Token ids of the prompt with one placeholder per image (or video), through the chat template."""
-        image_token = getattr(self.tokenizer, f"{media}_token")
-        if self.tokenizer.chat_template:
-            content = [{"type": media}] * num_images + [{"type": "text", "text": prompt}]
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-            return self.tokenizer(text, add_special_tokens=False).input_ids  # the template wrote BOS
-        return self.tokenizer(f"{image_token}\n" * num_images + prompt).input_ids
+    def prompt_ids(self, prompt: str, num_images: int) -> list[int]:
+        """Token ids of the prompt with num_images placeholders of the family's media (images, or one video)."""
+        return self.family.prompt_ids(self.tokenizer, prompt, num_images)
 
     def check_context(self, num_text: int, num_images: int, budget: int, max_new_tokens: int) -> None:
         context = self.manifest.dims["max_context"]
@@ -180,11 +190,9 @@ class Pipeline:
     ):
         """Generation (iterable of text deltas) if stream, else the GenerationResult. images: one image or a
         list, each a path or a PIL image. On a two-stage build `budget` is the average of the stages (96/32
-        for 64) unless budget1/budget2 are given (stages.py). encode: a callable (images, stage-1 budget) ->
-        what encode_batch gives per request, in place of encoding here (a server batches the vision encodes
-        of concurrent requests through it)."""
-        from apet_export.compression.stages import resolve_budgets
-
+        for 64) unless budget1/budget2 are given (compression/budget.py). encode: a callable (images, stage-1
+        budget) -> what encode_batch gives per request, in place of encoding here (a server batches the vision
+        encodes of concurrent requests through it)."""
         if self.manifest.dims.get("media", "image") == "video":
             raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
         if isinstance(images, str | Path | Image.Image):  # one image
@@ -195,7 +203,7 @@ class Pipeline:
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # budget None: the family's share of each image's tokens; budget2 None: one stage
-        budget, budget2 = resolve_budgets(self.manifest, budget, budget1, budget2)
+        budget, budget2 = self.budgets.resolve(budget, budget1, budget2)
         ids = self.prompt_ids(prompt, len(images))
         image_token_id = self.manifest.dims["image_token_id"]
         if ids.count(image_token_id) != len(images):
@@ -204,7 +212,7 @@ class Pipeline:
                 f"(each image given is placed before the prompt)"
             )
         num_text = sum(1 for t in ids if t != image_token_id)
-        rows_bound = self.family.image_rows_bound(self.manifest, budget or self.manifest.budget["max"])
+        rows_bound = self.budgets.rows_bound(budget)
         self.check_context(num_text, len(images), rows_bound, max_new_tokens)
         sampler = Sampler(temperature, top_p, seed)
         steps = self._steps(images, ids, budget, max_new_tokens, sampler, num_text, budget2, encode)
@@ -222,7 +230,7 @@ class Pipeline:
             by_budget.setdefault(budget, []).append(number)
         for budget, numbers in by_budget.items():
             images = [image for number in numbers for image in requests[number][0]]
-            rows, layouts, keep_index = self.family.encode_images(self, images, budget)
+            rows, layouts, keep_index = self.encode_images(images, budget)
             start = 0
             for number in numbers:  # back to each request: its own images, in order
                 end = start + len(requests[number][0])
@@ -233,10 +241,8 @@ class Pipeline:
     def _steps(self, images, ids, budget, max_new_tokens, sampler, num_text, budget2=None, encode=None) -> Iterator[TokenEvent]:
         start = time.perf_counter()
         image_token_id = self.manifest.dims["image_token_id"]
-        if encode is None:
-            rows, layouts, keep_index = self.family.encode_images(self, images, budget)  # per image [L_i, H], ...
-        else:
-            rows, layouts, keep_index = encode(images, budget)
+        encode = encode or self.encode_images
+        rows, layouts, keep_index = encode(images, budget)  # per image [L_i, H], ...
         embeds = self.merge_embeddings(ids, rows)  # [1, L, H]
         positions, rope_delta = self.family.position_ids(  # [(3,) 1, L]
             ids, image_token_id, layouts, keep_index, length=embeds.shape[1]
@@ -300,24 +306,16 @@ class Pipeline:
             image_tokens_stage2=image_tokens_stage2,
         )
 
-    # -- video: frames encoded as they arrive -------------------------------------------------------
-    def frame_budgets(self, budget: int | None, num_frames: int) -> list[int]:
-        """The video's budget split evenly across its frames (the first budget % F frames keep one more)."""
-        if num_frames < 1:
-            raise InvalidInputError(f"a video needs at least one frame, got {num_frames}")
-        if self.manifest.method == "none":  # the graph keeps every token whatever the budget
-            return [self.manifest.budget["max"]] * num_frames
-        budget = budget or self.manifest.budget["default"] * num_frames
-        share, extra = divmod(budget, num_frames)
-        budgets = [share + 1] * extra + [share] * (num_frames - extra)
-        low, high = self.manifest.budget["min"], self.manifest.budget["max"]
-        if not low <= budgets[-1] <= budgets[0] <= high:
-            raise InvalidInputError(
-                f"budget {budget} over {num_frames} frames keeps {budgets[-1]}-{budgets[0]} tokens per frame, outside "
-                f"[{low}, {high}]: choose a video budget between {low * num_frames} and {high * num_frames}"
-            )
-        return budgets
+    def answer(self, pictures, prompt: str, budget: int | None = None, budget1=None, budget2=None, **options):
+        """generate() on an image build, generate_video() with the pictures as the frames of one video on a
+        video build (one-stage): what checks holding pictures for any family (parity, bench) call."""
+        if self.family.media == "video":
+            if budget1 is not None or budget2 is not None:
+                raise InvalidInputError("--budget1/--budget2 are for two-stage image builds: pass --budget with a video")
+            return self.generate_video(list(pictures), prompt, budget=budget, **options)
+        return self.generate(pictures, prompt, budget=budget, budget1=budget1, budget2=budget2, **options)
 
+    # -- video: frames encoded as they arrive -------------------------------------------------------
     def generate_video(
         self, frames, prompt: str, budget: int | None = None, num_frames: int | None = None,
         max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -340,8 +338,8 @@ class Pipeline:
             num_frames = len(frames)
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        budgets = self.frame_budgets(budget, num_frames)
-        ids = self.prompt_ids(prompt, 1, media="video")
+        budgets = self.budgets.per_frame(budget, num_frames)
+        ids = self.prompt_ids(prompt, 1)
         placeholder = self.manifest.dims["image_token_id"]
         if ids.count(placeholder) != 1:
             raise InvalidInputError(
@@ -362,7 +360,7 @@ class Pipeline:
             ready = time.perf_counter()
             if len(rows) == len(budgets):
                 raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
-            (frame_rows,), _, (frame_index,) = self.family.encode_images(self, [frame], budgets[len(rows)])
+            (frame_rows,), _, (frame_index,) = self.encode_images([frame], budgets[len(rows)])
             rows.append(frame_rows)  # [C+T, H]: this frame's prefix rows, then its kept tokens
             keep_index.append(frame_index)  # [T]
             vision_ms += (time.perf_counter() - ready) * 1e3

@@ -7,6 +7,8 @@ import pytest
 
 from apet_export.calibration import data
 from apet_export.errors import CalibrationDataError
+from apet_export.manifest import load_manifest
+from apet_export.models.registry import get_family
 
 
 def test_sample_is_deterministic_recursive_and_fingerprinted(sample_images, tmp_path):
@@ -69,12 +71,13 @@ def test_prompts_from_a_file(tmp_path):
 
 
 def test_feeds_are_streamed_in_passes(sample_images, llava_build, monkeypatch):
-    processor = data.load_processor(llava_build)
+    manifest = load_manifest(llava_build)
+    processor = data.load_processor(llava_build, manifest)
     chosen = data.select_images(sample_images, 5)
     opened = []
     real_open = data.Image.open
     monkeypatch.setattr(data.Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
-    reader = data.vision_feeds(chosen, processor.image_processor, keep=64, batch_size=2)
+    reader = data.vision_feeds(chosen, get_family("llava"), processor, manifest, 64, batch_size=2)
     assert len(reader) == 3 and opened == []  # nothing read before it is asked for
     reader.limit = 2  # two feeds per calibration pass
     feed = reader.get_next()

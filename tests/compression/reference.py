@@ -1,6 +1,6 @@
 """A straightforward ApET reference: one batch element at a time, Python loops, torch.linalg.solve.
 
-Written from DESIGN.md independently of apet_export.compression, so the tests compare two
+Written from docs/design.md independently of apet_export.compression, so the tests compare two
 implementations rather than one with itself.
 """
 
@@ -33,7 +33,7 @@ def error_by_solve(x: torch.Tensor, basis: torch.Tensor, ridge: float, dtype=tor
 def apet_reference(x: torch.Tensor, keep: int, basis_index: list[int], scores: torch.Tensor):
     """x [N, D] (one element), basis given, scores given -> (tokens [T, D], index [T]).
 
-    Follows DESIGN.md steps 3-5 with loops: rank, basis features into the M lowest-error kept slots
+    Follows docs/design.md steps 3-5 with loops: rank, basis features into the M lowest-error kept slots
     (the released code's `features[mask] = seeds`: masked positions filled in ascending order with the
     seeds in the order they were selected), cosine merge of dropped tokens into the high-error kept tokens.
     """

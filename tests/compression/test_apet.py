@@ -102,7 +102,7 @@ def test_keep_equal_n_is_identity():
 
 
 def test_hand_computed_example():
-    """N=6, M=1: every step of DESIGN.md worked out by hand.
+    """N=6, M=1: every step of docs/design.md worked out by hand.
 
     basis = x0 (largest norm); errors ~ distance from the x0 axis: x1 5, x2 4, x3 3, x4 2, x5 0.1, x0 ~0.
     keep=3: R = {x1, x2}; the lowest-error kept slot x3 receives the basis features x0; dropped x4 -> x2,

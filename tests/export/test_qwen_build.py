@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from apet_export.errors import MissingDependencyError
-from apet_export.export.trt_network import mark_attention_decomposable, set_target
 from apet_export.manifest import load_manifest
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
@@ -96,55 +95,16 @@ def test_graphs_parse_in_tensorrt_rtx(qwen_build, graph):
         trt = import_tensorrt()
     except MissingDependencyError as error:
         pytest.skip(str(error))
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(qwen_build / graph))
-    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert parsed and not errors, errors
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    if graph == "llm.onnx":
-        assert inputs["position_ids"] == (3, -1, -1)
-    else:
-        assert inputs["pixel_values"] == (-1, 1176) and inputs["window_index"] == (-1,)
+    from apet_export.export.trt_network import build_engine, make_logger
+    from apet_export.export.trt_profiles import profiles_for
 
-
-def test_visualize_draws_the_merged_grid(qwen_build, tmp_path):
-    from apet_export.visualize import visualize_build
-
-    image = tmp_path / "portrait.png"
-    synthetic_image(4, (300, 500)).save(image)
-    visualize_build(qwen_build, image, None, tmp_path / "out.png")
-    assert (tmp_path / "out.png").stat().st_size > 10_000
-
-
-def test_vision_engine_builds_ahead_of_time_for_a_range_of_resolutions(qwen_build):
-    """TensorRT-RTX on CPU: vision.onnx → SM89 engine with one profile over 16..64 merged tokens per image and
-    the budget `keep` as a shape input (fp32 head-dim-16 attention marked decomposable, as DESIGN.md notes)."""
-    from apet_export.compat import import_tensorrt
-
-    try:
-        trt = import_tensorrt()
-    except MissingDependencyError as error:
-        pytest.skip(str(error))
-    if not hasattr(trt, "ComputeCapability"):
-        pytest.skip("ahead-of-time builds need TensorRT-RTX (set_compute_capability)")
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(qwen_build / "vision.onnx"))
-    mark_attention_decomposable(trt, network)  # fp32 attention shapes without a fused kernel
-    config = builder.create_builder_config()
-    set_target(trt, config, trt.ComputeCapability.SM89)
-    profile = builder.create_optimization_profile()
-    low, typical, high = 16, 54, 64  # merged tokens per image (tiny preset's min/max pixels)
-    for name, per_token in (("pixel_values", (4, 1176)), ("patch_positions", (4, 2)), ("window_slot", (4,)), ("window_index", (1,))):
-        shapes = [(per_token[0] * n, *per_token[1:]) for n in (low, typical, high)]
-        profile.set_shape(name, *shapes)
-    profile.set_shape("window_patch", (1, 64), (6, 64), (9, 64))  # windows of 4 x 4 merged tokens
-    profile.set_shape_input("keep", [11], [16], [high])  # the runtime caps keep at each image's N
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 1_000_000
+    manifest = load_manifest(qwen_build)
+    (profile,) = profiles_for(manifest, "vision")  # the product's profile, from the family's axis ranges
+    low, high = manifest.budget["min"], manifest.budget["max"]  # merged tokens per image: M + 1 .. N (max_pixels)
+    assert profile.shapes["pixel_values"] == ((4 * low, 1176), (4 * high, 1176), (4 * high, 1176))
+    assert profile.shapes["window_index"][0] == (low,) and profile.shapes["window_patch"][2] == (high, 64)
+    assert profile.values["keep"] == (low, int(0.3 * high), high)
+    logger = make_logger(trt)
+    plan, _, _ = build_engine(trt, trt.Builder(logger), logger, qwen_build / "vision.onnx", [profile],
+                              trt.ComputeCapability.SM89, None, 0)
+    assert plan is not None and len(plan) > 1_000_000

@@ -39,7 +39,7 @@ def torch_pipeline(llava_next_build):
 def test_uncompressed_rows_and_logits_equal_transformers(torch_pipeline, size):
     image = synthetic_image(1, size)
     model, processor = torch_pipeline.backend.model, torch_pipeline.processor
-    (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 5 * 576)  # every crop uncompressed
+    (rows,), _, _ = torch_pipeline.encode_images([image], 5 * 576)  # every crop uncompressed
     inputs = processor(images=[image], text=torch_pipeline.tokenizer.decode(torch_pipeline.prompt_ids("Hi", 1)),
                        return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_budget_is_split_across_crops(torch_pipeline):
 
     torch_pipeline.backend.vision.infer = logged
     try:
-        (rows,), _, _ = torch_pipeline.family.encode_images(torch_pipeline, [image], 160)
+        (rows,), _, _ = torch_pipeline.encode_images([image], 160)
     finally:
         torch_pipeline.backend.vision.infer = infer
     assert calls == [(3, 53)]  # one call, all crops, 160 // 3 each
@@ -74,9 +74,9 @@ def test_budget_is_split_across_crops(torch_pipeline):
 
 
 def test_vision_and_e2e_parity(llava_next_build):
-    """Vision: both graphs at 32, 128 and 576 per crop, batches of 1 and 2 crops; e2e: greedy 32 tokens at
-    budgets 160 and 640 per image and uncompressed (5 x 576)."""
-    vision = run_parity(llava_next_build, budgets=[32, 128, 576], e2e=False)["vision"]
+    """Vision: both graphs at whole-image budgets 160, 640 and 2880 (32, 128 and 576 per crop of 5), each
+    image's crops in one call; e2e: greedy 32 tokens at budgets 160 and 640 per image and uncompressed (5 x 576)."""
+    vision = run_parity(llava_next_build, budgets=[160, 640, 2880], e2e=False)["vision"]
     assert all(row.passed for row in vision), [row for row in vision if not row.passed]
     worst = max((row for row in vision if row.output == "image_embeds"), key=lambda r: r.max_abs)
     print(f"largest image_embeds diff: {worst.max_abs:.3g} ({worst.check})")

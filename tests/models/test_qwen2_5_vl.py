@@ -16,7 +16,7 @@ LAYOUT = ("pixel_values", "patch_positions", "window_index", "window_patch", "wi
 
 
 def manifest(method="apet", budget=None):
-    return SimpleNamespace(method=method, budget={"default": budget, "min": 11, "max": 64, "ratio": 0.3})
+    return SimpleNamespace(method=method, budget={"default": budget, "min": 11, "max": 64, "ratio": 0.3}, stage2={}, dims={})
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +131,11 @@ def test_positions_match_hf_without_compression_and_keep_theirs_with(qwen):
 
 def test_per_image_budget(qwen):
     _, family, _, _ = qwen
-    assert family.image_keep(manifest(), None, 54) == 16  # int(0.3 * 54): the released default
-    assert family.image_keep(manifest(), None, 20) == 11  # floored at M + 1
-    assert family.image_keep(manifest(), 32, 54) == 32
-    assert family.image_keep(manifest(), 64, 54) == 54  # a budget over N keeps everything
-    assert family.image_keep(manifest("none"), 16, 54) == 54
+    policy = family.budget_policy(manifest())
+    assert policy.per_image(None, 54) == 16  # int(0.3 * 54): the released default
+    assert policy.per_image(None, 20) == 11  # floored at M + 1
+    assert policy.per_image(32, 54) == 32
+    assert policy.per_image(64, 54) == 54  # a budget over N keeps everything
+    assert family.budget_policy(manifest("none")).per_image(16, 54) == 54
     with pytest.raises(InvalidInputError, match="larger image"):
-        family.image_keep(manifest(), None, 8)
+        policy.per_image(None, 8)

@@ -85,11 +85,12 @@ def test_frames_are_encoded_as_they_arrive(video_pipeline, monkeypatch):
 
 
 def test_budget_split_and_errors(video_pipeline):
-    assert video_pipeline.frame_budgets(256, 8) == [32] * 8
-    assert video_pipeline.frame_budgets(259, 8) == [33] * 3 + [32] * 5  # evenly, the remainder to the first frames
-    assert video_pipeline.frame_budgets(None, 4) == [64] * 4  # the build's default per frame
+    budgets = video_pipeline.budgets  # the family's policy: the video's budget split across its frames
+    assert budgets.per_frame(256, 8) == [32] * 8
+    assert budgets.per_frame(259, 8) == [33] * 3 + [32] * 5  # evenly, the remainder to the first frames
+    assert budgets.per_frame(None, 4) == [64] * 4  # the build's default per frame
     with pytest.raises(InvalidInputError, match="between 88 and 2048"):
-        video_pipeline.frame_budgets(80, 8)
+        budgets.per_frame(80, 8)
     with pytest.raises(InvalidInputError, match="pass num_frames"):
         video_pipeline.generate_video(iter(synthetic_frames(2)), "Hi")
     with pytest.raises(InvalidInputError, match="3 frames arrived, 4 were announced"):

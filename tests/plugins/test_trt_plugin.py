@@ -36,7 +36,7 @@ def build_for(trt, builder, network, manifest, capability: str) -> bytes | None:
     config = builder.create_builder_config()
     config.num_compute_capabilities = 1
     config.set_compute_capability(getattr(trt.ComputeCapability, capability), 0)
-    for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (DESIGN.md)
+    for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (docs/design.md)
         layer = network.get_layer(i)
         if layer.type == trt.LayerType.ATTENTION_OUTPUT:
             layer.__class__ = trt.IAttentionOutputLayer

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from apet_export.compression.stages import resolve_budgets, split_budget
+from apet_export.compression.budget import split_budget
 from apet_export.errors import BudgetError, InvalidInputError
 from apet_export.manifest import load_manifest
+from apet_export.models.registry import budget_policy
 from apet_export.parity.e2e import e2e_parity
 from apet_export.parity.stage2 import stage2_parity
 from apet_export.runtime.images import synthetic_image
@@ -58,7 +59,7 @@ def test_decode_positions_continue_from_each_parts_own_length(llava_two_stage_bu
     with Pipeline.from_dir(llava_two_stage_build, backend=backend) as pipeline:
         manifest, runner = pipeline.manifest, pipeline.backend.llm
         ids = pipeline.prompt_ids(PROMPT, 1)
-        first, second = resolve_budgets(manifest, 64)
+        first, second = budget_policy(manifest).resolve(64)
         vision = pipeline.backend.vision.infer(
             {"pixel_values": pipeline.processor.image_processor([synthetic_image(2)], return_tensors="np")["pixel_values"],
              "keep": np.array(first)}, check_inputs=False,
@@ -127,24 +128,24 @@ def test_split_budget_is_the_papers_average(budget, num_tokens, expected):
 
 
 def test_budget_resolution_and_errors(llava_two_stage_build, llava_build):
-    two, one = load_manifest(llava_two_stage_build), load_manifest(llava_build)
-    assert resolve_budgets(two) == (96, 32)
-    assert resolve_budgets(two, 192) == (288, 96)
-    assert resolve_budgets(two, budget1=100, budget2=40) == (100, 40)
-    assert resolve_budgets(two, budget1=100) == (100, 100)  # stage 2 off
-    assert resolve_budgets(one, 64) == (64, None)
+    two, one = budget_policy(load_manifest(llava_two_stage_build)).resolve, budget_policy(load_manifest(llava_build)).resolve
+    assert two() == (96, 32)
+    assert two(192) == (288, 96)
+    assert two(budget1=100, budget2=40) == (100, 40)
+    assert two(budget1=100) == (100, 100)  # stage 2 off
+    assert one(64) == (64, None)
     with pytest.raises(InvalidInputError, match="above the stage-1 budget"):
-        resolve_budgets(two, budget1=64, budget2=65)
+        two(budget1=64, budget2=65)
     with pytest.raises(BudgetError, match="keep=10"):
-        resolve_budgets(two, budget1=64, budget2=10)  # not above M = 10
+        two(budget1=64, budget2=10)  # not above M = 10
     with pytest.raises(BudgetError):
-        resolve_budgets(two, 20)  # its stage-2 share would be 10
+        two(20)  # its stage-2 share would be 10
     with pytest.raises(InvalidInputError, match="needs --budget1"):
-        resolve_budgets(two, budget2=32)
+        two(budget2=32)
     with pytest.raises(InvalidInputError, match="not both"):
-        resolve_budgets(two, 64, budget1=96)
+        two(64, budget1=96)
     with pytest.raises(InvalidInputError, match="no ApET stage 2"):
-        resolve_budgets(one, budget1=96, budget2=32)
+        one(budget1=96, budget2=32)
 
 
 def test_parity_command_on_a_two_stage_build(llava_two_stage_build):
