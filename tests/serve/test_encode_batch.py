@@ -12,11 +12,11 @@ from apet_export.runtime.pipeline import Pipeline
 def test_batched_encodes_equal_each_request_alone(llava_build, monkeypatch):
     requests = [([synthetic_image(0)], 32), ([synthetic_image(1), synthetic_image(2)], 64), ([synthetic_image(3)], 32)]
     with Pipeline.from_dir(llava_build) as pipeline:
-        calls, encode_images = [], pipeline.family.encode_images
+        calls, encode_images = [], pipeline.encode_images
         with monkeypatch.context() as patch:  # count the vision calls and their pictures
-            patch.setattr(pipeline.family, "encode_images", lambda *a: calls.append(len(a[1])) or encode_images(*a))
+            patch.setattr(pipeline, "encode_images", lambda *a: calls.append(len(a[0])) or encode_images(*a))
             batched = pipeline.encode_batch(requests)
-        alone = [pipeline.family.encode_images(pipeline, images, budget) for images, budget in requests]
+        alone = [pipeline.encode_images(images, budget) for images, budget in requests]
     assert sorted(calls) == [2, 2]  # budget 32: requests 0 and 2 together; budget 64: request 1
     for (rows, _, keep), (rows_alone, _, keep_alone), (images, budget) in zip(batched, alone, requests, strict=True):
         assert len(rows) == len(images) and all(r.shape[0] == budget for r in rows)
