@@ -81,11 +81,8 @@ def check_options(options: BuildOptions) -> None:
             "--stage2-layer needs --method apet and the LLM graphs: drop --no-llm / choose --method apet, "
             "or drop --stage2-layer"
         )
-    out = Path(options.out)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out} is a file, not a build directory: choose another --out")
-    if out.exists() and not options.force:
-        raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    model = Path(options.model)  # a preset name is no path; a checkpoint directory is an input
+    staging_dir.check_output(Path(options.out), options.force, {"--model": model if model.is_dir() else None})
 
 
 def check_against_model(options: BuildOptions, num_tokens: int) -> None:
