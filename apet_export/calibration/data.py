@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from apet_export.errors import CalibrationDataError
+from apet_export.errors import CalibrationDataError, ImageError
+from apet_export.paths import require_file
+from apet_export.runtime.images import load_image
 
 # Prompts used when no --prompts file is given: short instructions of the kind a VLM is asked.
 BUILTIN_PROMPTS = (
@@ -80,12 +82,12 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def readable(path: Path) -> str | None:
-    """None if Pillow can decode the file, else the reason it cannot."""
+    """None if the runtime's image loader accepts the file, else the reason it refuses it (unreadable,
+    truncated, a decompression bomb, an extreme aspect ratio, a pixel format without a right scale)."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")  # decodes the pixels: a truncated file fails here, not in the reader
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        return str(error) or type(error).__name__
+        load_image(path)  # decodes the pixels: a truncated file fails here, not in the reader
+    except ImageError as error:
+        return str(error)
     return None
 
 
@@ -93,10 +95,17 @@ def read_prompts(path: Path | None) -> list[str]:
     """One prompt per non-empty line of the file, or the built-in set."""
     if path is None:
         return list(BUILTIN_PROMPTS)
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"prompts file {path} does not exist: pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = require_file(Path(path), "a prompts file", CalibrationDataError, "a text file with one prompt per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise CalibrationDataError(
+            f"prompts file {path} is not UTF-8 text (byte {raw[error.start:error.start + 1]!r} on line {line}): "
+            f"save it as UTF-8"
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise CalibrationDataError(f"prompts file {path} has no prompts: write one prompt per line, or omit --prompts")
     return prompts
@@ -148,8 +157,7 @@ def pixel_batches(images: list[Path], image_processor, batch_size: int = 1) -> I
     for start in range(0, len(images), batch_size):
         pictures = []
         for path in images[start : start + batch_size]:
-            with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
+            pictures.append(load_image(path))  # as the runtime reads it (orientation, bit depth, alpha)
         yield image_processor(pictures, return_tensors="np")["pixel_values"].astype(np.float32)
 
 
@@ -198,8 +206,7 @@ def llm_feeds(data: CalibrationSet, pipeline, keep: int) -> FeedReader:
 
     def feeds():
         for i, path in enumerate(data.images):
-            with Image.open(path) as image:
-                picture = image.convert("RGB")
+            picture = load_image(path)
             pixel_values = pipeline.processor.image_processor([picture], return_tensors="np")["pixel_values"]
             vision = pipeline.backend.vision.infer(
                 {"pixel_values": pixel_values.astype(np.float32), "keep": np.array(keep, dtype=np.int64)},
