@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
+from apet_export.errors import InvalidInputError, PipelineClosedError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
 from apet_export.runtime.images import load_image
 from apet_export.runtime.sampling import Sampler
@@ -86,6 +85,31 @@ class Generation:
 BACKENDS = {"onnxruntime", "torch", "tensorrt"}
 
 
+def check_prompt(prompt) -> str:
+    """A prompt is a str of valid Unicode text (argv decodes undecodable bytes to lone surrogates)."""
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}: pass the question as text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raw = prompt[error.start : error.end].encode("utf-8", "surrogateescape")
+        raise InvalidInputError(
+            f"the prompt is not valid UTF-8 text (bytes {raw!r} at character {error.start}): pass the prompt "
+            f"in UTF-8 (check the terminal's or file's encoding)"
+        ) from None
+    return prompt
+
+
+def check_count(name: str, value, low: int = 1, optional: bool = False) -> None:
+    """An integer option (not a float or bool, which would be truncated or read as 1) >= low."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise InvalidInputError(f"{name} must be >= {low}, got {value}")
+
+
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
         from apet_export.models.registry import get_family
@@ -128,8 +152,19 @@ class Pipeline:
             raise
         return cls(build_dir, manifest, runner, processor)
 
+    closed = False
+
     def close(self) -> None:
-        self.backend.deactivate()
+        if not self.closed:
+            self.backend.deactivate()
+        self.closed = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise PipelineClosedError(
+                "this Pipeline was closed (close() or the end of its `with` block): create a new one with "
+                "Pipeline.from_dir"
+            )
 
     def __enter__(self) -> Pipeline:
         return self
@@ -139,15 +174,23 @@ class Pipeline:
 
     # -- prompt -------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, num_images: int, media: str = "image") -> list[int]:
-        """Token ids of the prompt with one placeholder per image (or video), through the chat template."""
+        """Token ids of the prompt with one placeholder per image (or video), through the chat template.
+        Only the template inserts control tokens: the user's text is text, whatever it contains."""
+        from apet_export.models.tokenizer import encode_with_user_text
+
         image_token = getattr(self.tokenizer, f"{media}_token")
         if self.tokenizer.chat_template:
-            content = [{"type": media}] * num_images + [{"type": "text", "text": prompt}]
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-            return self.tokenizer(text, add_special_tokens=False).input_ids  # the template wrote BOS
-        return self.tokenizer(f"{image_token}\n" * num_images + prompt).input_ids
+
+            def render(text: str) -> str:
+                content = [{"type": media}] * num_images + [{"type": "text", "text": text}]
+                return self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+
+            return encode_with_user_text(self.tokenizer, render, prompt)  # the template wrote BOS
+        return encode_with_user_text(
+            self.tokenizer, lambda text: f"{image_token}\n" * num_images + text, prompt, add_special_tokens=True
+        )
 
     def check_context(self, num_text: int, num_images: int, budget: int, max_new_tokens: int) -> None:
         context = self.manifest.dims["max_context"]
@@ -183,15 +226,18 @@ class Pipeline:
         for 64) unless budget1/budget2 are given (stages.py)."""
         from apet_export.compression.stages import resolve_budgets
 
+        self.check_open()
         if self.manifest.dims.get("media", "image") == "video":
             raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
-        if isinstance(images, str | Path | Image.Image):  # one image
+        check_prompt(prompt)
+        check_count("max_new_tokens", max_new_tokens)
+        for name, value in (("budget", budget), ("budget1", budget1), ("budget2", budget2)):
+            check_count(name, value, optional=True)
+        if not isinstance(images, list | tuple):  # one image: a path, a PIL image or a numpy array
             images = [images]
-        images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
+        images = [load_image(image) for image in images]  # -> RGB images, read as a viewer shows them
         if not images:
             raise InvalidInputError("at least one image is needed: pass --image")
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # budget None: the family's share of each image's tokens; budget2 None: one stage
         budget, budget2 = resolve_budgets(self.manifest, budget, budget1, budget2)
         ids = self.prompt_ids(prompt, len(images))
@@ -282,7 +328,7 @@ class Pipeline:
             raise InvalidInputError(f"a video needs at least one frame, got {num_frames}")
         if self.manifest.method == "none":  # the graph keeps every token whatever the budget
             return [self.manifest.budget["max"]] * num_frames
-        budget = budget or self.manifest.budget["default"] * num_frames
+        budget = self.manifest.budget["default"] * num_frames if budget is None else budget  # 0 is no default
         share, extra = divmod(budget, num_frames)
         budgets = [share + 1] * extra + [share] * (num_frames - extra)
         low, high = self.manifest.budget["min"], self.manifest.budget["max"]
@@ -300,21 +346,25 @@ class Pipeline:
     ):
         """Answer `prompt` about a video whose frames may still be arriving.
 
-        frames: a list, or any iterable of RGB frames (PIL images or [H, W, 3] uint8 arrays), e.g.
+        frames: a list, or any iterable of frames (PIL images, or numpy [H, W, 3] arrays: uint8 0..255 or
+        float 0..1, read by load_image exactly once, as images are), e.g.
         `iter_video_frames(path)` or a camera; each frame goes through the vision graph (stage 1 at its
         share of the budget) as soon as it arrives, so after the last frame only that frame's encoding
         and the prefill of the compressed tokens remain before the first token. budget: visual tokens
         kept for the whole video (default: the build's budget per frame), split evenly across the
         frames; num_frames is needed when `frames` has no len().
         """
+        self.check_open()
         if self.manifest.dims.get("media", "image") != "video":
             raise InvalidInputError("this build encodes images, not video frames: pass --image (generate)")
+        check_prompt(prompt)
+        check_count("max_new_tokens", max_new_tokens)
+        check_count("budget", budget, optional=True)
+        check_count("num_frames", num_frames, optional=True)
         if num_frames is None:
             if not hasattr(frames, "__len__"):
                 raise InvalidInputError("frames is a stream without len(): pass num_frames (--frames)")
             num_frames = len(frames)
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budgets = self.frame_budgets(budget, num_frames)
         ids = self.prompt_ids(prompt, 1, media="video")
         placeholder = self.manifest.dims["image_token_id"]
@@ -337,6 +387,7 @@ class Pipeline:
             ready = time.perf_counter()
             if len(rows) == len(budgets):
                 raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
+            frame = load_image(frame, f"frame {len(rows)}")  # uint8 0..255 or float 0..1 arrays, PIL images
             (frame_rows,), _, (frame_index,) = self.family.encode_images(self, [frame], budgets[len(rows)])
             rows.append(frame_rows)  # [C+T, H]: this frame's prefix rows, then its kept tokens
             keep_index.append(frame_index)  # [T]
