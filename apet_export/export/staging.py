@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 from apet_export.errors import ArtifactError
+from apet_export.outputs import DISK_FULL, describe
 
 # .NAME.build-PID-RANDOM (staging; RANDOM is mkdtemp's 8 characters) and .NAME.old-PID (a replaced build
 # being deleted). Narrow patterns: these folders are deleted without asking.
@@ -207,6 +208,14 @@ def staged_output(out: Path, force: bool):
         with exit_on_sigterm(), temporary_files_in(staging):
             yield staging
         publish(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in DISK_FULL:  # one line naming the output, not the staging file that hit the limit
+            raise ArtifactError(
+                f"cannot write {out}: {describe(error)}; nothing was kept (the partial output was removed): "
+                f"free space, or choose an --out on another disk"
+            ) from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -197,7 +197,7 @@ def run_quantized_parity(
     q = manifest.quantization
     print_accuracy(rows, console, f"accuracy cost of {manifest.precision} ({q['method']}, {q['samples']} samples) "
                                   f"vs fp32 and eager PyTorch ({len(images)} images)")
-    path = write_report(build_dir, {"accuracy": rows})
+    path = write_report(build_dir, {"accuracy": rows}, console) or "no report (parity.json could not be written)"
     failed = [row for row in rows if not row.passed]
     if failed:
         names = "; ".join(f"{r.reference}: {r.metric} = {r.value:.4g} (threshold {r.threshold:g})" for r in failed[:3])
