@@ -83,6 +83,8 @@ def check_options(options: BuildOptions) -> None:
         )
     model = Path(options.model)  # a preset name is no path; a checkpoint directory is an input
     staging_dir.check_output(Path(options.out), options.force, {"--model": model if model.is_dir() else None})
+    if model.is_dir():
+        family_for_checkpoint(model)  # config.json readable, a JSON object, of a known family: before any work
 
 
 def check_against_model(options: BuildOptions, num_tokens: int) -> None:

@@ -46,11 +46,17 @@ class ModelFamily:
         from apet_export.compat import quiet_libraries
 
         quiet_libraries()
-        model = getattr(transformers, self.model_class).from_pretrained(
+        from apet_export.models.checkpoint import check_loading_info
+
+        # ignore_mismatched_sizes: weights config.json cannot hold come back in the loading report (then an
+        # error naming the file) instead of as a RuntimeError that points to a report in the log
+        model, info = getattr(transformers, self.model_class).from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
             attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        return model, self.load_processor(path)
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )
+        check_loading_info(path, info)
+        return model.eval(), self.load_processor(path)
 
     def load_processor(self, path: Path):
         """The saved processor (anything with .tokenizer and .image_processor)."""
