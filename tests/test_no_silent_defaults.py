@@ -50,3 +50,15 @@ def test_budget_zero_on_a_video_build_is_not_the_default(capsys, tmp_path, video
     synthetic_image(0).save(picture)
     code, _, err = run_cli(capsys, "run", str(video_llava_build), "--video", str(picture), "--prompt", "x")
     assert code == 1 and "is a still picture" in err, err
+
+
+def test_calibration_images_that_are_not_a_folder(tmp_path):
+    from apet_export.calibration.data import find_images
+    from apet_export.errors import CalibrationDataError
+
+    picture = tmp_path / "one.png"
+    synthetic_image(0).save(picture)
+    with pytest.raises(CalibrationDataError, match="one.png is a file, not a folder"):
+        find_images(picture)
+    with pytest.raises(CalibrationDataError, match="/dev/zero is a character device, not a folder"):
+        find_images("/dev/zero")

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from apet_export.errors import CalibrationDataError, ImageError
-from apet_export.paths import require_file
+from apet_export.paths import kind_of, require_file
 from apet_export.runtime.images import load_image
 
 # Prompts used when no --prompts file is given: short instructions of the kind a VLM is asked.
@@ -70,7 +70,9 @@ def find_images(folder: Path) -> list[Path]:
     """Every file under folder (recursively) with a suffix Pillow reads, in sorted order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CalibrationDataError(f"calibration image folder {folder} does not exist: pass --images FOLDER")
+        kind = kind_of(folder)
+        what = "does not exist" if kind == "missing" else f"is {kind or 'a file'}, not a folder"
+        raise CalibrationDataError(f"calibration image folder {folder} {what}: pass --images FOLDER")
     suffixes = pillow_suffixes()
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not found:
