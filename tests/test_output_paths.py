@@ -1,7 +1,9 @@
 """Finished work is never lost to a write at the end: every output is checked before the work, written
 atomically, and a read-only folder or a full disk costs one line, not a traceback or a half-written file."""
 
+import builtins
 import errno
+import io
 import os
 import shutil
 
@@ -27,6 +29,17 @@ def read_only(monkeypatch):
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", guarded_open)
+    real_io_open = io.open
+
+    def guarded_io_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and any(flag in mode for flag in "wax+"):
+            for folder, code in folders:
+                if os.path.abspath(file).startswith(str(folder)):
+                    raise OSError(code, os.strerror(code), str(file))
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", guarded_io_open)  # pathlib's write_text
+    monkeypatch.setattr(builtins, "open", guarded_io_open)
 
     def add(folder, code=errno.EROFS):
         folders.append((folder.resolve(), code))
@@ -68,18 +81,9 @@ def test_a_full_disk_at_the_end_is_one_line_and_leaves_nothing(capsys, tmp_path,
     monkeypatch.setattr(bench, "run_bench_with_tensorrt", lambda *a, **k: [])
     full = tmp_path / "full"
     full.mkdir()
-    real_probe = outputs.tempfile.NamedTemporaryFile  # the probe finds space; the disk fills during the work
-    monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", lambda *a, **k: real_probe(*a, **k))
-    probe_done = []
-
-    def fill_after_probe(*args, **kwargs):
-        probe_done.append(1)
-        return real_probe(*args, **kwargs)
-
-    monkeypatch.setattr(outputs.tempfile, "NamedTemporaryFile", fill_after_probe)
     real_check = outputs.check_output_file
 
-    def check_then_fill(path, option):
+    def check_then_fill(path, option):  # the check before the work finds space; the disk fills during it
         result = real_check(path, option)
         read_only(full, errno.ENOSPC)
         return result

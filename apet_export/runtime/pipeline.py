@@ -100,13 +100,14 @@ def check_prompt(prompt) -> str:
     return prompt
 
 
-def check_count(name: str, value, low: int = 1, optional: bool = False) -> None:
-    """An integer option (not a float or bool, which would be truncated or read as 1) >= low."""
+def check_count(name: str, value, low: int | None = 1, optional: bool = False) -> None:
+    """An integer option (not a float or bool, which would be truncated or read as 1) >= low (None: the
+    range is checked where it is known, e.g. a budget against the build's)."""
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise InvalidInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < low:
+    if low is not None and value < low:
         raise InvalidInputError(f"{name} must be >= {low}, got {value}")
 
 
@@ -232,7 +233,7 @@ class Pipeline:
         check_prompt(prompt)
         check_count("max_new_tokens", max_new_tokens)
         for name, value in (("budget", budget), ("budget1", budget1), ("budget2", budget2)):
-            check_count(name, value, optional=True)
+            check_count(name, value, low=None, optional=True)
         if not isinstance(images, list | tuple):  # one image: a path, a PIL image or a numpy array
             images = [images]
         images = [load_image(image) for image in images]  # -> RGB images, read as a viewer shows them
@@ -359,7 +360,7 @@ class Pipeline:
             raise InvalidInputError("this build encodes images, not video frames: pass --image (generate)")
         check_prompt(prompt)
         check_count("max_new_tokens", max_new_tokens)
-        check_count("budget", budget, optional=True)
+        check_count("budget", budget, low=None, optional=True)
         check_count("num_frames", num_frames, optional=True)
         if num_frames is None:
             if not hasattr(frames, "__len__"):
