@@ -32,7 +32,7 @@ def unwritable_reason(path: Path) -> str | None:
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as error:
-        return f"{error.filename or path.parent}: {describe(error)}"
+        return f"{path.parent}: {describe(error)}"  # the folder, not the name of the probe file
     return None
 
 
