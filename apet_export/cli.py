@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from rich.console import Console
 
 from apet_export import __version__
 from apet_export.errors import ApetExportError, InvalidInputError
+from apet_export.outputs import DISK_FULL, check_output_file, describe, unwritable_reason, write_atomically
 
 # Tables are wide: don't squeeze them to 80 columns when the output is a pipe or a CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -27,12 +29,20 @@ def stage_pair(budget1: int | None, budget2: int | None) -> tuple[int, int] | No
 
 
 def parse_budgets(_ctx, _param, value: str | None) -> list[int] | None:
+    """None when the option is absent (the command's default); an empty or invalid value is an error."""
     if value is None:
         return None
+    example = "a comma-separated list of budgets, e.g. 16,64,192"
+    parts = [v.strip() for v in value.split(",")]
+    if not all(parts):
+        raise click.BadParameter(f"{value!r} has an empty entry: pass {example} (omit --budgets for the default)")
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        budgets = [int(v) for v in parts]
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 16,64,192") from None
+        raise click.BadParameter(f"{value!r} is not {example}") from None
+    if min(budgets) < 1:
+        raise click.BadParameter(f"{value!r}: a budget is a number of tokens kept, at least 1")
+    return budgets
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,8 +127,13 @@ def parity(
     from apet_export.parity.quantized import AccuracyThresholds
     from apet_export.parity.run import run_parity
 
+    manifest = load_manifest(build_dir)
+    reason = unwritable_reason(build_dir / "parity.json")  # checked first: the results are printed either way
+    if reason:
+        status_console.print(f"[yellow]warning:[/yellow] parity.json cannot be written ({reason}): the results "
+                             f"will be printed but not saved")
     thresholds = AccuracyThresholds.for_precision(
-        load_manifest(build_dir).precision, min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine,
+        manifest.precision, min_cosine_mean=min_cosine_mean, min_cosine_min=min_cosine,
         min_keep_overlap=min_keep_overlap, max_logit_diff=max_logit_diff, min_token_agreement=min_token_agreement,
     )
     pair = stage_pair(budget1, budget2)
@@ -202,6 +217,8 @@ def run(
     from apet_export.runtime.pipeline import Pipeline
     from apet_export.runtime.streaming import printable
 
+    if video is not None and images:
+        raise InvalidInputError("pass --image or --video, not both: a request is about pictures or one video")
     pictures = list(images) or [synthetic_image(0)]
     graph = {"plain": "vision", "plugin": "vision_plugin"}[vision_graph]
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -257,12 +274,14 @@ def bench(build_dir, backend, budgets, runs, max_new_tokens, json_out, budget1, 
     from apet_export.bench import rows_as_dicts, run_bench_with_tensorrt
 
     pair = stage_pair(budget1, budget2)
+    if json_out:
+        check_output_file(json_out, "--json-out")  # before minutes of timing
     rows = run_bench_with_tensorrt(
         build_dir, backend, budgets, runs, max_new_tokens, console, tensorrt, pairs=[pair] if pair else None,
         require_tensorrt=require_tensorrt,
     )
     if json_out:
-        Path(json_out).write_text(json.dumps(rows_as_dicts(rows), indent=2) + "\n")
+        write_atomically(json_out, json.dumps(rows_as_dicts(rows), indent=2) + "\n", "--json-out")
 
 
 @cli.command()
@@ -318,6 +337,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except ApetExportError as error:
         click.secho(f"error: {error}", fg="red", err=True)
+        sys.exit(1)
+    except OSError as error:
+        if error.errno not in (*DISK_FULL, errno.EROFS):
+            raise
+        # a write the command had not foreseen: atomic outputs left nothing half-written
+        click.secho(f"error: cannot write {error.filename or 'the output'}: {describe(error)}; nothing was "
+                    f"kept: free space or choose another output", fg="red", err=True)
         sys.exit(1)
 
 

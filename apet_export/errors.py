@@ -48,6 +48,10 @@ class VideoError(InvalidInputError):
     """A video file that cannot be read or sampled."""
 
 
+class PipelineClosedError(ApetExportError, RuntimeError):
+    """A Pipeline used after close()."""
+
+
 class PromptTooLongError(InvalidInputError):
     """A prompt (with its image tokens and new tokens) that does not fit the model's context."""
 
@@ -58,6 +62,10 @@ class CalibrationDataError(InvalidInputError):
 
 class ArtifactError(ApetExportError):
     """A build directory or artifact that is missing, incomplete or inconsistent."""
+
+
+class CheckpointError(ArtifactError, ValueError):
+    """A checkpoint whose config.json or weights are unusable (not JSON, not an object, shapes that differ)."""
 
 
 class ManifestVersionError(ArtifactError):

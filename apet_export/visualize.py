@@ -10,6 +10,7 @@ import numpy as np
 
 from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
+from apet_export.outputs import check_output_file, describe
 from apet_export.runtime.images import load_image, synthetic_image
 from apet_export.runtime.sessions import onnxruntime_session
 
@@ -30,6 +31,20 @@ def basis_positions(build_dir: Path, manifest, feed: dict[str, np.ndarray], budg
         return apet_compress(features, budget, manifest.compression).basis_index[0].tolist()
 
 
+def output_format(output: Path) -> str:
+    """The file format -o names by its suffix (png, jpg, pdf, svg, webp ...), checked before any work."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = output.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise InvalidInputError(
+            f"-o {output}: {'its suffix .' + suffix if suffix else 'no suffix'} names no image format this can "
+            f"write: end the name with one of {', '.join('.' + f for f in sorted(formats))}, e.g. .png"
+        )
+    return suffix
+
+
 def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None, output: Path) -> None:
     """image_path None: the generated test picture `run` uses."""
     import matplotlib
@@ -43,7 +58,9 @@ def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None
     build_dir, output = Path(build_dir), Path(output)
     if output.is_dir():
         raise InvalidInputError(f"-o {output} is a folder: pass the PNG file to write, e.g. {output / 'apet.png'}")
+    file_format = output_format(output)
     manifest = load_manifest(build_dir)
+    check_output_file(output, "-o")  # before the work, after the build is known to be readable
     from apet_export.models.registry import budget_policy
 
     budget, _ = budget_policy(manifest).resolve(budget)  # None: the family's share of the image's tokens
@@ -87,13 +104,13 @@ def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None
     for axis in (left, middle, right):
         axis.axis("off")
     figure.tight_layout()
-    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}.png")
+    temporary = output.with_name(f".{output.name}.tmp{os.getpid()}.{file_format}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(temporary, dpi=100)
+        figure.savefig(temporary, dpi=100, format=file_format)
         temporary.replace(output)
     except OSError as error:
-        raise InvalidInputError(f"cannot write {output} ({error.strerror or error}): choose another -o") from error
+        raise InvalidInputError(f"cannot write {output} ({describe(error)}): nothing was written; choose another -o") from error
     finally:
         plt.close(figure)
         temporary.unlink(missing_ok=True)

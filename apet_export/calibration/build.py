@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from apet_export.calibration import cache, data, quantize
-from apet_export.errors import ArtifactError, InvalidInputError
+from apet_export.errors import InvalidInputError
 from apet_export.export import staging as staging_dir
 from apet_export.manifest import Manifest, load_manifest
 
@@ -61,10 +61,10 @@ def check_options(options: CalibrationOptions, manifest: Manifest) -> None:
         raise InvalidInputError(f"{options.build_dir} is a {manifest.precision} build: calibrate an fp32 build")
     if options.batch_size < 1 or options.feeds_per_pass < 1:
         raise InvalidInputError("--batch-size and feeds per pass must be >= 1")
-    if options.output.exists() and not options.force:
-        raise ArtifactError(f"{options.output} already exists: pass --force to replace it, or choose another --out")
-    if options.output.resolve() == Path(options.build_dir).resolve():
-        raise ArtifactError("--out must differ from the source build: the quantised build is written beside it")
+    staging_dir.check_output(options.output, options.force, {
+        "source build": Path(options.build_dir), "--images": Path(options.images),
+        "--prompts": Path(options.prompts) if options.prompts else None,
+    })
 
 
 def link_or_copy(source: Path, target: Path) -> None:

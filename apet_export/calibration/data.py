@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from apet_export.errors import CalibrationDataError
+from apet_export.errors import CalibrationDataError, ImageError
+from apet_export.paths import kind_of, require_file
+from apet_export.runtime.images import load_image
 
 # Prompts used when no --prompts file is given: short instructions of the kind a VLM is asked.
 BUILTIN_PROMPTS = (
@@ -71,7 +73,9 @@ def find_images(folder: Path) -> list[Path]:
     """Every file under folder (recursively) with a suffix Pillow reads, in sorted order."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CalibrationDataError(f"calibration image folder {folder} does not exist: pass --images FOLDER")
+        kind = kind_of(folder)
+        what = "does not exist" if kind == "missing" else f"is {kind or 'a file'}, not a folder"
+        raise CalibrationDataError(f"calibration image folder {folder} {what}: pass --images FOLDER")
     suffixes = pillow_suffixes()
     found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not found:
@@ -83,12 +87,12 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def readable(path: Path) -> str | None:
-    """None if Pillow can decode the file, else the reason it cannot."""
+    """None if the runtime's image loader accepts the file, else the reason it refuses it (unreadable,
+    truncated, a decompression bomb, an extreme aspect ratio, a pixel format without a right scale)."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")  # decodes the pixels: a truncated file fails here, not in the reader
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        return str(error) or type(error).__name__
+        load_image(path)  # decodes the pixels: a truncated file fails here, not in the reader
+    except ImageError as error:
+        return str(error)
     return None
 
 
@@ -96,10 +100,17 @@ def read_prompts(path: Path | None) -> list[str]:
     """One prompt per non-empty line of the file, or the built-in set."""
     if path is None:
         return list(BUILTIN_PROMPTS)
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"prompts file {path} does not exist: pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = require_file(Path(path), "a prompts file", CalibrationDataError, "a text file with one prompt per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise CalibrationDataError(
+            f"prompts file {path} is not UTF-8 text (byte {raw[error.start:error.start + 1]!r} on line {line}): "
+            f"save it as UTF-8"
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise CalibrationDataError(f"prompts file {path} has no prompts: write one prompt per line, or omit --prompts")
     return prompts
@@ -151,8 +162,7 @@ def picture_batches(images: list[Path], batch_size: int = 1) -> Iterator[list[Im
     for start in range(0, len(images), batch_size):
         pictures = []
         for path in images[start : start + batch_size]:
-            with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
+            pictures.append(load_image(path))  # as the runtime reads it (orientation, bit depth, alpha)
         yield pictures
 
 

@@ -90,7 +90,12 @@ def quantize_int8(graph: Path, out: Path, ranges_file: Path, method: str, exclud
     with quiet_quantization():
         quantize_static(
             str(graph), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=False,
+            # reduce_range: 7-bit weights. onnxruntime's x86 int8 kernels multiply u8 activations by s8
+            # weights with VPMADDUBSW, which saturates a pair's int16 sum on AVX2 / AVX-512 without VNNI
+            # (255*127*2 > 32767), while VNNI accumulates exactly: the same graph gave different accuracy per
+            # CPU (tiny-llava first-step logit diff 0.27 on AVX2 vs 0.02 with exact kernels). With 7-bit
+            # weights no pair can saturate (255*64*2 < 32767), so every x86-64 computes the same integers.
+            op_types_to_quantize=list(QUANTIZED_OP_TYPES), per_channel=True, reduce_range=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
             use_external_data_format=is_large(graph), calibrate_method=calibration_method(method),
             calibration_cache_path=str(ranges_file),

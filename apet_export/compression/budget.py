@@ -179,7 +179,7 @@ class BudgetPolicy:
             raise InvalidInputError(f"a video needs at least one frame, got {num_frames}")
         if not self.compresses:
             return [self.max] * num_frames
-        budget = budget or self.default * num_frames
+        budget = self.default * num_frames if budget is None else budget  # 0 is an error, not the default
         share, extra = divmod(budget, num_frames)
         budgets = [share + 1] * extra + [share] * (num_frames - extra)
         if not self.min <= budgets[-1] <= budgets[0] <= self.max:

@@ -86,11 +86,10 @@ def check_options(options: BuildOptions) -> None:
         refusal = family.stage2_refusal() if family is not None else None
         if refusal:
             raise InvalidInputError(f"--stage2-layer is not available for {family.name}: {refusal}; drop --stage2-layer")
-    out = Path(options.out)
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"{out} is a file, not a build directory: choose another --out")
-    if out.exists() and not options.force:
-        raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    model = Path(options.model)  # a preset name is no path; a checkpoint directory is an input
+    staging_dir.check_output(Path(options.out), options.force, {"--model": model if model.is_dir() else None})
+    if model.is_dir():
+        family_for_checkpoint(model)  # config.json readable, a JSON object, of a known family: before any work
 
 
 def source_family(model: str):

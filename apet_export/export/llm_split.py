@@ -203,6 +203,6 @@ def export_split_llm_artifacts(model, family, out_dir: Path, manifest, precision
         manifest.files[name] = ArtifactSpec(PART_FILES[name], tuple(inputs), tuple(outputs))
     inputs, outputs = export_stage2(manifest.compression, config.hidden_size, out_dir / PART_FILES["stage2"], dtype, manifest.opset)
     manifest.files["stage2"] = ArtifactSpec(PART_FILES["stage2"], tuple(inputs), tuple(outputs))
-    # the runtime reads "layer"; the rest documents the build (budgets: compression/stages.py)
+    # the runtime reads "layer"; the rest documents the build (budgets: compression/budget.py)
     manifest.stage2 = {"layer": layer, "num_layers": num_layers, "budget_split": "3:1", "files": ["llm_a", "stage2", "llm_b"]}
 

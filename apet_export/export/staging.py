@@ -5,11 +5,18 @@
         .DIR.build-<pid>-<random>/    the staging folder; removed on error, Ctrl-C and SIGTERM, and by the
                                       next build in the same parent if process <pid> no longer exists
         DIR/                          appears only complete, files with the permissions the umask gives
+
+What may be replaced (check_output, before any work; again under the lock): --force replaces only a
+directory apet-export wrote (it holds our manifest.json) or an empty one. An output that is, contains or
+lies inside one of the command's inputs, or that is or contains the current directory, / or the home
+folder, is refused whatever the flags. Temporary files of the libraries the build calls (tempfile) go to
+STAGING/.tmp, so they vanish with the staging folder, also after a SIGKILL (the next run removes it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,11 +26,83 @@ import threading
 from pathlib import Path
 
 from apet_export.errors import ArtifactError
+from apet_export.outputs import DISK_FULL, describe
 
 # .NAME.build-PID-RANDOM (staging; RANDOM is mkdtemp's 8 characters) and .NAME.old-PID (a replaced build
 # being deleted). Narrow patterns: these folders are deleted without asking.
 STAGING = re.compile(r"^\..+\.build-(\d+)-[a-z0-9_]{8}$")
 REPLACED = re.compile(r"^\..+\.old-(\d+)$")
+
+
+SCRATCH = ".tmp"  # inside the staging folder: tempfile's folder while the block runs
+
+
+def _describe(entries: list[Path]) -> str:
+    folders = sum(1 for e in entries if e.is_dir())
+    files = len(entries) - folders
+    names = ", ".join(sorted(e.name for e in entries)[:3])
+    return f"{files} file(s) and {folders} folder(s): {names}{', ...' if len(entries) > 3 else ''}"
+
+
+def written_by_us(folder: Path) -> bool:
+    """True if `folder` holds an apet-export manifest.json (a build or calibration this tool wrote)."""
+    try:
+        data = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema_version" in data and "apet_export_version" in data
+
+
+def check_replaceable(out: Path, force: bool, option: str = "--out") -> None:
+    """An existing `out` may be replaced only with force, and only if apet-export wrote it or it is empty."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is a file, not a build directory: choose another {option}")
+    if not force:
+        raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another {option}")
+    entries = list(out.iterdir())
+    if entries and not written_by_us(out):
+        raise ArtifactError(
+            f"{out} was not written by apet-export (it holds {_describe(entries)} and no apet-export "
+            f"manifest.json): --force replaces only a build apet-export wrote, or an empty folder; nothing was "
+            f"touched: choose another {option}"
+        )
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or inner.is_relative_to(outer)
+
+
+def check_output(out: Path, force: bool, inputs: dict[str, Path | None] | None = None, option: str = "--out") -> Path:
+    """Refuse, before any work, an output whose replacement could destroy what apet-export did not write.
+
+    inputs: {"--model": path, ...} the command reads; the output may not be, contain or lie inside any of
+    them. It may not be or contain the current directory, / or the home folder. Symlinks are resolved.
+    Returns the resolved output path."""
+    resolved = Path(out).resolve()
+    protected = {"the current directory": Path.cwd().resolve(), "the root folder /": Path("/"),
+                 "your home folder": Path.home().resolve()}
+    # "is" before "contains": --out / is the root folder first, though it also contains the cwd
+    for name, path in sorted(protected.items(), key=lambda item: item[1] != resolved):
+        if _within(path, resolved):
+            relation = "is" if path == resolved else "contains"
+            raise ArtifactError(
+                f"{option} {out} {relation} {name} ({path}): a build is written there and replaced as a "
+                f"whole: choose a new folder, e.g. {option} build/my-model"
+            )
+    for name, path in (inputs or {}).items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if _within(resolved, source) or _within(source, resolved):
+            relation = "is" if source == resolved else "lies inside" if _within(resolved, source) else "contains"
+            raise ArtifactError(
+                f"{option} {out} {relation} the {name} input {source}: writing there would overwrite what the "
+                f"command reads: choose an {option} outside it"
+            )
+    check_replaceable(resolved, force, option)
+    return resolved
 
 
 def _unwritable(out: Path, error: OSError) -> ArtifactError:
@@ -89,9 +168,11 @@ class OutputLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self.file = handle
-        if out.exists() and not force:  # checked again under the lock: a build may have just finished
+        try:  # checked again under the lock: a build may have just finished, a folder just appeared
+            check_replaceable(out, force)
+        except ArtifactError:
             self.release()
-            raise ArtifactError(f"{out} already exists: pass --force to replace it, or choose another --out")
+            raise
         return self
 
     def release(self) -> None:
@@ -124,14 +205,38 @@ def staged_output(out: Path, force: bool):
     DIR when the block ends; on any error, Ctrl-C or SIGTERM the staging folder is removed instead."""
     lock, staging = prepare(out, force)
     try:
-        with exit_on_sigterm():
+        with exit_on_sigterm(), temporary_files_in(staging):
             yield staging
         publish(staging, out)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in DISK_FULL:  # one line naming the output, not the staging file that hit the limit
+            raise ArtifactError(
+                f"cannot write {out}: {describe(error)}; nothing was kept (the partial output was removed): "
+                f"free space, or choose an --out on another disk"
+            ) from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def temporary_files_in(staging: Path):
+    """Point tempfile (which onnxruntime's quantiser, torch and our own code use) at STAGING/.tmp while the
+    block runs: temporary files then live beside the output and go with the staging folder, also after a
+    SIGKILL. The folder is removed when the block ends, before the staging folder is published."""
+    scratch = staging / SCRATCH
+    scratch.mkdir()
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _umask() -> int:

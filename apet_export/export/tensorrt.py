@@ -39,6 +39,7 @@ from rich.console import Console
 from apet_export.compat import import_tensorrt, is_tensorrt_rtx
 from apet_export.errors import ArtifactError, EngineTargetError, InvalidInputError, UnknownNameError
 from apet_export.manifest import load_manifest
+from apet_export.outputs import unwritable_reason
 
 ENGINES_DIR = "engines"
 TIMING_CACHE = "timing.cache"
@@ -240,6 +241,10 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     build_dir = Path(build_dir).resolve()
     manifest = load_manifest(build_dir)
     check_options(build_dir, manifest, options)
+    unwritable = unwritable_reason(build_dir / "manifest.json")  # engines/ and the manifest are written there
+    if unwritable:
+        raise ArtifactError(f"cannot write engines into {build_dir} ({unwritable}): make the build writable, or "
+                            f"copy it somewhere writable and run engine there")
     graphs = onnx_artifacts(build_dir, manifest, options.artifacts)
     trt = import_tensorrt()
     targets = resolve_targets(trt, options.targets, current_gpu_target())

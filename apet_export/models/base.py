@@ -71,11 +71,17 @@ class ModelFamily:
         from apet_export.compat import quiet_libraries
 
         quiet_libraries()
-        model = getattr(transformers, self.model_class).from_pretrained(
+        from apet_export.models.checkpoint import check_loading_info
+
+        # ignore_mismatched_sizes: weights config.json cannot hold come back in the loading report (then an
+        # error naming the file) instead of as a RuntimeError that points to a report in the log
+        model, info = getattr(transformers, self.model_class).from_pretrained(
             path, trust_remote_code=trust_remote_code, use_safetensors=True,
             attn_implementation=attn_implementation, dtype=torch.float32, local_files_only=True,
-        ).eval()
-        return model, self.load_processor(path)
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )
+        check_loading_info(path, info)
+        return model.eval(), self.load_processor(path)
 
     def load_processor(self, path: Path):
         """The saved processor (anything with .tokenizer and .image_processor)."""
@@ -183,15 +189,23 @@ class ModelFamily:
 
     # -- prompt: the chat template with one placeholder per image (or one per video) --------------------
     def prompt_ids(self, tokenizer, prompt: str, count: int) -> list[int]:
-        """Token ids of the prompt with `count` placeholders of this family's media, through the chat template."""
+        """Token ids of the prompt with `count` placeholders of this family's media, through the chat template.
+        Only the template inserts control tokens: the user's text is text, whatever it contains."""
+        from apet_export.models.tokenizer import encode_with_user_text
+
         media = self.media
         if tokenizer.chat_template:
-            content = [{"type": media}] * count + [{"type": "text", "text": prompt}]
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-            return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote BOS
-        return tokenizer(f"{getattr(tokenizer, f'{media}_token')}\n" * count + prompt).input_ids
+
+            def render(text: str) -> str:
+                content = [{"type": media}] * count + [{"type": "text", "text": text}]
+                return tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+
+            return encode_with_user_text(tokenizer, render, prompt)  # the template wrote BOS
+        image_token = getattr(tokenizer, f"{media}_token")
+        return encode_with_user_text(tokenizer, lambda text: f"{image_token}\n" * count + text, prompt,
+                                     add_special_tokens=True)
 
     # -- feeds (numpy): images -> vision feeds -> LLM rows and their positions ------------------------
     #   encode_images = vision_feeds -> `infer` (the vision graph on any backend) per feed -> rows per image;

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from apet_export.compat import quiet_libraries
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
+from apet_export.models.checkpoint import read_config
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
 from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
 from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
@@ -89,7 +89,7 @@ def family_for_checkpoint(path: Path) -> ModelFamily:
             f"{path} is not a Hugging Face checkpoint directory (no config.json): pass a preset "
             f"({', '.join(PRESETS)}) or a local directory saved with save_pretrained"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type", "")
+    model_type = read_config(Path(path)).get("model_type", "")
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family

@@ -1,4 +1,5 @@
-"""A real byte-level BPE tokenizer trained offline on a small built-in corpus, for the tiny presets.
+"""A real byte-level BPE tokenizer trained offline on a small built-in corpus, for the tiny presets, and
+`encode_with_user_text`, which every family's prompt goes through.
 
 Byte-level: every UTF-8 string encodes (no <unk>) and decodes back exactly, multi-byte characters included.
 """
@@ -75,3 +76,34 @@ def build_tiny_tokenizer(
         model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
+
+
+# Where the user's text goes when a chat template is rendered to find the text around it (private-use
+# characters: no template or tokenizer gives them a meaning).
+USER_TEXT_MARK = "\ue000user text\ue000"
+
+
+def _control_strings(tokenizer) -> list[str]:
+    """The texts that the tokenizer turns into added (control) tokens when they occur in its input."""
+    return [token.content for token in tokenizer.added_tokens_decoder.values()]
+
+
+def encode_with_user_text(tokenizer, render, user_text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of render(user_text), a prompt in which only the text around the user's text may hold
+    control tokens (BOS, <image>, <|im_start|> ...): typed `</s>` or `<|im_end|>` stays the characters typed.
+
+    render: text -> the full prompt string (the chat template). When the user's text contains no control
+    token string, the whole string is tokenised at once (the tokenisation the model was trained on);
+    otherwise the text before and after it is tokenised as usual and the user's part with
+    split_special_tokens=True, so its control-token strings become ordinary text tokens."""
+    full = render(user_text)
+    if not any(control in user_text for control in _control_strings(tokenizer)):
+        return tokenizer(full, add_special_tokens=add_special_tokens).input_ids
+    before, found, after = render(USER_TEXT_MARK).partition(USER_TEXT_MARK)
+    if not found or not full.startswith(before) or not full.endswith(after):
+        raise ValueError("the chat template does not place the user's text verbatim: cannot separate it")
+    user = full[len(before) : len(full) - len(after)]  # what the template made of the text (e.g. trimmed)
+    ids = tokenizer(before, add_special_tokens=add_special_tokens).input_ids if before or add_special_tokens else []
+    ids += tokenizer(user, add_special_tokens=False, split_special_tokens=True).input_ids
+    ids += tokenizer(after, add_special_tokens=False).input_ids if after else []
+    return ids

@@ -9,6 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from apet_export.errors import ArtifactError
+from apet_export.outputs import write_atomically
+
 REPORT_NAME = "parity.json"
 
 
@@ -66,14 +69,16 @@ def _as_dict(row) -> dict:
     return {**asdict(row), "decided_by": decided_by(row)} if isinstance(row, ParityRow) else asdict(row)
 
 
-def write_report(build_dir: Path, sections: dict[str, list]) -> Path:
-    """parity.json: every row per section and the overall verdict; written via a temporary file."""
+def write_report(build_dir: Path, sections: dict[str, list], console=None) -> Path | None:
+    """parity.json: every row per section and the overall verdict; written via a temporary file. A build
+    that cannot be written to (read-only, full disk) keeps its results on screen: None, and one line says so."""
     report = {
         "passed": all(row.passed for rows in sections.values() for row in rows),
         **{name: [_as_dict(row) for row in rows] for name, rows in sections.items()},
     }
     path = Path(build_dir) / REPORT_NAME
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(path)
-    return path
+    try:
+        return write_atomically(path, json.dumps(report, indent=2) + "\n")
+    except ArtifactError as error:
+        (console or Console(stderr=True)).print(f"[yellow]warning:[/yellow] the results above are not saved: {error}")
+        return None

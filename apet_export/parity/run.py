@@ -67,7 +67,7 @@ def run_parity(
             print_table(sections["e2e_tensorrt"], console, title="end-to-end generation: tensorrt vs torch")
     if skipped:
         console.print(f"tensorrt: skipped ({skipped})")
-    path = write_report(build_dir, sections)
+    path = write_report(build_dir, sections, console) or "no report (parity.json could not be written)"
     failed = [row for rows in sections.values() for row in rows if not row.passed]
     if failed:
         worst = max(failed, key=lambda r: r.max_abs)

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from apet_export.errors import InvalidInputError, PromptTooLongError, UnknownNameError
+from apet_export.errors import InvalidInputError, PipelineClosedError, PromptTooLongError, UnknownNameError
 from apet_export.manifest import Manifest, load_manifest
 from apet_export.runtime.images import load_image
 from apet_export.runtime.sampling import Sampler
@@ -86,6 +85,32 @@ class Generation:
 BACKENDS = {"onnxruntime", "torch", "tensorrt"}
 
 
+def check_prompt(prompt) -> str:
+    """A prompt is a str of valid Unicode text (argv decodes undecodable bytes to lone surrogates)."""
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"the prompt must be a str, got {type(prompt).__name__}: pass the question as text")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raw = prompt[error.start : error.end].encode("utf-8", "surrogateescape")
+        raise InvalidInputError(
+            f"the prompt is not valid UTF-8 text (bytes {raw!r} at character {error.start}): pass the prompt "
+            f"in UTF-8 (check the terminal's or file's encoding)"
+        ) from None
+    return prompt
+
+
+def check_count(name: str, value, low: int | None = 1, optional: bool = False) -> None:
+    """An integer option (not a float or bool, which would be truncated or read as 1) >= low (None: the
+    range is checked where it is known, e.g. a budget against the build's)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if low is not None and value < low:
+        raise InvalidInputError(f"{name} must be >= {low}, got {value}")
+
+
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
         from apet_export.models.registry import get_family
@@ -145,8 +170,19 @@ class Pipeline:
             raise
         return cls(build_dir, manifest, runner, processor)
 
+    closed = False
+
     def close(self) -> None:
-        self.backend.deactivate()
+        if not self.closed:
+            self.backend.deactivate()
+        self.closed = True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise PipelineClosedError(
+                "this Pipeline was closed (close() or the end of its `with` block): create a new one with "
+                "Pipeline.from_dir"
+            )
 
     def __enter__(self) -> Pipeline:
         return self
@@ -193,15 +229,18 @@ class Pipeline:
         for 64) unless budget1/budget2 are given (compression/budget.py). encode: a callable (images, stage-1
         budget) -> what encode_batch gives per request, in place of encoding here (a server batches the vision
         encodes of concurrent requests through it)."""
+        self.check_open()
         if self.manifest.dims.get("media", "image") == "video":
             raise InvalidInputError("this build encodes video frames: pass a video (run --video, generate_video)")
-        if isinstance(images, str | Path | Image.Image):  # one image
+        check_prompt(prompt)
+        check_count("max_new_tokens", max_new_tokens)
+        for name, value in (("budget", budget), ("budget1", budget1), ("budget2", budget2)):
+            check_count(name, value, low=None, optional=True)
+        if not isinstance(images, list | tuple):  # one image: a path, a PIL image or a numpy array
             images = [images]
-        images = [load_image(i) for i in images]  # paths or PIL images -> checked RGB images
+        images = [load_image(image) for image in images]  # -> RGB images, read as a viewer shows them
         if not images:
             raise InvalidInputError("at least one image is needed: pass --image")
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # budget None: the family's share of each image's tokens; budget2 None: one stage
         budget, budget2 = self.budgets.resolve(budget, budget1, budget2)
         ids = self.prompt_ids(prompt, len(images))
@@ -219,7 +258,7 @@ class Pipeline:
         generation = Generation(steps)
         return generation if stream else generation.run()
 
-    def encode_batch(self, requests: list[tuple[list[Image.Image], int | None]]) -> list[tuple[list, list, list]]:
+    def encode_batch(self, requests: list[tuple[list, int | None]]) -> list[tuple[list, list, list]]:
         """The vision encodes of several requests at once: [(checked RGB images, stage-1 budget)] -> per request
         the family's encode_images result (rows [L_i, H], layouts, keep_index [T_i] per image). The graph's
         `keep` is one number per call, so the images of all requests that share a budget go through the
@@ -323,21 +362,25 @@ class Pipeline:
     ):
         """Answer `prompt` about a video whose frames may still be arriving.
 
-        frames: a list, or any iterable of RGB frames (PIL images or [H, W, 3] uint8 arrays), e.g.
+        frames: a list, or any iterable of frames (PIL images, or numpy [H, W, 3] arrays: uint8 0..255 or
+        float 0..1, read by load_image exactly once, as images are), e.g.
         `iter_video_frames(path)` or a camera; each frame goes through the vision graph (stage 1 at its
         share of the budget) as soon as it arrives, so after the last frame only that frame's encoding
         and the prefill of the compressed tokens remain before the first token. budget: visual tokens
         kept for the whole video (default: the build's budget per frame), split evenly across the
         frames; num_frames is needed when `frames` has no len().
         """
+        self.check_open()
         if self.manifest.dims.get("media", "image") != "video":
             raise InvalidInputError("this build encodes images, not video frames: pass --image (generate)")
+        check_prompt(prompt)
+        check_count("max_new_tokens", max_new_tokens)
+        check_count("budget", budget, low=None, optional=True)
+        check_count("num_frames", num_frames, optional=True)
         if num_frames is None:
             if not hasattr(frames, "__len__"):
                 raise InvalidInputError("frames is a stream without len(): pass num_frames (--frames)")
             num_frames = len(frames)
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         budgets = self.budgets.per_frame(budget, num_frames)
         ids = self.prompt_ids(prompt, 1)
         placeholder = self.manifest.dims["image_token_id"]
@@ -360,6 +403,7 @@ class Pipeline:
             ready = time.perf_counter()
             if len(rows) == len(budgets):
                 raise InvalidInputError(f"more than the {len(budgets)} announced frames arrived: pass num_frames")
+            frame = load_image(frame, f"frame {len(rows)}")  # uint8 0..255 or float 0..1 arrays, PIL images
             (frame_rows,), _, (frame_index,) = self.encode_images([frame], budgets[len(rows)])
             rows.append(frame_rows)  # [C+T, H]: this frame's prefix rows, then its kept tokens
             keep_index.append(frame_index)  # [T]

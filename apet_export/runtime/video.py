@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from apet_export.errors import VideoError
+from apet_export.paths import require_file
 from apet_export.runtime.images import synthetic_image
 
 
@@ -22,11 +23,15 @@ def frame_indices(total: int, num_frames: int) -> list[int]:
     return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
 
 
+def is_still_picture(container) -> bool:
+    """FFmpeg opens a PNG / JPEG / WebP ... as a one-frame 'video' (the image2 demuxer, or a *_pipe one)."""
+    return container.format.name == "image2" or container.format.name.endswith("_pipe")
+
+
 def _open(path: Path):
     import av
 
-    if not path.is_file():
-        raise VideoError(f"video {path} does not exist: pass the path of a video file (mp4, mkv, webm, avi ...)")
+    require_file(path, "a video", VideoError, "the path of a video file (mp4, mkv, webm, avi ...)")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as error:
@@ -34,6 +39,13 @@ def _open(path: Path):
     if not container.streams.video:
         container.close()
         raise VideoError(f"{path} has no video stream: pass a file with video in it")
+    if is_still_picture(container):
+        codec = container.streams.video[0].codec_context.name
+        container.close()
+        raise VideoError(
+            f"{path} is a still picture ({codec}), not a video: pass it with --image to a picture build, or pass "
+            f"a video file (mp4, mkv, webm, avi ...)"
+        )
     return container
 
 

@@ -124,7 +124,8 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_existing_output_needs_force_and_is_replaced_whole(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "stale.txt").write_text("old")  # in an earlier build: --force replaces only what apet-export wrote
+    (out / "manifest.json").write_text('{"schema_version": 1, "apet_export_version": "0.1.0"}')
     with pytest.raises(ArtifactError, match="--force"):
         build(BuildOptions(model="tiny-llava", out=out, llm=False))
     build(BuildOptions(model="tiny-llava", out=out, llm=False, force=True))
