@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.errors import InvalidInputError
+from apet_export.errors import InvalidInputError, MissingDependencyError
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import load_image, synthetic_image
 from apet_export.runtime.sessions import onnxruntime_session
@@ -32,7 +32,12 @@ def basis_positions(build_dir: Path, manifest, feed: dict[str, np.ndarray], budg
 
 def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None, output: Path) -> None:
     """image_path None: the generated test picture `run` uses."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"visualize draws with matplotlib, which is not installed ({error}): pip install 'apet-export[viz]'"
+        ) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
