@@ -190,6 +190,10 @@ def remove_zero_bias_adds(model) -> int:
         for i, name in enumerate(node.input):
             if name in replace:
                 node.input[i] = replace[name]
+    used = {name for node in graph.node for name in node.input}
+    unused = [t for t in graph.initializer if t.name in zeros and t.name not in used]
+    for tensor in unused:  # (onnxruntime would warn about each one at every load)
+        graph.initializer.remove(tensor)
     return len(removed)
 
 

@@ -17,7 +17,8 @@ from apet_export.runtime.cache import PreallocatedKVCache
 
 
 def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int):
-    """Greedy tokens, first logits [V] and the caches seen after each step, through the runtime's runner."""
+    """Greedy tokens, first logits [V], the cache's capacity after each step (PreallocatedKVCache; None for
+    llm.onnx's) and the final cache, through the runtime's runner."""
     manifest = load_manifest(build)
     table = load_file(str(build / "embeddings.safetensors"))["embed_tokens"]
     runner = llm_runner(build, manifest, cpu_form=cpu_form)
@@ -28,15 +29,15 @@ def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int):
             {"inputs_embeds": table[ids][None], "attention_mask": np.ones((1, length), np.int64),
              "position_ids": np.arange(length, dtype=np.int64)[None]}, check_inputs=False,
             cache=runner.new_cache(manifest, 1))
-        first, tokens, caches = logits[0].copy(), [int(np.argmax(logits[0]))], [cache]
+        first, tokens, capacities = logits[0].copy(), [int(np.argmax(logits[0]))], [getattr(cache, "capacity", None)]
         while len(tokens) < new_tokens:
             position = length + len(tokens) - 1
             logits, cache = runner.infer(
                 {"inputs_embeds": table[[tokens[-1]]][None], "attention_mask": np.ones((1, position + 1), np.int64),
                  "position_ids": np.array([[position]], np.int64)}, check_inputs=False, cache=cache)
             tokens.append(int(np.argmax(logits[0])))
-            caches.append(cache)
-        return type(runner), tokens, first, caches
+            capacities.append(getattr(cache, "capacity", None))
+        return type(runner), tokens, first, capacities, cache
     finally:
         runner.deactivate()
 
@@ -57,18 +58,17 @@ def test_cpu_form_is_built_and_run_by_default(any_build):
 def test_cache_in_place_gives_the_same_greedy_tokens(siglip_qwen2_build):
     # 30 prompt tokens + 40 steps: the buffer grows at 32 and 64 (CHUNK), so growth copies are covered too
     ids = np.random.default_rng(0).integers(3, 500, 30)
-    _, expected, expected_logits, expected_caches = greedy(siglip_qwen2_build, False, ids, 40)
-    runner, tokens, logits, caches = greedy(siglip_qwen2_build, True, ids, 40)
+    _, expected, expected_logits, _, expected_cache = greedy(siglip_qwen2_build, False, ids, 40)
+    runner, tokens, logits, capacities, cache = greedy(siglip_qwen2_build, True, ids, 40)
     assert runner is OnnxrtInPlaceLlmRunner
     assert tokens == expected
     np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
-    capacities = [c.capacity for c in caches]
     assert capacities[0] == 32 and capacities[-1] == 96 and all(c % PreallocatedKVCache.CHUNK == 0 for c in capacities)
-    assert caches[-1].length == 30 + 39
+    assert cache.length == 30 + 39
     # the graph wrote into the runtime's own buffers: the entries so far are llm.onnx's present_* values
-    for written, concatenated in zip(caches[-1].buffers, expected_caches[-1].tensors, strict=True):
-        np.testing.assert_allclose(written[:, :, : caches[-1].length], concatenated, atol=1e-5, rtol=0)
-        assert not written[:, :, caches[-1].length :].any()
+    for written, concatenated in zip(cache.buffers, expected_cache.tensors, strict=True):
+        np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
+        assert not written[:, :, cache.length :].any()
 
 
 def test_preallocated_cache_feeds_llm_onnx_inputs(siglip_qwen2_build):
