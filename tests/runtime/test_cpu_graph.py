@@ -84,3 +84,41 @@ def test_rewrite_refuses_a_graph_without_the_cache_concat(siglip_qwen2_build):
     rewrite_cache_in_place(model)  # once: fine
     with pytest.raises(ExportError, match="not one Concat on the sequence axis"):
         rewrite_cache_in_place(model)  # twice: the cache already feeds TensorScatter
+
+
+TORCH_BLOCKED = """
+import sys
+
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, BlockTorch())
+import numpy as np
+from safetensors.numpy import load_file
+from apet_export.manifest import load_manifest
+from apet_export.runtime.backends.onnxrt import llm_runner
+
+build = sys.argv[1]
+manifest = load_manifest(build)
+table = load_file(build + "/embeddings.safetensors")["embed_tokens"]
+runner = llm_runner(build, manifest)
+runner.activate()
+logits, cache = runner.infer({"inputs_embeds": table[[[5, 6, 7]]], "attention_mask": np.ones((1, 3), np.int64),
+                              "position_ids": np.arange(3)[None]}, check_inputs=False, cache=runner.new_cache(manifest, 1))
+print(type(runner).__name__, logits.shape, cache.length)
+"""
+
+
+def test_the_llm_runs_with_torch_blocked(siglip_qwen2_build):
+    # the onnxruntime LLM path (session, IO binding, cache) imports neither torch nor transformers
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", TORCH_BLOCKED, str(siglip_qwen2_build)], capture_output=True,
+                            text=True, env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    vocab = load_manifest(siglip_qwen2_build).dims["vocab_size"]
+    assert result.stdout.split("\n")[-2] == f"OnnxrtInPlaceLlmRunner (1, {vocab}) 3"
