@@ -310,6 +310,8 @@ def worker(engine: str, model_dir: str, threads: int, connection) -> None:
         while (message := connection.recv()) is not None:
             connection.send(generate(*message))
         connection.send(peak_rss_mib())
+    except EOFError:  # the parent is gone
+        return
     except Exception as error:  # reported to the parent, which stops the run with it
         connection.send(error)
 
@@ -318,6 +320,15 @@ def run_precision(precision: str, models: dict[str, Path], lengths: list[int], n
                   threads: int, vocab_size: int, exclude: set[int]) -> list[Row]:
     context = multiprocessing.get_context("spawn")
     workers = {}
+    try:
+        return measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude)
+    finally:
+        for process, _ in workers.values():  # after a failure: no worker outlives the run
+            if process.is_alive():
+                process.terminate()
+
+
+def measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude):
     for engine, path in models.items():  # loaded one after the other: peak RSS is each one's own
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(engine, str(path), threads, child), daemon=True)
