@@ -18,7 +18,7 @@ What it does:
 
 Engines: `apet llm.onnx` is the exported graph as the runtime ran it before (KV cache fed back through Concat);
 `apet in place` only writes the cache in place (TensorScatter + IO binding); `apet cpu form` is llm.cpu.onnx
-(in place + the fusions of export/cpu_graph.py), what the onnxruntime backend runs when the build has it. Greedy, up to 64 tokens or EOS (both engines stop there); decode tok/s = (tokens - 1) /
+(in place, all-zero bias adds dropped: export/cpu_graph.py), what the onnxruntime backend runs when the build has it. Greedy, up to 64 tokens or EOS (both engines stop there); decode tok/s = (tokens - 1) /
 time from the first token to the last. One short warm-up request per engine is not measured.
 The machine is whatever it is when you run it: compare ratios within one run, not across runs.
 """
@@ -43,7 +43,7 @@ PRESET = "bench-llava-clip-l-qwen2-0.5b"
 QUICK_PRESET = "tiny-llava-siglip-qwen2"
 GENAI = "genai"
 OURS_CONCAT, OURS_INPLACE, OURS_CPU = "apet llm.onnx", "apet in place", "apet cpu form"
-INPLACE_GRAPH = "llm.inplace.onnx"  # the cache written in place, without the fusions (bench only)
+INPLACE_GRAPH = "llm.inplace.onnx"  # the cache written in place, zero-bias adds kept (bench only)
 
 # -- pure pieces (tested without building anything) ------------------------------------------------------
 
