@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.errors import InvalidInputError
+from apet_export.errors import InvalidInputError, MissingDependencyError
 from apet_export.manifest import load_manifest
 from apet_export.outputs import check_output_file, describe
 from apet_export.runtime.images import load_image, synthetic_image
@@ -47,7 +47,12 @@ def output_format(output: Path) -> str:
 
 def visualize_build(build_dir: Path, image_path: Path | None, budget: int | None, output: Path) -> None:
     """image_path None: the generated test picture `run` uses."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"visualize draws with matplotlib, which is not installed ({error}): pip install 'apet-export[viz]'"
+        ) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -158,6 +158,13 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
                 quantize.quantize_fp8(llm_graph, target, cache.load_ranges(llm_ranges), exclude)
                 graphs["llm"] = "fp8 QDQ (activations per tensor, weights per channel); lm_head in float"
 
+        if "llm_cpu" in manifest.files:  # the CPU form of the quantised llm.onnx, not the source's
+            del manifest.files["llm_cpu"]
+            if options.precision == "int8":  # (FP8 QDQ runs as simulated quantisation: llm.onnx as it is)
+                from apet_export.export.cpu_graph import add_cpu_graph
+
+                add_cpu_graph(staging, manifest)
+                graphs["llm_cpu"] = graphs["llm"] + ", KV cache written in place"
         for name, spec in manifest.files.items():
             if name not in graphs:
                 link_or_copy(source / spec.path, staging / spec.path)

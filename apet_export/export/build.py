@@ -216,10 +216,12 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             export_split_llm_artifacts(model, family, staging, manifest, options.precision, options.stage2_layer)
             progress.update(task, completed=1)
         elif options.llm:
+            from apet_export.export.cpu_graph import add_cpu_graph
             from apet_export.export.llm import export_llm_artifacts
 
             task = step("llm.onnx: decoder with fused attention and KV cache")
             export_llm_artifacts(model, family, staging, manifest, options.precision)
+            add_cpu_graph(staging, manifest)  # llm.cpu.onnx: the same decoder, its cache written in place (CPU)
             progress.update(task, completed=1)
         manifest.write(staging)
     console.print(f"[green]built[/green] {out}")

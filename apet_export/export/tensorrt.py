@@ -125,7 +125,8 @@ def resolve_targets(trt, requested: Sequence[str], gpu: str | None = None) -> li
 
 def onnx_artifacts(build_dir: Path, manifest, only: Sequence[str] | None) -> list[str]:
     """The manifest's ONNX artifacts to build (checked to exist)."""
-    graphs = [name for name, spec in manifest.files.items() if spec.path.endswith(".onnx")]
+    # llm_cpu (llm.cpu.onnx) is onnxruntime's CPU form of llm.onnx: no engine of its own
+    graphs = [name for name, spec in manifest.files.items() if spec.path.endswith(".onnx") and name != "llm_cpu"]
     if not graphs:
         raise ArtifactError(
             f"{build_dir} has no ONNX graphs to build engines from (artifacts: {', '.join(manifest.files) or 'none'}): "

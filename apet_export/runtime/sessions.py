@@ -7,7 +7,9 @@ from pathlib import Path
 from apet_export.errors import MissingDependencyError
 
 
-def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False, fuse_qdq: bool = True):
+def onnxruntime_session(
+    path: Path, spin: bool = True, apet_score: bool = False, fuse_qdq: bool = True, threads: int | None = None
+):
     """An InferenceSession on the CPU provider.
 
     apet_score=True registers the ApetScore reference kernel, which the plugin graph needs (the
@@ -19,22 +21,26 @@ def onnxruntime_session(path: Path, spin: bool = True, apet_score: bool = False,
 
     fuse_qdq=False keeps QuantizeLinear/DequantizeLinear as separate ops (simulated quantisation): FP8 QDQ
     graphs need it, since the CPU provider has no float8 QLinear kernels to fuse them into.
+
+    threads: intra-op threads (None: onnxruntime's default, one per physical core).
     """
     import onnxruntime as ort
 
-    from apet_export.plugins.apet_score import register_onnxruntime_reference
-
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not fuse_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if apet_score:
+    if apet_score:  # (imported here only: the reference op's module imports torch)
+        from apet_export.plugins.apet_score import register_onnxruntime_reference
+
         try:
             options.register_custom_ops_library(register_onnxruntime_reference())
         except ImportError as error:
             raise MissingDependencyError(
                 f"{path.name} contains the ApetScore op, whose onnxruntime reference needs "
-                f"onnxruntime-extensions: pip install onnxruntime-extensions==0.15.2 ({error})"
+                f"onnxruntime-extensions: pip install 'apet-export[plugin-reference]' ({error})"
             ) from error
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

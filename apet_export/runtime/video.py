@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from apet_export.errors import VideoError
+from apet_export.errors import MissingDependencyError, VideoError
 from apet_export.paths import require_file
 from apet_export.runtime.images import synthetic_image
 
@@ -28,8 +28,19 @@ def is_still_picture(container) -> bool:
     return container.format.name == "image2" or container.format.name.endswith("_pipe")
 
 
+def import_av():
+    """PyAV, which only video input needs (extra `video`)."""
+    try:
+        import av
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"reading a video needs PyAV, which is not installed ({error}): pip install 'apet-export[video]'"
+        ) from error
+    return av
+
+
 def _open(path: Path):
-    import av
+    av = import_av()
 
     require_file(path, "a video", VideoError, "the path of a video file (mp4, mkv, webm, avi ...)")
     try:
@@ -51,7 +62,7 @@ def _open(path: Path):
 
 def count_frames(path: str | Path) -> int:
     """Frames in the first video stream: from the container header, or by decoding when the header has no count."""
-    import av
+    av = import_av()
 
     with _open(Path(path)) as container:
         stream = container.streams.video[0]
@@ -65,7 +76,7 @@ def count_frames(path: str | Path) -> int:
 
 def iter_video_frames(path: str | Path, num_frames: int = 8) -> Iterator[Image.Image]:
     """num_frames RGB frames sampled uniformly from the video, each yielded as soon as it is decoded."""
-    import av
+    av = import_av()
 
     path = Path(path)
     if num_frames < 1:
@@ -102,7 +113,7 @@ def synthetic_frames(num_frames: int = 8, seed: int = 0, size: tuple[int, int] =
 
 def write_video(path: str | Path, frames: list[Image.Image], fps: int = 8, codec: str = "mpeg4") -> Path:
     """Encode RGB frames into a video file (tests and demos make their own videos; nothing is downloaded)."""
-    import av
+    av = import_av()
 
     path = Path(path)
     width, height = frames[0].size

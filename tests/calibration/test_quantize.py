@@ -42,6 +42,10 @@ def test_manifest_of_a_quantised_build(int8_build, llava_build):
     for relative in ("embeddings.safetensors", "model/model.safetensors"):
         assert os.stat(int8_build / relative).st_ino == os.stat(llava_build / relative).st_ino
     assert not load_manifest(llava_build).quantization  # the source build is untouched
+    # the CPU form of the LLM is made from the quantised llm.onnx, not linked from the fp32 build
+    cpu_form = onnx.load(str(manifest.file(int8_build, "llm_cpu")), load_external_data=False)
+    assert any(n.op_type == "MatMulNBits" for n in cpu_form.graph.node)
+    assert any(n.op_type == "TensorScatter" for n in cpu_form.graph.node)
 
 
 @pytest.mark.parametrize("graph", ["vision.onnx", "vision.plugin.onnx"])

@@ -21,8 +21,8 @@ def graph_io(path):
 
 def test_manifest_is_the_graphs_io_contract(any_build):
     manifest = load_manifest(any_build)
-    assert set(manifest.files) == {"vision", "vision_plugin", "llm", "embeddings"}
-    for name in ("vision", "vision_plugin", "llm"):
+    assert set(manifest.files) == {"vision", "vision_plugin", "llm", "llm_cpu", "embeddings"}
+    for name in ("vision", "vision_plugin", "llm", "llm_cpu"):
         spec = manifest.files[name]
         inputs, outputs = graph_io(manifest.file(any_build, name))
         assert inputs == [(t.name, t.shape) for t in spec.inputs], name

@@ -22,7 +22,7 @@ def graph_io(path):
 def test_manifest_is_the_graphs_io_contract(qwen_build):
     manifest = load_manifest(qwen_build)
     assert manifest.family == "qwen2_5_vl"
-    assert set(manifest.files) == {"vision", "vision_plugin", "llm", "embeddings"}
+    assert set(manifest.files) == {"vision", "vision_plugin", "llm", "llm_cpu", "embeddings"}
     for name in ("vision", "vision_plugin", "llm"):
         inputs, outputs = graph_io(manifest.file(qwen_build, name))
         assert inputs == [(t.name, t.shape) for t in manifest.files[name].inputs], name

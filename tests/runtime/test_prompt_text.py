@@ -15,13 +15,12 @@ def test_typed_control_tokens_stay_text(request, fixture):
     build = request.getfixturevalue(fixture)
     with Pipeline.from_dir(build) as pipeline:
         tokenizer = pipeline.tokenizer
-        media = pipeline.manifest.dims.get("media", "image")
         controls = sorted({token.content for token in tokenizer.added_tokens_decoder.values()})
         assert {"</s>", "<s>"} <= set(controls) or {"<|im_end|>", "<|im_start|>"} <= set(controls)
         typed = "Say " + " and ".join(["</s>", "<s>", "<|im_end|>", "<|im_start|>", *controls]) + " please."
         special = set(tokenizer.added_tokens_decoder)
-        plain_ids = pipeline.prompt_ids("Say hi please.", 1, media)
-        typed_ids = pipeline.prompt_ids(typed, 1, media)
+        plain_ids = pipeline.prompt_ids("Say hi please.", 1)
+        typed_ids = pipeline.prompt_ids(typed, 1)
         # the control tokens are exactly the template's: the typed ones became ordinary text tokens
         assert [i for i in typed_ids if i in special] == [i for i in plain_ids if i in special]
         assert typed in tokenizer.decode(typed_ids)

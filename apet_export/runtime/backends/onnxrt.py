@@ -1,4 +1,8 @@
-"""onnxruntime backend: vision.onnx (or vision.plugin.onnx) and llm.onnx on the CPU provider."""
+"""onnxruntime backend: vision.onnx (or vision.plugin.onnx) and the LLM on the CPU provider.
+
+The LLM graph is llm.cpu.onnx when the build has it (export/cpu_graph.py: the KV cache is a preallocated
+buffer the graph writes into, bound as both past_* and present_* with IO binding), else llm.onnx (the cache
+fed back: present_* of one step become past_* of the next, each step a copy of the whole cache)."""
 
 from __future__ import annotations
 
@@ -9,20 +13,23 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from apet_export.runtime.backends.base import Backend
-from apet_export.runtime.cache import KVCache
+from apet_export.runtime.cache import KVCache, PreallocatedKVCache
 from apet_export.runtime.sessions import onnxruntime_session
 
 
 class OnnxrtLlmRunner(BaseRunner):
     """llm.onnx with the cache fed back: present_* of one step become past_* of the next."""
 
-    def __init__(self, path, name: str = "onnxruntime-llm", fuse_qdq: bool = True):
+    def __init__(self, path, name: str = "onnxruntime-llm", fuse_qdq: bool = True, threads: int | None = None):
         super().__init__(name=name, prefix="onnxrt-llm-runner")
-        self.path, self.session, self.fuse_qdq = path, None, fuse_qdq
+        self.path, self.session, self.fuse_qdq, self.threads = path, None, fuse_qdq, threads
 
     def activate_impl(self):
-        self.session = onnxruntime_session(self.path, fuse_qdq=self.fuse_qdq)
+        self.session = onnxruntime_session(self.path, fuse_qdq=self.fuse_qdq, threads=self.threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def new_cache(self, manifest, batch: int) -> KVCache:
+        return KVCache.empty(manifest, batch)
 
     def get_input_metadata_impl(self):
         from polygraphy.common import TensorMetadata
@@ -40,6 +47,60 @@ class OnnxrtLlmRunner(BaseRunner):
 
     def deactivate_impl(self):
         self.session = None
+
+
+class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
+    """llm.cpu.onnx: each cache buffer is bound as past_i and present_i, so the graph's TensorScatter writes the
+    step's entries into it in place. The binding of the cache (2 x layers names) and of a logits buffer [B, V]
+    is made once per cache allocation; a step binds only its three inputs."""
+
+    def activate_impl(self):
+        super().activate_impl()
+        self.cache_names = [
+            (value.name, value.name.replace("past_", "present_", 1))
+            for value in self.session.get_inputs() if value.name.startswith("past_")
+        ]
+        logits = self.session.get_outputs()[0]  # [B, V], V static
+        self.vocab_size = logits.shape[1]
+        self.logits_dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+        self.bound = None  # (the cache's OrtValues it was made for, binding, logits buffer)
+
+    def new_cache(self, manifest, batch: int) -> PreallocatedKVCache:
+        return PreallocatedKVCache.empty(manifest, batch)
+
+    def binding(self, cache: PreallocatedKVCache):
+        import onnxruntime as ort
+
+        if self.bound is None or self.bound[0] is not cache.ort_values:
+            binding = self.session.io_binding()
+            logits = np.empty((cache.buffers[0].shape[0], self.vocab_size), self.logits_dtype)  # [B, V]
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            for (past, present), value in zip(self.cache_names, cache.ort_values, strict=True):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self.bound = (cache.ort_values, binding, logits)
+        return self.bound[1], self.bound[2]
+
+    def infer_impl(self, feed_dict, cache: PreallocatedKVCache = None):
+        start = time.perf_counter()
+        new_tokens = feed_dict["inputs_embeds"].shape[1]
+        cache.reserve(new_tokens)
+        binding, logits = self.binding(cache)
+        for name, array in feed_dict.items():  # replaces the previous step's binding of the name
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        self.session.run_with_iobinding(binding)
+        cache.length += new_tokens
+        self.inference_time = time.perf_counter() - start
+        return logits.astype(np.float32), cache  # a copy: the buffer is the next step's output
+
+
+def llm_runner(build_dir, manifest, cpu_form: bool = True, threads: int | None = None, fuse_qdq: bool = True):
+    """The runner of a one-stage build's LLM: llm.cpu.onnx when the build has it and cpu_form, else llm.onnx."""
+    if cpu_form and "llm_cpu" in manifest.files:
+        path = manifest.file(build_dir, "llm_cpu")
+        return OnnxrtInPlaceLlmRunner(path, name=f"onnxruntime:{path.name}", fuse_qdq=fuse_qdq, threads=threads)
+    path = manifest.file(build_dir, "llm")
+    return OnnxrtLlmRunner(path, name=f"onnxruntime:{path.name}", fuse_qdq=fuse_qdq, threads=threads)
 
 
 class OnnxrtBackend(Backend):
@@ -66,7 +127,7 @@ class OnnxrtBackend(Backend):
 
             self.llm = onnxrt_two_stage_runner(self.build_dir, self.manifest)
         else:
-            self.llm = OnnxrtLlmRunner(self.manifest.file(self.build_dir, "llm"), fuse_qdq=fuse_qdq)
+            self.llm = llm_runner(self.build_dir, self.manifest, fuse_qdq=fuse_qdq)
         self.llm.activate()
         self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
         return self
@@ -77,4 +138,4 @@ class OnnxrtBackend(Backend):
     def new_cache(self, batch: int) -> KVCache:
         if self.manifest.stage2:
             return self.llm.new_cache(batch)
-        return KVCache.empty(self.manifest, batch)
+        return self.llm.new_cache(self.manifest, batch)

@@ -1,0 +1,425 @@
+"""apet-export's LLM decoder against onnxruntime-genai on the same weights: decode tok/s, prefill time, peak RSS
+and greedy agreement, measured side by side in one run.
+
+    pip install -e ".[bench]" -c constraints.txt       # onnxruntime-genai, pinned
+    python scripts/bench_vs_genai.py [--build DIR] [--work DIR] [--precision fp32 --precision int4] [--requests 3]
+    python scripts/bench_vs_genai.py --quick            # smoke run on a tiny Qwen2 preset (minutes)
+
+What it does:
+  1. builds the `bench-llava-clip-l-qwen2-0.5b` preset with `apet-export build` if --build has no build;
+  2. extracts its language model into a Qwen2ForCausalLM checkpoint (the same tensors, renamed) and converts it
+     with `python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`; our INT4 graph is the same llm.onnx
+     through apet-export's weight-only quantiser (MatMulNBits, block 32, symmetric, accuracy level 4);
+  3. starts one fresh worker process per engine (so each peak RSS is that engine's own), loads the models, then
+     sends the same token ids to the engines in turn, request by request: prompts of 84 and 596 tokens, then 64
+     greedy steps, on 2 intra-op threads each;
+  4. prints per precision: prefill ms, decode tok/s, peak RSS and the ratios ours / genai, the greedy-token
+     agreement with genai and the max |difference| of the first step's logits.
+
+Engines: `apet llm.onnx` is the exported graph as the runtime ran it before (KV cache fed back through Concat);
+`apet in place` only writes the cache in place (TensorScatter + IO binding); `apet cpu form` is llm.cpu.onnx
+(in place, all-zero bias adds dropped: export/cpu_graph.py), what the onnxruntime backend runs when the build has it. Greedy, up to 64 tokens or EOS (both engines stop there); decode tok/s = (tokens - 1) /
+time from the first token to the last. One short warm-up request per engine is not measured.
+The machine is whatever it is when you run it: compare ratios within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+PRESET = "bench-llava-clip-l-qwen2-0.5b"
+QUICK_PRESET = "tiny-llava-siglip-qwen2"
+GENAI = "genai"
+OURS_CONCAT, OURS_INPLACE, OURS_CPU = "apet llm.onnx", "apet in place", "apet cpu form"
+INPLACE_GRAPH = "llm.inplace.onnx"  # the cache written in place, zero-bias adds kept (bench only)
+
+# -- pure pieces (tested without building anything) ------------------------------------------------------
+
+
+def prompt_ids(length: int, vocab_size: int, seed: int, exclude: set[int]) -> np.ndarray:
+    """`length` reproducible token ids [length] int64 in [0, vocab_size), none of them in `exclude`
+    (special and image tokens, which would change what the prompt means to the two engines)."""
+    allowed = np.setdiff1d(np.arange(vocab_size), np.array(sorted(exclude), dtype=np.int64))
+    if len(allowed) == 0:
+        raise ValueError(f"no token id in [0, {vocab_size}) outside the excluded {sorted(exclude)}")
+    return np.random.default_rng(seed).choice(allowed, size=length).astype(np.int64)
+
+
+LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "language_model.model.")  # transformers >= 4.52, older
+
+
+def causal_lm_tensor_name(name: str) -> str | None:
+    """A LLaVA checkpoint tensor name -> its name in a *ForCausalLM checkpoint, or None when the tensor is
+    not part of the language model (vision tower, projector)."""
+    for prefix in LANGUAGE_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    if name in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head.weight"
+    return None
+
+
+def causal_lm_config(llava_config: dict) -> dict:
+    """The text_config of a LLaVA config.json as a standalone *ForCausalLM config."""
+    text = dict(llava_config["text_config"])
+    model_type = text.get("model_type", "qwen2")
+    text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[model_type]]
+    text.setdefault("torch_dtype", "float32")
+    return text
+
+
+@dataclass
+class Request:
+    engine: str
+    prompt_length: int
+    prefill_ms: float
+    decode_tokens_per_s: float
+    tokens: list[int]
+    first_logits: np.ndarray  # [V]
+
+
+@dataclass
+class Row:
+    precision: str
+    prompt_length: int
+    engine: str
+    prefill_ms: float  # median over requests
+    decode_tokens_per_s: float  # median over requests
+    peak_rss_mib: float
+    prefill_ratio: float = 1.0  # this engine / genai (lower is better)
+    decode_ratio: float = 1.0  # this engine / genai (higher is better)
+    rss_ratio: float = 1.0
+    tokens_agree: float = 1.0  # share of greedy tokens equal to genai's, position by position
+    logits_max_diff: float = 0.0  # first step, against genai
+    extra: dict = field(default_factory=dict)
+
+
+def token_agreement(ours: list[int], theirs: list[int]) -> float:
+    """Share of positions where the two greedy sequences agree, counting the longer one's extra tokens as
+    disagreements (1.0: identical)."""
+    if not ours and not theirs:
+        return 1.0
+    same = sum(a == b for a, b in zip(ours, theirs, strict=False))
+    return same / max(len(ours), len(theirs))
+
+
+def summarise(precision: str, requests: list[Request], peak_rss: dict[str, float]) -> list[Row]:
+    """Per prompt length and engine: medians, and every engine against genai's requests of the same prompt."""
+    rows = []
+    for length in sorted({r.prompt_length for r in requests}):
+        by_engine: dict[str, list[Request]] = {}
+        for request in requests:
+            if request.prompt_length == length:
+                by_engine.setdefault(request.engine, []).append(request)
+        reference = by_engine.get(GENAI)
+        base = None
+        for engine, runs in by_engine.items():
+            row = Row(precision, length, engine, statistics.median(r.prefill_ms for r in runs),
+                      statistics.median(r.decode_tokens_per_s for r in runs), peak_rss.get(engine, float("nan")))
+            if reference:
+                base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
+                                   statistics.median(r.decode_tokens_per_s for r in reference),
+                                   peak_rss.get(GENAI, float("nan")))
+                row.prefill_ratio = row.prefill_ms / base.prefill_ms
+                row.decode_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
+                row.rss_ratio = row.peak_rss_mib / base.peak_rss_mib
+                row.tokens_agree = min(token_agreement(r.tokens, g.tokens) for r, g in zip(runs, reference, strict=False))
+                row.logits_max_diff = max(
+                    float(np.abs(r.first_logits - g.first_logits).max()) for r, g in zip(runs, reference, strict=False)
+                )
+            rows.append(row)
+    return rows
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+
+def extract_causal_lm(checkpoint: Path, out: Path) -> Path:
+    """The LLaVA checkpoint's language model as a *ForCausalLM checkpoint in `out` (config, weights, tokenizer)."""
+    from safetensors.numpy import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    tensors = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        for name, array in load_file(str(path)).items():
+            renamed = causal_lm_tensor_name(name)
+            if renamed is not None:
+                tensors[renamed] = array
+    if "lm_head.weight" not in tensors:
+        raise ValueError(f"{checkpoint} has no lm_head weight")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(causal_lm_config(config), indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (checkpoint / name).exists():
+            shutil.copy(checkpoint / name, out / name)
+    return out
+
+
+def build_genai_model(causal_lm: Path, out: Path, precision: str) -> Path:
+    if (out / "genai_config.json").exists():
+        return out
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(causal_lm), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, env=os.environ)
+    return out
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def build_ours(build_dir: Path, work: Path, precision: str) -> Path:
+    """work/apet-<precision>: the build's llm.onnx (fp32: hard-linked; int4: apet-export's weight-only
+    quantiser), its CPU form llm.cpu.onnx, the embedding table and a manifest listing them. The build directory
+    itself is left as it is."""
+    from apet_export.export.cpu_graph import add_cpu_graph, write_cpu_graph
+    from apet_export.manifest import load_manifest
+
+    out = work / f"apet-{precision}"
+    if (out / "manifest.json").exists():
+        return out
+    staging = work / f".apet-{precision}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    manifest = load_manifest(build_dir)
+    llm = manifest.files["llm"].path
+    if precision == "fp32":
+        for path in build_dir.glob(f"{llm}*"):  # llm.onnx and its external data, if any
+            link_or_copy(path, staging / path.name)
+    else:
+        from apet_export.calibration.quantize import quantize_weights
+
+        quantize_weights(build_dir / llm, staging / llm, bits=4)
+    link_or_copy(build_dir / manifest.files["embeddings"].path, staging / manifest.files["embeddings"].path)
+    manifest.files = {name: manifest.files[name] for name in ("llm", "embeddings")}
+    add_cpu_graph(staging, manifest)
+    write_cpu_graph(staging / llm, staging / INPLACE_GRAPH, simplify=False)
+    manifest.write(staging)
+    os.replace(staging, out)
+    return out
+
+
+# -- workers (one fresh process per engine) ------------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ours_engine(model_dir: Path, engine: str, threads: int):
+    """generate(ids, new_tokens) -> (prefill_s, decode_s, tokens, first_logits) on apet-export's runtime;
+    greedy, stopping after new_tokens or at EOS (included), as onnxruntime-genai does."""
+    from safetensors.numpy import load_file
+
+    from apet_export.manifest import load_manifest
+    from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, llm_runner
+
+    manifest = load_manifest(model_dir)
+    table = load_file(str(model_dir / "embeddings.safetensors"))["embed_tokens"]  # [V, H]
+    if engine == OURS_INPLACE:
+        runner = OnnxrtInPlaceLlmRunner(model_dir / INPLACE_GRAPH, threads=threads)
+    else:
+        runner = llm_runner(model_dir, manifest, cpu_form=engine == OURS_CPU, threads=threads)
+    runner.activate()
+    eos = manifest.dims["eos_token_id"]
+    eos = set(eos) if isinstance(eos, list) else {eos}
+
+    def new_cache():
+        return runner.new_cache(manifest, 1)
+
+    def generate(ids: np.ndarray, new_tokens: int):
+        length = len(ids)
+        start = time.perf_counter()
+        logits, cache = runner.infer(
+            {"inputs_embeds": table[ids][None], "attention_mask": np.ones((1, length), np.int64),
+             "position_ids": np.arange(length, dtype=np.int64)[None]}, check_inputs=False, cache=new_cache())
+        first_token = time.perf_counter()
+        first_logits = logits[0].copy()
+        tokens = [int(np.argmax(logits[0]))]
+        while len(tokens) < new_tokens and tokens[-1] not in eos:
+            position = length + len(tokens) - 1
+            logits, cache = runner.infer(
+                {"inputs_embeds": table[[tokens[-1]]][None], "attention_mask": np.ones((1, position + 1), np.int64),
+                 "position_ids": np.array([[position]], np.int64)}, check_inputs=False, cache=cache)
+            tokens.append(int(np.argmax(logits[0])))
+        return first_token - start, time.perf_counter() - first_token, tokens, first_logits
+
+    return generate
+
+
+def genai_engine(model_dir: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def generate(ids: np.ndarray, new_tokens: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype(np.int32)[None])  # runs the prefill
+        prefilled = time.perf_counter()
+        first_logits = np.asarray(generator.get_logits()).reshape(-1).copy()  # [V] (not timed)
+        picking = time.perf_counter()
+        generator.generate_next_token()  # picks the first token from the prefill's logits
+        first_token = time.perf_counter()
+        start += picking - prefilled  # the prefill time: append_tokens + the first pick
+        tokens = [int(generator.get_next_tokens()[0])]
+        while len(tokens) < new_tokens and not generator.is_done():
+            generator.generate_next_token()  # one decode step, then the greedy pick
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return first_token - start, time.perf_counter() - first_token, tokens, first_logits
+
+    return generate
+
+
+def worker(engine: str, model_dir: str, threads: int, connection) -> None:
+    """Load one engine, answer (ids, new_tokens) requests until None, then report this process's peak RSS."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        if engine == GENAI:
+            generate = genai_engine(Path(model_dir), threads)
+        else:
+            generate = ours_engine(Path(model_dir), engine, threads)
+        connection.send("ready")
+        while (message := connection.recv()) is not None:
+            connection.send(generate(*message))
+        connection.send(peak_rss_mib())
+    except EOFError:  # the parent is gone
+        return
+    except Exception as error:  # reported to the parent, which stops the run with it
+        connection.send(error)
+
+
+def run_precision(precision: str, models: dict[str, Path], lengths: list[int], new_tokens: int, requests: int,
+                  threads: int, vocab_size: int, exclude: set[int]) -> list[Row]:
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        return measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude)
+    finally:
+        for process, _ in workers.values():  # after a failure: no worker outlives the run
+            if process.is_alive():
+                process.terminate()
+
+
+def measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude):
+    for engine, path in models.items():  # loaded one after the other: peak RSS is each one's own
+        parent, child = context.Pipe()
+        process = context.Process(target=worker, args=(engine, str(path), threads, child), daemon=True)
+        process.start()
+        answer = parent.recv()
+        if isinstance(answer, Exception):
+            raise RuntimeError(f"{engine} failed to load: {answer}") from answer
+        workers[engine] = (process, parent)
+    for engine, (_, connection) in workers.items():  # first runs allocate and plan: not measured
+        connection.send((prompt_ids(16, vocab_size, seed=0, exclude=exclude), 4))
+        if isinstance(answer := connection.recv(), Exception):
+            raise RuntimeError(f"{engine} failed: {answer}") from answer
+    results = []
+    for request in range(requests):
+        for length in lengths:
+            ids = prompt_ids(length, vocab_size, seed=length, exclude=exclude)
+            order = list(workers) if request % 2 == 0 else list(reversed(workers))  # alternate who goes first
+            for engine in order:
+                workers[engine][1].send((ids, new_tokens))
+                answer = workers[engine][1].recv()
+                if isinstance(answer, Exception):
+                    raise RuntimeError(f"{engine} failed: {answer}") from answer
+                prefill_s, decode_s, tokens, first_logits = answer
+                rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 else float("nan")
+                results.append(Request(engine, length, prefill_s * 1e3, rate, tokens, first_logits))
+                print(f"  {precision} {engine:14s} prompt {length:4d}: prefill {prefill_s * 1e3:8.1f} ms, "
+                      f"decode {rate:6.1f} tok/s ({len(tokens)} tokens)", flush=True)
+    peak = {}
+    for engine, (process, connection) in workers.items():
+        connection.send(None)
+        peak[engine] = connection.recv()
+        process.join()
+    return summarise(precision, results, peak)
+
+
+def print_table(rows: list[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="apet-export vs onnxruntime-genai (ratios: engine / genai)")
+    for column in ("precision", "prompt", "engine", "prefill ms", "ratio", "decode tok/s", "ratio",
+                   "peak RSS MiB", "ratio", "tokens = genai", "logits max diff"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r.precision, str(r.prompt_length), r.engine, f"{r.prefill_ms:.1f}", f"{r.prefill_ratio:.2f}",
+                      f"{r.decode_tokens_per_s:.2f}", f"{r.decode_ratio:.2f}", f"{r.peak_rss_mib:.0f}",
+                      f"{r.rss_ratio:.2f}", f"{r.tokens_agree:.0%}", f"{r.logits_max_diff:.2e}")
+    Console(width=200).print(table)
+
+
+@click.command()
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), default=None,
+              help=f"an fp32 apet-export build of the preset [default: build/{PRESET}]")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="where the peer checkpoint and models go [default: <build>-vs-genai]")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "int4"]),
+              default=("fp32", "int4"), show_default=True)
+@click.option("--prompt", "lengths", multiple=True, type=int, default=(84, 596), show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--requests", default=3, show_default=True, help="requests per prompt length and engine")
+@click.option("--threads", default=2, show_default=True, help="intra-op threads of every engine")
+@click.option("--engines", default=f"{OURS_CONCAT},{OURS_INPLACE},{OURS_CPU}", show_default=True,
+              help="our engines to measure next to genai (comma-separated)")
+@click.option("--quick", is_flag=True, help=f"smoke run: {QUICK_PRESET}, fp32, one request, prompt 84, 8 tokens")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the rows here")
+def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, engines, quick, json_out):
+    from apet_export.export.build import BuildOptions, build
+    from apet_export.manifest import load_manifest
+
+    preset = QUICK_PRESET if quick else PRESET
+    if quick:
+        precisions, lengths, new_tokens, requests = ("fp32",), (84,), 8, 1
+    build_dir = Path(build_dir or f"build/{preset}")
+    if not (build_dir / "manifest.json").exists():
+        build(BuildOptions(model=preset, out=build_dir))
+    work = Path(work or f"{build_dir}-vs-genai")
+    manifest = load_manifest(build_dir)
+    dims = manifest.dims
+    eos = dims["eos_token_id"]
+    exclude = {dims["image_token_id"], *(eos if isinstance(eos, list) else [eos])}
+    causal_lm = extract_causal_lm(build_dir / "model", work / "causal-lm")
+    rows = []
+    for precision in precisions:
+        models = {name: build_ours(build_dir, work, precision) for name in engines.split(",")}
+        models[GENAI] = build_genai_model(causal_lm, work / f"genai-{precision}", precision)
+        rows += run_precision(precision, models, list(lengths), new_tokens, requests, threads,
+                              dims["vocab_size"], exclude)
+    print_table(rows)
+    if json_out:
+        json_out.write_text(json.dumps([{k: v for k, v in vars(r).items()} for r in rows], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The pure pieces of scripts/bench_vs_genai.py: prompt ids, the checkpoint extraction's naming, the table's
+ratios and agreement. (The benchmark itself builds two 0.5B models: run it by hand, see its docstring.)"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_vs_genai.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_genai", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_ids_are_reproducible_and_avoid_special_tokens(bench):
+    ids = bench.prompt_ids(596, 300, seed=596, exclude={0, 1, 2, 299})
+    assert ids.shape == (596,) and ids.dtype == np.int64
+    assert ids.min() >= 3 and ids.max() <= 298
+    assert np.array_equal(ids, bench.prompt_ids(596, 300, seed=596, exclude={0, 1, 2, 299}))
+    assert not np.array_equal(ids[:84], bench.prompt_ids(84, 300, seed=84, exclude={0, 1, 2, 299}))
+    with pytest.raises(ValueError, match="no token id"):
+        bench.prompt_ids(4, 2, seed=0, exclude={0, 1})
+
+
+def test_language_model_tensor_names(bench):
+    assert bench.causal_lm_tensor_name("model.language_model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.up_proj.weight"
+    assert bench.causal_lm_tensor_name("language_model.model.norm.weight") == "model.norm.weight"
+    assert bench.causal_lm_tensor_name("model.language_model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert bench.causal_lm_tensor_name("lm_head.weight") == "lm_head.weight"
+    assert bench.causal_lm_tensor_name("model.vision_tower.vision_model.embeddings.patch_embedding.weight") is None
+    assert bench.causal_lm_tensor_name("model.multi_modal_projector.linear_1.weight") is None
+
+
+def test_causal_lm_config(bench):
+    config = bench.causal_lm_config({"model_type": "llava", "text_config": {"model_type": "qwen2", "hidden_size": 896}})
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and config["hidden_size"] == 896
+
+
+def test_token_agreement(bench):
+    assert bench.token_agreement([1, 2, 3], [1, 2, 3]) == 1.0
+    assert bench.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert bench.token_agreement([1, 2], [1, 2, 3, 4]) == 0.5
+
+
+def test_summary_ratios_against_genai(bench):
+    logits = np.zeros(4, np.float32)
+
+    def request(engine, length, prefill, decode, tokens, shift=0.0):
+        return bench.Request(engine, length, prefill, decode, tokens, logits + shift)
+
+    requests = [
+        request(bench.GENAI, 84, 100.0, 20.0, [1, 2]), request(bench.OURS_CPU, 84, 90.0, 24.0, [1, 2], 1e-5),
+        request(bench.GENAI, 84, 120.0, 20.0, [1, 2]), request(bench.OURS_CPU, 84, 80.0, 22.0, [1, 3], 2e-5),
+        request(bench.GENAI, 84, 110.0, 20.0, [1, 2]), request(bench.OURS_CPU, 84, 100.0, 20.0, [1, 2]),
+    ]
+    rows = {r.engine: r for r in bench.summarise("fp32", requests, {bench.GENAI: 1000.0, bench.OURS_CPU: 900.0})}
+    ours = rows[bench.OURS_CPU]
+    assert ours.prefill_ms == 90.0 and ours.decode_tokens_per_s == 22.0  # medians
+    assert ours.prefill_ratio == pytest.approx(90.0 / 110.0)
+    assert ours.decode_ratio == pytest.approx(22.0 / 20.0)
+    assert ours.rss_ratio == pytest.approx(0.9)
+    assert ours.tokens_agree == 0.5  # the worst request
+    assert ours.logits_max_diff == pytest.approx(2e-5)
+    assert rows[bench.GENAI].decode_ratio == 1.0
