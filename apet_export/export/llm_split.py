@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from apet_export.compat import quiet_export
-from apet_export.compression.apet import apet_scores, rank_and_merge
+from apet_export.compression.apet import apet_scores, rank_and_merge, stage_rule
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ExportError, InvalidInputError
 from apet_export.export.llm import DecoderGraph, causal_padding_mask, export_llm_artifacts
@@ -138,8 +138,10 @@ class Stage2Graph(nn.Module):
         torch._check(budget > num_basis)
         torch._check(budget <= length)
         span = hidden_states[:, start : start + length].float()  # [B, N, H], ApET in fp32 as in vision.onnx
-        scores, _, basis = apet_scores(span, self.config)  # [B, N]
-        tokens, index = rank_and_merge(span, scores, basis, budget)  # [B, T, H], [B, T] (span-relative)
+        scores, basis_index, basis = apet_scores(span, self.config)  # [B, N]
+        # the variant's LLM-stage rule (released LLaVA code: basis into the top-k list's last M slots)
+        rule = stage_rule(self.config.variant, 2)
+        tokens, index = rank_and_merge(span, scores, basis, budget, rule, basis_index)  # [B, T, H], [B, T] (span-relative)
         compressed = torch.cat(
             [hidden_states[:, :start], tokens.to(hidden_states.dtype), hidden_states[:, start + length :]], dim=1
         )  # [B, L1 - N + T, H]

@@ -37,6 +37,9 @@ class ModelFamily:
     llm_position_shape: tuple = ("batch", "sequence")  # llm.onnx position_ids axes ((3, ...) for M-RoPE)
     # each image placeholder becomes exactly `budget` LLM rows (what two-stage ApET's image spans assume)
     fixed_image_rows: bool = True
+    # the ApET variant a build of this family runs by default: what the authors' released code runs for it
+    # (config.VARIANTS, rules in compression/apet.py); "uniform" is the family-independent rule
+    apet_variant: str = "uniform"
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory: safetensors only, local files

@@ -118,6 +118,8 @@ class QwenVLFamily(ModelFamily):
     fixed_image_rows = False  # each image keeps its own share of its own token count
 
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    # released qwen2_5_vl_custom.py: basis slots get 0.5 * basis + 0.5 * their own token; one stage
+    apet_variant = "qwen2_5_vl"
 
     # -- loading --------------------------------------------------------------------------------------
     def load_processor(self, path: Path) -> QwenProcessor:

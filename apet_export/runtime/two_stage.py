@@ -153,7 +153,7 @@ def eager_stage2(hidden: np.ndarray, start: int, length: int, keep: int, config)
 
     states = torch.from_numpy(hidden)  # [B, L1, H]
     with torch.inference_mode():
-        out = apet_compress(states[:, start : start + length], keep, config)
+        out = apet_compress(states[:, start : start + length], keep, config, stage=2)
         compressed = torch.cat([states[:, :start], out.tokens, states[:, start + length :]], dim=1)  # [B, L2, H]
     return {"compressed_states": compressed.numpy(), "keep_index": out.index.numpy(), "scores": out.scores.numpy()}
 
