@@ -67,7 +67,12 @@ def resolve_budgets(manifest, budget: int | None = None, budget1: int | None = N
 
         # the family's range: LLaVA-NeXT's budget is for the whole image, split across its crops
         return get_family(manifest.family).check_budget(manifest, requested), None
+    from apet_export.models.registry import get_family
+
+    family = get_family(manifest.family)
+    # an image's largest budget: N, or N x the most crops where a budget is split across crops (LLaVA-NeXT)
+    num_tokens = family.budget_ceiling(manifest)
     if budget1 is not None:
         return check_stage_budgets(budget1, budget1 if budget2 is None else budget2, num_basis, num_tokens)
-    average = manifest.check_budget(budget if budget is not None else manifest.budget["default"])
+    average = family.check_budget(manifest, budget if budget is not None else manifest.budget["default"])
     return check_stage_budgets(*split_budget(average, num_tokens), num_basis, num_tokens)

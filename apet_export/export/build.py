@@ -149,11 +149,9 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             from apet_export.export.llm_split import check_stage2_layer
 
             check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
-            if not family.fixed_image_rows:
-                raise InvalidInputError(
-                    f"--stage2-layer is implemented for families with a fixed number of image tokens "
-                    f"(LLaVA), not {family.name}: drop --stage2-layer"
-                )
+            if family.stage2_refusal:
+                raise InvalidInputError(f"--stage2-layer is not available for {family.name}: {family.stage2_refusal}; "
+                                        f"drop --stage2-layer")
             minimum = average_budget_floor(compression.num_basis)
         default_budget = options.budget if options.budget is not None else family.default_budget
         if default_budget is not None:

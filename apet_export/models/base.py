@@ -40,6 +40,7 @@ class ModelFamily:
     # the ApET variant a build of this family runs by default: what the authors' released code runs for it
     # (config.VARIANTS, rules in compression/apet.py); "uniform" is the family-independent rule
     apet_variant: str = "uniform"
+    stage2_refusal: str | None = None  # set: why `build --stage2-layer` is refused for this family
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory: safetensors only, local files
@@ -143,6 +144,15 @@ class ModelFamily:
     def check_budget(self, manifest, budget: int) -> int:
         """The budget of one request (per image here), or an InvalidInputError that says the valid range."""
         return manifest.check_budget(budget)
+
+    def budget_ceiling(self, manifest) -> int:
+        """The largest budget of one image (its N tokens here)."""
+        return manifest.budget["max"]
+
+    def stage2_span(self, manifest, budget2: int, keep_index: np.ndarray) -> tuple[int, int]:
+        """(rows ApET stage 2 compresses, counted from the image's first LLM row; rows it keeps of them) for one
+        image whose stage-1 keep_index is given: all T rows of the image, kept down to budget2, here."""
+        return keep_index.shape[-1], budget2
 
     def image_rows_bound(self, manifest, budget: int) -> int:
         """At most this many LLM rows per image at this budget (for the context check)."""

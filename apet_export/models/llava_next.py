@@ -42,13 +42,30 @@ class LlavaNextFamily(LlavaFamily):
 
     # -- runtime ------------------------------------------------------------------------------------
     def check_budget(self, manifest, budget: int) -> int:
-        low, high = manifest.budget["min"], manifest.budget["max"] * self.max_crops(manifest)
+        low, high = manifest.budget["min"], self.budget_ceiling(manifest)
         if not low <= budget <= high:
             raise InvalidInputError(
                 f"budget {budget} is outside [{low}, {high}]: a LLaVA-NeXT budget is for the whole image, split "
                 f"evenly across its crops, each of which must keep more than num_basis={low - 1} tokens"
             )
         return budget
+
+    def budget_ceiling(self, manifest) -> int:
+        return manifest.budget["max"] * self.max_crops(manifest)  # every crop uncompressed
+
+    def stage2_span(self, manifest, budget2: int, keep_index: np.ndarray) -> tuple[int, int]:
+        """The released LLM stage compresses the base image's tokens only (192 -> 64) and leaves the tiles alone:
+        the span is the base crop's T rows, which pack_crops puts first; budget2 is split across the image's
+        crops as the stage-1 budget is, and the base crop's share is what stage 2 keeps."""
+        crops, rows = keep_index.shape  # [P, T]
+        keep = min(budget2 // crops, rows)
+        if keep <= manifest.compression.num_basis:
+            raise InvalidInputError(
+                f"stage-2 budget {budget2} over this image's {crops} crops keeps {keep} rows of the base image, not "
+                f"more than num_basis={manifest.compression.num_basis}: pass at least "
+                f"{(manifest.compression.num_basis + 1) * crops}"
+            )
+        return rows, keep
 
     def max_crops(self, manifest) -> int:
         side = manifest.dims["image_size"]

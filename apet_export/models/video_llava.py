@@ -43,6 +43,8 @@ class VideoLlavaFamily(ModelFamily):
     fixed_image_rows = False  # a video placeholder becomes F x (1 + T) rows
     model_class = "VideoLlavaForConditionalGeneration"
     apet_variant = "video_llava"  # released encode_videos: merged rows in top-k order, basis rows appended
+    stage2_refusal = ("the released Video-LLaVA code compresses each frame once, after the projector (no LLM stage), "
+                      "and its frames' rows are not in patch order, so an LLM stage would have no released rule to follow")
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         vision, hidden = model.config.vision_config, model.config.text_config.hidden_size

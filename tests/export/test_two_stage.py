@@ -77,12 +77,21 @@ def test_bad_stage2_options(tmp_path, options, match):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-video-llava", "tiny-qwen2.5-vl"])
-def test_stage2_refused_where_images_are_not_budget_rows(tmp_path, model):
-    """Stage 2 cuts `budget` rows per image span: families whose image spans differ (crops + newlines, frames
-    + CLS rows, per-image shares) are refused before anything is exported."""
-    with pytest.raises(InvalidInputError, match="fixed number of image tokens"):
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [("tiny-qwen2.5-vl", "LLM stage commented out"), ("tiny-video-llava", "no LLM stage")],
+)
+def test_stage2_refused_where_the_released_code_has_one_stage(tmp_path, model, reason):
+    """Qwen2.5-VL's released LLM stage is commented out; Video-LLaVA's released code compresses each frame once.
+    Refused with that reason before anything is exported."""
+    with pytest.raises(InvalidInputError, match=reason):
         build(BuildOptions(model=model, out=tmp_path / "out", stage2_layer=2))
+    assert not (tmp_path / "out").exists()
+
+
+def test_variant_of_another_family_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError, match="choose llava .* or uniform"):
+        build(BuildOptions(model="tiny-llava", out=tmp_path / "out", apet_variant="qwen2_5_vl"))
     assert not (tmp_path / "out").exists()
 
 
