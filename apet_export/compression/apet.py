@@ -51,6 +51,8 @@ VARIANT_RULES: dict[str, tuple[str, str | None]] = {
 
 def stage_rule(variant: str, stage: int) -> str:
     """The slot rule of ApET stage 1 (vision) or 2 (LLM) in this variant."""
+    if stage not in (1, 2):
+        raise InvalidInputError(f"ApET stage must be 1 (vision) or 2 (LLM hidden states), got {stage!r}")
     rule = VARIANT_RULES[variant][stage - 1]
     if rule is None:
         raise InvalidInputError(

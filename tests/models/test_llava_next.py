@@ -101,6 +101,11 @@ def test_two_stage_compresses_the_base_image_in_the_llm(llava_next_two_stage_bui
     manifest = load_manifest(build)
     assert manifest.stage2["layer"] == 2 and manifest.compression.variant == "llava"
     assert resolve_budgets(manifest) == (240, 80)  # the average 160, split 3:1 over the whole image
+    from apet_export.parity.e2e import e2e_cases
+
+    # parity's default cases: the paper's 64 and 192 per crop (5 crops at most), e.g. 960 = 192/crop after stage 1
+    assert e2e_cases(manifest, None, None) == [{"budget": 320}, {"budget": 960}]
+    assert resolve_budgets(manifest, 960) == (1440, 480)
     image = synthetic_image(2, (500, 300))  # best grid 1 x 2 tiles: 3 crops
     e2e = e2e_parity(build, manifest, image, pair=(240, 96), max_new_tokens=16)
     for row in e2e:
