@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from apet_export import __version__
+from apet_export.config import VARIANTS
 from apet_export.errors import ApetExportError, InvalidInputError
 from apet_export.outputs import DISK_FULL, check_output_file, describe, unwritable_reason, write_atomically
 
@@ -65,9 +66,12 @@ def cli():
 @click.option("--no-llm", is_flag=True, help="export the vision graphs only")
 @click.option("--stage2-layer", type=int, default=None,
               help="ApET stage 2 after decoder layer K: llm_a.onnx + stage2.onnx + llm_b.onnx (--budget is then the average, 64 = 96/32)")
+@click.option("--apet-variant", type=click.Choice(VARIANTS), default=None,
+              help="where ApET puts the basis features and in which order the kept rows come: default the family's "
+                   "own (what the authors' released code runs for it); 'uniform' = one rule for every family")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
-def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, force, trust_remote_code):
+def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, apet_variant, force, trust_remote_code):
     """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
     from apet_export.config import ApetConfig
     from apet_export.export.build import BuildOptions
@@ -77,7 +81,7 @@ def build(model, out, method, num_basis, selection, ridge, fps_start, budget, pr
     options = BuildOptions(
         model=model, out=out, method=method, budget=budget, precision=precision, llm=not no_llm, force=force,
         compression=ApetConfig(num_basis=num_basis, selection=selection, ridge=ridge, fps_start=start),
-        trust_remote_code=trust_remote_code, stage2_layer=stage2_layer,
+        trust_remote_code=trust_remote_code, stage2_layer=stage2_layer, apet_variant=apet_variant,
     )
     run_build(options, console=status_console)
 

@@ -9,6 +9,10 @@ from apet_export.errors import InvalidInputError
 
 Selection = Literal["fps", "dpc", "random"]
 SELECTIONS: tuple[str, ...] = ("fps", "dpc", "random")
+# ApET variants: where the basis features go and in which order the kept rows come (compression/apet.py,
+# VARIANT_RULES). "uniform" is one rule for every family; the others are what the authors' released code
+# runs for that family, and each family module names its own as the default.
+VARIANTS: tuple[str, ...] = ("uniform", "llava", "qwen2_5_vl", "video_llava")
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,8 @@ class ApetConfig:
     ridge: lambda of the ridge least squares (keeps the M x M system invertible for duplicate tokens).
     fps_start: first FPS token: "norm" = the token of largest L2 norm (deterministic), or an index.
     seed: seed of the `random` selection.
+    variant: the slot and row rules of the released code to follow (VARIANTS; compression/apet.py).
+        Manifests written before variants existed load as "uniform", the rule they were built with.
     """
 
     num_basis: int = 10
@@ -27,6 +33,7 @@ class ApetConfig:
     ridge: float = 1e-5
     fps_start: str | int = "norm"
     seed: int = 0
+    variant: str = "uniform"
 
     def __post_init__(self):
         if not isinstance(self.num_basis, int) or self.num_basis < 1:
@@ -37,6 +44,8 @@ class ApetConfig:
             )
         if not self.ridge > 0:
             raise InvalidInputError(f"ridge must be > 0 (it keeps the basis system solvable), got {self.ridge!r}")
+        if self.variant not in VARIANTS:
+            raise InvalidInputError(f"ApET variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         start_ok = self.fps_start == "norm" or (
             isinstance(self.fps_start, int) and not isinstance(self.fps_start, bool) and self.fps_start >= 0
         )

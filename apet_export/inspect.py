@@ -55,7 +55,7 @@ def inspect_build(build_dir: Path, console: Console) -> None:
         ("source", f"{manifest.source['model']} (sha256 {manifest.source['sha256'][:12]}…)"),
         ("family", manifest.family),
         ("method", manifest.method),
-        ("compression", f"M={config.num_basis} selection={config.selection} ridge={config.ridge:g} fps_start={config.fps_start}"),
+        ("compression", f"M={config.num_basis} selection={config.selection} ridge={config.ridge:g} fps_start={config.fps_start} variant={config.variant}"),
         ("budget", f"default {manifest.budget['default'] or format(manifest.budget.get('ratio', 0), '.0%') + ' of each image'}, "
                    f"range [{manifest.budget['min']}, {manifest.budget['max']}]"),
         ("dims", ", ".join(f"{k}={v}" for k, v in manifest.dims.items())),

@@ -27,7 +27,8 @@ def basis_positions(build_dir: Path, manifest, feed: dict[str, np.ndarray], budg
     family = get_family(manifest.family)
     model, _ = family.load(manifest.model_dir(build_dir))
     with torch.inference_mode():
-        features, _ = family.eager_features(model, feed)  # [1, N, D]
+        features, _ = family.eager_features(model, feed)  # [1, N(+prefix), D]
+        _, features = family.split_prefix(model, features)  # the rows ApET sees (Video-LLaVA: no CLS)
         return apet_compress(features, budget, manifest.compression).basis_index[0].tolist()
 
 

@@ -73,6 +73,12 @@ def llava_two_stage_build(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_next_two_stage_build(tmp_path_factory) -> Path:
+    """tiny-llava-next split at layer 2 of 4: stage 2 cuts each image's base crop rows; average budget 160."""
+    return _build(tmp_path_factory, "tiny-llava-next", budget=160, stage2_layer=2)
+
+
+@pytest.fixture(scope="session")
 def siglip_qwen2_two_stage_build(tmp_path_factory) -> Path:
     """tiny-llava-siglip-qwen2 split at layer 2 of 4."""
     return _build(tmp_path_factory, "tiny-llava-siglip-qwen2", stage2_layer=2)

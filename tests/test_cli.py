@@ -118,3 +118,20 @@ def test_run_two_stage_budgets(capsys, llava_two_stage_build):
     assert code == 0 and json.loads(out.splitlines()[-1])["image_tokens_stage2"] == 32  # default 64 = 96/32
     code, _, err = run_cli(capsys, "run", str(llava_two_stage_build), "--prompt", "Hi", "--budget1", "32", "--budget2", "48")
     assert code == 1 and "error: the stage-2 budget 48 is above the stage-1 budget 32" in err
+
+
+def test_build_apet_variant_uniform_is_recorded(capsys, tmp_path):
+    """The family's variant is the default (what the authors ran); --apet-variant uniform is recorded in the
+    manifest and shown by inspect; the runtime's eager path then follows it (the build's compression config)."""
+    from apet_export.manifest import load_manifest
+
+    out = tmp_path / "video-uniform"
+    code, _, err = run_cli(capsys, "build", "--model", "tiny-video-llava", "--out", str(out), "--no-llm",
+                           "--apet-variant", "uniform")
+    assert code == 0, err
+    assert load_manifest(out).compression.variant == "uniform"
+    code, out_text, _ = run_cli(capsys, "inspect", str(out))
+    assert code == 0 and "variant=uniform" in out_text
+    code, _, err = run_cli(capsys, "build", "--model", "tiny-video-llava", "--out", str(tmp_path / "x"),
+                           "--no-llm", "--apet-variant", "qwen2_5_vl")
+    assert code == 1 and "choose video_llava" in err and not (tmp_path / "x").exists()

@@ -77,9 +77,14 @@ class BudgetPolicy:
         return self.method != "none"
 
     # -- one request ---------------------------------------------------------------------------------
+    @property
+    def ceiling(self) -> int:
+        """The largest budget of one request: N, or N x the most crops where it is split across crops."""
+        return self.max * (self.max_units if self.unit == "crops" else 1)
+
     def request_range(self) -> tuple[int, int]:
         """[low, high] of a request's budget in its unit (frames: per frame, see per_frame)."""
-        return self.min, self.max * (self.max_units if self.unit == "crops" else 1)
+        return self.min, self.ceiling
 
     def check(self, budget: int) -> int:
         """The request's budget, or an InvalidInputError naming the valid range."""
@@ -127,13 +132,15 @@ class BudgetPolicy:
         if budget1 is not None:
             return self.check_stages(budget1, budget1 if budget2 is None else budget2)
         average = self.check(budget if budget is not None else self.default)
-        return self.check_stages(*split_budget(average, self.max))
+        if average <= average_budget_floor(self.num_basis):  # its stage-2 share would not exceed M
+            raise BudgetError(average, average_budget_floor(self.num_basis), self.ceiling)
+        return self.check_stages(*split_budget(average, self.ceiling))
 
     def check_stages(self, first: int, second: int) -> tuple[int, int]:
         """An explicit (stage-1, stage-2) pair of a two-stage build, checked."""
         _check_int(first, "stage-1 budget")
-        if not self.min <= first <= self.max:
-            raise BudgetError(first, self.num_basis, self.max)
+        if not self.min <= first <= self.ceiling:
+            raise BudgetError(first, self.num_basis, self.ceiling)
         _check_int(second, "stage-2 budget")
         if second > first:
             raise InvalidInputError(

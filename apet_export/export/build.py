@@ -11,7 +11,7 @@ interrupted build never leaves a half-written DIR.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -36,6 +36,9 @@ class BuildOptions:
     opset: int = 23
     llm: bool = True
     stage2_layer: int | None = None  # split the decoder at layer K with ApET stage 2 between (llm_split.py)
+    # None: the family's ApET variant (what the authors ran for it); "uniform": one rule for every family.
+    # Replaces compression.variant (recorded in the manifest's compression).
+    apet_variant: str | None = None
     force: bool = False
     trust_remote_code: bool = False
 
@@ -83,9 +86,10 @@ def check_options(options: BuildOptions) -> None:
         )
     if options.stage2_layer is not None:
         family = source_family(options.model)
-        refusal = family.stage2_refusal() if family is not None else None
-        if refusal:
-            raise InvalidInputError(f"--stage2-layer is not available for {family.name}: {refusal}; drop --stage2-layer")
+        if family is not None and family.stage2_refusal:
+            raise InvalidInputError(
+                f"--stage2-layer is not available for {family.name}: {family.stage2_refusal}; drop --stage2-layer"
+            )
     model = Path(options.model)  # a preset name is no path; a checkpoint directory is an input
     staging_dir.check_output(Path(options.out), options.force, {"--model": model if model.is_dir() else None})
     if model.is_dir():
@@ -97,6 +101,17 @@ def source_family(model: str):
     if model in PRESETS:
         return get_family(PRESETS[model].family)
     return family_for_checkpoint(Path(model)) if (Path(model) / "config.json").is_file() else None
+
+
+def build_compression(options: BuildOptions, family) -> ApetConfig:
+    """The build's ApET config with its variant: the family's own (the authors' released code) or uniform."""
+    variant = options.apet_variant or family.apet_variant
+    if variant not in (family.apet_variant, "uniform"):
+        raise InvalidInputError(
+            f"--apet-variant {variant} is not a variant of the {family.name} family: choose {family.apet_variant} "
+            f"(the default, what the authors' released code runs) or uniform (one rule for every family)"
+        )
+    return replace(options.compression, variant=variant)
 
 
 def check_against_model(options: BuildOptions, num_tokens: int) -> None:
@@ -139,13 +154,14 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             ) from error
         dims = family.vision_dims(model, processor)
         check_against_model(options, dims.num_tokens)
-        minimum = budget_floor(options.method, options.compression)
+        compression = build_compression(options, family)
+        minimum = budget_floor(options.method, compression)
         if options.stage2_layer is not None:  # --budget is the average of the two stages (compression/budget.py)
             from apet_export.compression.budget import average_budget_floor
             from apet_export.export.llm_split import check_stage2_layer
 
             check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
-            minimum = average_budget_floor(options.compression.num_basis)
+            minimum = average_budget_floor(compression.num_basis)
         default_budget = options.budget if options.budget is not None else family.default_budget
         if default_budget is not None:
             validate_budget(default_budget, minimum, dims.num_tokens)
@@ -155,7 +171,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
         notes: list[str] = []
         task = step("vision.onnx: tower + ApET stage 1 + projector")
         inputs, outputs = export_vision(
-            model, family, options.method, options.compression, staging / "vision.onnx", opset=options.opset,
+            model, family, options.method, compression, staging / "vision.onnx", opset=options.opset,
             precision=options.precision,
         )
         files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
@@ -170,12 +186,12 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
 
         plugin = {}
-        if options.method == "apet" and options.compression.selection == "fps":
+        if options.method == "apet" and compression.selection == "fps":
             from apet_export.plugins import apet_score
 
             task = step("vision.plugin.onnx: ApetScore plugin node")
             export_vision(
-                model, family, options.method, options.compression, staging / "vision.plugin.onnx",
+                model, family, options.method, compression, staging / "vision.plugin.onnx",
                 use_plugin=True, opset=options.opset, precision=options.precision,
             )
             files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
@@ -196,7 +212,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
                 "media": family.media, "prefix_tokens": family.prefix_tokens, **family.runtime_dims(model),
             },
             method=options.method,
-            compression=options.compression,
+            compression=compression,
             budget={
                 "default": default_budget, "min": minimum + 1, "max": dims.num_tokens,
                 # default None: keep this share of each image's tokens (dynamic resolution)

@@ -1,14 +1,16 @@
-"""torch -> llm.onnx: the text decoder with one fused attention op per layer and explicit KV-cache I/O.
+"""torch -> ONNX for decoder layers [a, b): one fused attention op per layer and explicit KV-cache I/O.
 
-One graph serves prefill (S = prompt length, P = 0) and decode (S = 1, P = tokens so far):
+The whole model is [0, L) (llm.onnx); a two-stage build writes [0, K) (llm_a.onnx) and [K, L) (llm_b.onnx)
+with the same exporter. One graph serves prefill (S = prompt length, P = 0) and decode (S = 1, P = so far):
 
-    inputs_embeds [B, S, H]   (the runtime embeds the text and splices the compressed image embeddings in)
+    inputs_embeds [B, S, H]   (a = 0: the runtime embeds the text and splices the image rows in)
+      or hidden_states [B, S, H]   (a > 0: the previous part's output)
     attention_mask [B, P+S] int64 (1 = real token, 0 = left padding)
     position_ids [B, S] int64  ([3, B, S] for M-RoPE families: the manifest records which)
-    past_key_i / past_value_i [B, Hkv, P, Dh]            for each layer i
+    past_key_i / past_value_i [B, Hkv, P, Dh]            for each layer i in [a, b) (global index)
       │
       ▼  per layer: RMSNorm → q/k/v proj → RoPE → concat past → SDPA (→ ONNX Attention) → o_proj → MLP
-    logits [B, V]  (last position)
+    logits [B, V]  (b = L: final norm and head, last position)   or hidden_states [B, S, H] (b < L)
     present_key_i / present_value_i [B, Hkv, P+S, Dh]
 
 The decoder below reads the weights of the Hugging Face layers and reuses their RoPE helpers, so it is
@@ -51,11 +53,15 @@ def causal_padding_mask(attention_mask: torch.Tensor, query_length: int, dtype) 
 
 
 class DecoderGraph(nn.Module):
-    """The traced module of llm.onnx. `language_model` is the HF LlamaModel / Qwen2Model, `lm_head` its head."""
+    """The traced module of decoder layers [a, b) (`layers`, default all). `language_model` is the HF
+    LlamaModel / Qwen2Model (/ Qwen2.5-VL text model), `lm_head` its head. `past` holds the KV of these
+    layers only."""
 
-    def __init__(self, language_model, lm_head):
+    def __init__(self, language_model, lm_head, layers: range | None = None):
         super().__init__()
         self.language_model, self.lm_head = language_model, lm_head
+        self.layer_range = range(len(language_model.layers)) if layers is None else layers
+        self.with_head = self.layer_range.stop == len(language_model.layers)
         config = language_model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -78,40 +84,47 @@ class DecoderGraph(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
         return attn.o_proj(out), k, v
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, states, attention_mask, position_ids, *past):
         lm = self.language_model
-        hidden = inputs_embeds  # [B, S, H]
-        cos, sin = lm.rotary_emb(hidden, position_ids)  # [B, S, Dh]
+        hidden = states  # [B, S, H]: inputs_embeds (first layer 0) or the previous part's hidden_states
+        cos, sin = lm.rotary_emb(hidden, position_ids)  # [B, S, Dh] (M-RoPE: position_ids [3, B, S])
         mask = causal_padding_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
         presents = []
-        for i, layer in enumerate(lm.layers):
+        for slot, i in enumerate(self.layer_range):
+            layer = lm.layers[i]
             attended, key, value = self.attention(
-                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * i], past[2 * i + 1]
+                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * slot], past[2 * slot + 1]
             )
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [key, value]
-        logits = self.lm_head(lm.norm(hidden[:, -1]))  # [B, V], last position only
-        return (logits, *presents)
+        if self.with_head:
+            return (self.lm_head(lm.norm(hidden[:, -1])), *presents)  # logits [B, V], last position only
+        return (hidden, *presents)  # hidden_states [B, S, H]
 
 
-def llm_io(num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str,
+def llm_io(layers: range, num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str,
            position_shape: tuple = ("batch", "sequence")):
-    """position_shape: ("batch", "sequence"), or (3, "batch", "sequence") for M-RoPE (t, h, w per token)."""
+    """(inputs, outputs) of decoder layers [a, b) of num_layers, KV named with global layer indices.
+    position_shape: ("batch", "sequence"), or (3, "batch", "sequence") for M-RoPE (t, h, w per token)."""
     kv = lambda name, length: TensorSpec(name, dtype, ("batch", num_kv_heads, length, head_dim))  # noqa: E731
     inputs = [
-        TensorSpec("inputs_embeds", dtype, ("batch", "sequence", hidden)),
+        TensorSpec("inputs_embeds" if layers.start == 0 else "hidden_states", dtype, ("batch", "sequence", hidden)),
         TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
         TensorSpec("position_ids", "int64", tuple(position_shape)),
     ]
-    outputs = [TensorSpec("logits", dtype, ("batch", vocab))]
-    for i in range(num_layers):
+    if layers.stop == num_layers:
+        outputs = [TensorSpec("logits", dtype, ("batch", vocab))]
+    else:
+        outputs = [TensorSpec("hidden_states", dtype, ("batch", "sequence", hidden))]
+    for i in layers:
         inputs += [kv(f"past_key_{i}", "past_sequence"), kv(f"past_value_{i}", "past_sequence")]
         outputs += [kv(f"present_key_{i}", "total_sequence"), kv(f"present_value_{i}", "total_sequence")]
     return inputs, outputs
 
 
 def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dtype, opset: int = 23) -> None:
+    """Trace `graph` (its layer range) to `path`; node names start with /<file stem>/ (/llm/, /llm_a/...)."""
     config = graph.language_model.config
     batch, length, past_length = 2, 5, 3  # examples > 1 so no axis is specialised to a constant
     embeds = torch.randn(batch, length, config.hidden_size, dtype=dtype)
@@ -120,10 +133,10 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
     rank = len(next(t for t in inputs if t.name == "position_ids").shape)
     if rank == 3:  # M-RoPE: [3, B, S], the rotary embedding mixes the three rows by frequency section
         position_ids = torch.stack([position_ids, position_ids + 1, position_ids + 2])
-    past = [torch.randn(batch, graph.num_kv_heads, past_length, graph.head_dim, dtype=dtype) for _ in range(2 * len(graph.language_model.layers))]
+    past = [torch.randn(batch, graph.num_kv_heads, past_length, graph.head_dim, dtype=dtype) for _ in range(2 * len(graph.layer_range))]
     b, s, p = torch.export.Dim("batch", max=1024), torch.export.Dim("sequence", max=65536), torch.export.Dim("past_sequence", max=65536)
     dynamic = {
-        "inputs_embeds": {0: b, 1: s},
+        "states": {0: b, 1: s},
         "attention_mask": {0: b, 1: torch.export.Dim.AUTO},  # = past_sequence + sequence, inferred
         "position_ids": {0: b, 1: s} if rank == 2 else {1: b, 2: s},
         "past": tuple({0: b, 2: p} for _ in past),
@@ -136,32 +149,45 @@ def export_llm(graph: DecoderGraph, path: Path, inputs, outputs, dtype: torch.dt
                 dynamic_shapes=dynamic,
             )
     except Exception as error:
-        raise ExportError(f"exporting the LLM decoder failed: {error}") from error
-    finish_and_save(program.model_proto, path, "/llm", inputs, outputs)
+        first, last = graph.layer_range.start, graph.layer_range.stop
+        raise ExportError(f"exporting decoder layers [{first}, {last}) to {path.name} failed: {error}") from error
+    finish_and_save(program.model_proto, path, f"/{path.stem}", inputs, outputs)
 
 
-def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str, write_graph: bool = True) -> None:
-    """Write llm.onnx for the family's text model and record it (and the LLM dims) in the manifest.
-    write_graph=False: only the embedding table and the dims (a split build writes its own graphs)."""
+def export_decoder_range(model, family, layers: range, out_dir: Path, name: str, manifest, precision: str) -> None:
+    """Write decoder layers [a, b) of the family's text model to out_dir/<name>.onnx and record it in the
+    manifest under `name` (llm = [0, L); llm_a / llm_b = the parts of a two-stage build)."""
     language_model, lm_head = family.language_model(model), family.lm_head(model)
     config = language_model.config
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    graph = DecoderGraph(language_model, lm_head).eval().to(dtype)
+    graph = DecoderGraph(language_model, lm_head, layers).eval().to(dtype)
     inputs, outputs = llm_io(
-        len(language_model.layers), config.hidden_size, graph.num_kv_heads, graph.head_dim, config.vocab_size,
-        "float16" if precision == "fp16" else "float32", family.llm_position_shape,
+        layers, len(language_model.layers), config.hidden_size, graph.num_kv_heads, graph.head_dim,
+        config.vocab_size, "float16" if precision == "fp16" else "float32", family.llm_position_shape,
     )
+    try:
+        export_llm(graph, out_dir / f"{name}.onnx", inputs, outputs, dtype, opset=manifest.opset)
+    finally:
+        graph.to(torch.float32)  # the model object is shared with the caller
+    manifest.files[name] = ArtifactSpec(f"{name}.onnx", tuple(inputs), tuple(outputs))
+
+
+def export_llm_artifacts(model, family, out_dir: Path, manifest, precision: str, write_graph: bool = True) -> None:
+    """Write llm.onnx (decoder layers [0, L)) and record it, the embedding table and the LLM dims in the
+    manifest. write_graph=False: only the table and the dims (a two-stage build writes its parts)."""
+    language_model = family.language_model(model)
+    config = language_model.config
+    dtype = torch.float16 if precision == "fp16" else torch.float32
     if write_graph:
-        export_llm(graph, out_dir / "llm.onnx", inputs, outputs, dtype, opset=manifest.opset)
-        manifest.files["llm"] = ArtifactSpec("llm.onnx", tuple(inputs), tuple(outputs))
-    graph.to(torch.float32)  # the model object is shared with the caller
+        export_decoder_range(model, family, range(len(language_model.layers)), out_dir, "llm", manifest, precision)
+    graph = DecoderGraph(language_model, family.lm_head(model))  # its head counts, as the graphs use them
 
     # The runtime embeds token ids itself (then splices image rows in): ship the table beside the graph.
     from safetensors.torch import save_file
 
     table = language_model.embed_tokens.weight.detach().to(dtype).contiguous()  # [V, H]
     save_file({"embed_tokens": table}, str(out_dir / "embeddings.safetensors"))
-    spec = TensorSpec("embed_tokens", inputs[0].dtype, (config.vocab_size, config.hidden_size))
+    spec = TensorSpec("embed_tokens", "float16" if precision == "fp16" else "float32", (config.vocab_size, config.hidden_size))
     manifest.files["embeddings"] = ArtifactSpec("embeddings.safetensors", (), (spec,))
     manifest.dims.update(
         num_layers=len(language_model.layers), num_heads=graph.num_heads, num_kv_heads=graph.num_kv_heads,

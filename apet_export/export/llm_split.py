@@ -17,11 +17,14 @@ there is no image span (S = 1), so ApET inside it would need an `If` on the step
 each branch and keeps no fused kernels across it) or would run on a dummy span at every token. As a
 separate graph it runs once per image span at prefill, llm_a/llm_b keep exactly the form of llm.onnx
 (same exporter, fused attention, KV I/O and TensorRT profile conventions), several images are one call
-per span, and the stage is compressed with the same rank_and_merge / apet_scores as vision.onnx.
+per span, and the stage is compressed with the same rank_and_merge / apet_scores as vision.onnx (with the
+variant's LLM-stage slot rule: the released code puts the basis into the top-k list's last M slots).
 
-Part graphs follow llm_io's naming: past_key_i / present_key_i with i the global layer index, and the axes
-batch, sequence, past_sequence, total_sequence (each part's own lengths). The stage-2 graph names its axes
-batch, sequence, keep, image_sequence (the span length) and compressed_sequence (L2).
+The parts come from llm.py's one decoder exporter (layers [0, K) and [K, L); llm.onnx is [0, L)), so they
+follow llm_io's naming: past_key_i / present_key_i with i the global layer index, M-RoPE position_ids where
+the family has them, and the axes batch, sequence, past_sequence, total_sequence (each part's own lengths).
+The stage-2 graph names its axes batch, sequence, keep, image_sequence (the span length) and
+compressed_sequence (L2).
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ import torch
 from torch import nn
 
 from apet_export.compat import quiet_export
-from apet_export.compression.apet import apet_scores, rank_and_merge
+from apet_export.compression.apet import apet_scores, rank_and_merge, stage_rule
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ExportError, InvalidInputError
-from apet_export.export.llm import DecoderGraph, causal_padding_mask, export_llm_artifacts
+from apet_export.export.llm import export_decoder_range, export_llm_artifacts
 from apet_export.export.onnx_graph import finish_and_save
 from apet_export.export.vision import sort_stable_translation
 
@@ -49,77 +52,6 @@ def check_stage2_layer(layer: int, num_layers: int) -> int:
             f"both parts need at least one (the paper uses the middle layer, {num_layers // 2})"
         )
     return layer
-
-
-class DecoderPart(DecoderGraph):
-    """Layers [first, last) of the decoder. The first part takes inputs_embeds and returns the hidden
-    states of every position; the last part ends with the final norm and the head (logits of the last
-    position). `past` holds the KV of this part's layers only."""
-
-    def __init__(self, language_model, lm_head, layers: range):
-        super().__init__(language_model, lm_head)
-        self.layer_range = layers
-        self.with_head = layers.stop == len(language_model.layers)
-
-    def forward(self, states, attention_mask, position_ids, *past):
-        lm = self.language_model
-        hidden = states  # [B, S, H]
-        cos, sin = lm.rotary_emb(hidden, position_ids)  # [B, S, Dh]
-        mask = causal_padding_mask(attention_mask, hidden.shape[1], hidden.dtype)  # [B, 1, S, P+S]
-        presents = []
-        for slot, i in enumerate(self.layer_range):
-            layer = lm.layers[i]
-            attended, key, value = self.attention(
-                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * slot], past[2 * slot + 1]
-            )
-            hidden = hidden + attended
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            presents += [key, value]
-        if self.with_head:
-            return (self.lm_head(lm.norm(hidden[:, -1])), *presents)  # logits [B, V]
-        return (hidden, *presents)  # hidden_states [B, S, H]
-
-
-def part_io(layers: range, num_layers: int, hidden: int, num_kv_heads: int, head_dim: int, vocab: int, dtype: str):
-    """(inputs, outputs) of one decoder part, named like llm_io with global layer indices."""
-    kv = lambda name, length: TensorSpec(name, dtype, ("batch", num_kv_heads, length, head_dim))  # noqa: E731
-    first = "inputs_embeds" if layers.start == 0 else "hidden_states"
-    inputs = [
-        TensorSpec(first, dtype, ("batch", "sequence", hidden)),
-        TensorSpec("attention_mask", "int64", ("batch", "total_sequence")),
-        TensorSpec("position_ids", "int64", ("batch", "sequence")),
-    ]
-    last = layers.stop == num_layers
-    outputs = [TensorSpec("logits", dtype, ("batch", vocab)) if last else TensorSpec("hidden_states", dtype, ("batch", "sequence", hidden))]
-    for i in layers:
-        inputs += [kv(f"past_key_{i}", "past_sequence"), kv(f"past_value_{i}", "past_sequence")]
-        outputs += [kv(f"present_key_{i}", "total_sequence"), kv(f"present_value_{i}", "total_sequence")]
-    return inputs, outputs
-
-
-def export_part(graph: DecoderPart, path: Path, inputs, outputs, dtype: torch.dtype, opset: int) -> None:
-    config = graph.language_model.config
-    batch, length, past_length = 2, 5, 3  # examples > 1 so no axis is specialised to a constant
-    states = torch.randn(batch, length, config.hidden_size, dtype=dtype)
-    attention_mask = torch.ones(batch, past_length + length, dtype=torch.long)
-    position_ids = torch.arange(past_length, past_length + length).expand(batch, -1)
-    past = [torch.randn(batch, graph.num_kv_heads, past_length, graph.head_dim, dtype=dtype) for _ in range(2 * len(graph.layer_range))]
-    b, s, p = torch.export.Dim("batch", max=1024), torch.export.Dim("sequence", max=65536), torch.export.Dim("past_sequence", max=65536)
-    dynamic = {
-        "states": {0: b, 1: s},
-        "attention_mask": {0: b, 1: torch.export.Dim.AUTO},  # = past_sequence + sequence, inferred
-        "position_ids": {0: b, 1: s},
-        "past": tuple({0: b, 2: p} for _ in past),
-    }
-    try:
-        with torch.no_grad(), quiet_export():
-            program = torch.onnx.export(
-                graph, (states, attention_mask, position_ids, *past), dynamo=True, opset_version=opset,
-                input_names=[t.name for t in inputs], output_names=[t.name for t in outputs], dynamic_shapes=dynamic,
-            )
-    except Exception as error:
-        raise ExportError(f"exporting decoder layers [{graph.layer_range.start}, {graph.layer_range.stop}) failed: {error}") from error
-    finish_and_save(program.model_proto, path, f"/{path.stem}", inputs, outputs)
 
 
 class Stage2Graph(nn.Module):
@@ -138,8 +70,10 @@ class Stage2Graph(nn.Module):
         torch._check(budget > num_basis)
         torch._check(budget <= length)
         span = hidden_states[:, start : start + length].float()  # [B, N, H], ApET in fp32 as in vision.onnx
-        scores, _, basis = apet_scores(span, self.config)  # [B, N]
-        tokens, index = rank_and_merge(span, scores, basis, budget)  # [B, T, H], [B, T] (span-relative)
+        scores, basis_index, basis = apet_scores(span, self.config)  # [B, N]
+        # the variant's LLM-stage rule (released LLaVA code: basis into the top-k list's last M slots)
+        rule = stage_rule(self.config.variant, 2)
+        tokens, index = rank_and_merge(span, scores, basis, budget, rule, basis_index)  # [B, T, H], [B, T] (span-relative)
         compressed = torch.cat(
             [hidden_states[:, :start], tokens.to(hidden_states.dtype), hidden_states[:, start + length :]], dim=1
         )  # [B, L1 - N + T, H]
@@ -189,18 +123,13 @@ def export_split_llm_artifacts(model, family, out_dir: Path, manifest, precision
     """Write llm_a.onnx, stage2.onnx and llm_b.onnx (split at `layer`) and record them in the manifest,
     with the embedding table and the LLM dims exactly as the one-graph build writes them."""
     export_llm_artifacts(model, family, out_dir, manifest, precision, write_graph=False)
-    language_model, lm_head = family.language_model(model), family.lm_head(model)
+    language_model = family.language_model(model)
     config = language_model.config
     num_layers = len(language_model.layers)
     check_stage2_layer(layer, num_layers)
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    dtype_name = "float16" if precision == "fp16" else "float32"
     for name, layers in (("llm_a", range(0, layer)), ("llm_b", range(layer, num_layers))):
-        graph = DecoderPart(language_model, lm_head, layers).eval().to(dtype)
-        inputs, outputs = part_io(layers, num_layers, config.hidden_size, graph.num_kv_heads, graph.head_dim, config.vocab_size, dtype_name)
-        export_part(graph, out_dir / PART_FILES[name], inputs, outputs, dtype, manifest.opset)
-        graph.to(torch.float32)  # the model object is shared with the caller
-        manifest.files[name] = ArtifactSpec(PART_FILES[name], tuple(inputs), tuple(outputs))
+        export_decoder_range(model, family, layers, out_dir, name, manifest, precision)
     inputs, outputs = export_stage2(manifest.compression, config.hidden_size, out_dir / PART_FILES["stage2"], dtype, manifest.opset)
     manifest.files["stage2"] = ArtifactSpec(PART_FILES["stage2"], tuple(inputs), tuple(outputs))
     # the runtime reads "layer"; the rest documents the build (budgets: compression/budget.py)

@@ -23,7 +23,7 @@ from torch import nn
 
 from apet_export.compat import quiet_export
 from apet_export.compression import ApetConfig
-from apet_export.compression.apet import apet_scores, rank_and_merge
+from apet_export.compression.apet import apet_scores, rank_and_merge, stage_rule
 from apet_export.compression.baselines import visionzip_select
 from apet_export.compression.tensor_ops import gather_tokens
 from apet_export.errors import ExportError, InvalidInputError
@@ -77,7 +77,7 @@ class ApetStage(nn.Module):
             basis = gather_tokens(x, basis_index)
         else:
             scores, basis_index, basis = apet_scores(x, self.config)
-        tokens, index = rank_and_merge(x, scores, basis, keep)
+        tokens, index = rank_and_merge(x, scores, basis, keep, stage_rule(self.config.variant, 1), basis_index)
         return tokens, index, scores
 
 

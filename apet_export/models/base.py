@@ -62,6 +62,10 @@ class ModelFamily:
     llm_position_shape: tuple = ("batch", "sequence")  # llm.onnx position_ids axes ((3, ...) for M-RoPE)
     # each image placeholder becomes exactly `budget` LLM rows (what two-stage ApET's image spans assume)
     fixed_image_rows: bool = True
+    # the ApET variant a build of this family runs by default: what the authors' released code runs for it
+    # (config.VARIANTS, rules in compression/apet.py); "uniform" is the family-independent rule
+    apet_variant: str = "uniform"
+    stage2_refusal: str | None = None  # set: why `build --stage2-layer` is refused for this family
 
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory: safetensors only, local files
@@ -164,20 +168,16 @@ class ModelFamily:
         """Extra manifest dims the runtime reads (e.g. LLaVA-NeXT's grid pinpoints)."""
         return {}
 
-    # -- paths a family does not take, and why (one line each; the README's support matrix lists them) ----
-    def stage2_refusal(self) -> str | None:
-        """Why `build --stage2-layer` is refused for this family, or None where stage 2 is available."""
-        if not self.fixed_image_rows:
-            return "ApET stage 2 in the LLM is implemented for families with a fixed number of image tokens per image (LLaVA)"
-        return None
-
     # -- budget: one policy object (apet_export/compression/budget.py) ---------------------------------
     def budget_policy(self, manifest) -> BudgetPolicy:
         """Every budget rule of a build of this family: range, default or share, per-crop / per-frame split,
         two-stage split, and their messages."""
         budget = manifest.budget
+        # the floor below every budget: M for ApET (two-stage builds too: each stage goes down to M + 1, their
+        # average to 2M + 1), 1 for VisionZip, 0 for none (the manifest's min is the floor + 1 of one-stage builds)
+        floor = manifest.compression.num_basis if manifest.stage2 else budget["min"] - 1
         return BudgetPolicy(
-            num_basis=budget["min"] - 1, max=budget["max"], default=budget.get("default"), method=manifest.method,
+            num_basis=floor, max=budget["max"], default=budget.get("default"), method=manifest.method,
             unit=self.budget_unit, ratio=budget.get("ratio"), two_stage=bool(manifest.stage2),
         )
 
@@ -212,6 +212,12 @@ class ModelFamily:
     #   families override vision_feeds (per-image feeds, layout inputs) or, where rows need packing after
     #   the graph, encode_images (LLaVA-NeXT); position_ids then positions the merged prompt. Every path
     #   (runtime backends, calibration, parity, bench, visualize) builds its feeds through these.
+
+    def stage2_span(self, manifest, budget2: int, keep_index: np.ndarray) -> tuple[int, int]:
+        """(rows ApET stage 2 compresses, counted from the image's first LLM row; rows it keeps of them) for one
+        image whose stage-1 keep_index is given: all T rows of the image, kept down to budget2, here."""
+        return keep_index.shape[-1], budget2
+
     def vision_feeds(self, processor, images, budget: int | None, manifest):
         """(feeds of the vision graph, one layout per image for position_ids): one batched feed here,
         pixel_values [K, 3, S, S] float32."""

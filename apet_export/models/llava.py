@@ -22,6 +22,7 @@ class LlavaFamily(ModelFamily):
     name = "llava"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
+    apet_variant = "llava"  # released llava_arch.py (vision stage) + modeling_llama_x.py layer_prune (LLM stage)
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         config = model.config

@@ -25,6 +25,7 @@ import torch
 
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.config import AxisRange, TensorSpec
+from apet_export.errors import InvalidInputError
 from apet_export.models.base import VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
 
@@ -49,6 +50,20 @@ class LlavaNextFamily(LlavaFamily):
         """As LLaVA's, with the batch axis named `crops`: one call encodes the crops of an image (up to 5)."""
         inputs, outputs = super().vision_io(dims, model)
         return rename_axis(inputs, "batch", "crops"), rename_axis(outputs, "batch", "crops")
+
+    def stage2_span(self, manifest, budget2: int, keep_index: np.ndarray) -> tuple[int, int]:
+        """The released LLM stage compresses the base image's tokens only (192 -> 64) and leaves the tiles alone:
+        the span is the base crop's T rows, which pack_crops puts first; budget2 is split across the image's
+        crops as the stage-1 budget is, and the base crop's share is what stage 2 keeps."""
+        crops, rows = keep_index.shape  # [P, T]
+        keep = min(budget2 // crops, rows)
+        if keep <= manifest.compression.num_basis:
+            raise InvalidInputError(
+                f"stage-2 budget {budget2} over this image's {crops} crops keeps {keep} rows of the base image, not "
+                f"more than num_basis={manifest.compression.num_basis}: pass at least "
+                f"{(manifest.compression.num_basis + 1) * crops}"
+            )
+        return rows, keep
 
     def axis_ranges(self, manifest, max_batch: int) -> dict[str, AxisRange]:
         crops = max_crops(manifest)

@@ -120,6 +120,10 @@ class QwenVLFamily(ModelFamily):
     batched_feeds = False  # one feed per image: its own patch count
 
     model_class = "Qwen2_5_VLForConditionalGeneration"
+    # released qwen2_5_vl_custom.py: basis slots get 0.5 * basis + 0.5 * their own token; one stage
+    apet_variant = "qwen2_5_vl"
+    stage2_refusal = ("the released Qwen2.5-VL code has its LLM stage commented out, so one stage (vision) is the "
+                      "faithful default")
 
     # -- loading --------------------------------------------------------------------------------------
     def load_processor(self, path: Path) -> QwenProcessor:

@@ -10,9 +10,14 @@ transformers ships it, and the released ApET code for it (video-llava/videollava
 `encode_videos`) compresses each frame separately, after the projector, keeping the frame's CLS row in
 front: 8 frames x (1 CLS + 22 merged + 10 basis) = 8 x 33 tokens. The transformers video tower runs on
 each frame independently (frames are folded into the batch), so a frame can be encoded the moment it
-arrives. Differences from the released code, kept for one ApET implementation across families: the T
-kept rows come in ascending patch order with the basis features in the M lowest-error slots (as the
-image code does it), where the video code appends the M basis rows after the T-M merged rows.
+arrives.
+
+ApET variant "video_llava" (the default, what the authors ran): per frame [CLS row, the T-M highest-error
+tokens in top-k (descending error) order, each merged with all N-(T-M) other tokens, then the M basis
+features in FPS order]. The rows are then not in patch order: keep_index gives the patch each row stands
+for (basis rows: the basis tokens' patches). The LLM's positions are 1-D and contiguous over the rows, so
+the row order is what the LLM sees, as in the released code. `build --apet-variant uniform` runs the image
+rule instead (rows in ascending patch order, basis features in the M lowest-error slots).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class VideoLlavaFamily(ModelFamily):
     exportable_methods = ("apet", "none")  # VisionZip is not wired up for the video tower
     fixed_image_rows = False  # a video placeholder becomes F x (1 + T) rows
     model_class = "VideoLlavaForConditionalGeneration"
+    apet_variant = "video_llava"  # released encode_videos: merged rows in top-k order, basis rows appended
+    stage2_refusal = ("the released Video-LLaVA code compresses each frame once, after the projector (no LLM stage), "
+                      "and its frames' rows are not in patch order, so an LLM stage would have no released rule to follow")
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         vision, hidden = model.config.vision_config, model.config.text_config.hidden_size

@@ -287,14 +287,17 @@ class Pipeline:
             ids, image_token_id, layouts, keep_index, length=embeds.shape[1]
         )
         vision_ms = (time.perf_counter() - start) * 1e3
-        stage2 = {}  # two-stage builds (fixed-row families): where the image rows are, how many stage 2 keeps
-        if budget2 is not None:
-            from apet_export.runtime.two_stage import image_spans
+        stage2, image_tokens = {}, sum(len(r) for r in rows)
+        image_tokens_stage2 = None  # two-stage builds: the image rows stage 2 cuts (the family's span of each
+        if budget2 is not None:  # image's rows, from its first row), how many it keeps, and what layers >= K see
+            from apet_export.runtime.two_stage import stage2_spans
 
-            stage2 = {"image_spans": image_spans(ids, image_token_id, budget), "keep2": budget2}
+            cuts = [self.family.stage2_span(self.manifest, budget2, np.asarray(k)) for k in keep_index]
+            stage2 = {"image_spans": stage2_spans(ids, image_token_id, [len(r) for r in rows], cuts)}
+            image_tokens_stage2 = image_tokens - sum(length - keep for length, keep in cuts)
         return (yield from self._prefill_and_decode(
-            embeds, positions, rope_delta, start, vision_ms, sum(len(r) for r in rows), num_text, max_new_tokens,
-            sampler, stage2, image_tokens_stage2=None if budget2 is None else len(images) * budget2,
+            embeds, positions, rope_delta, start, vision_ms, image_tokens, num_text, max_new_tokens,
+            sampler, stage2, image_tokens_stage2=image_tokens_stage2,
         ))
 
     def _prefill_and_decode(

@@ -39,17 +39,28 @@ class StagedCache:
 def image_spans(ids: list[int], image_token_id: int, tokens_per_image: int) -> list[tuple[int, int]]:
     """(start, length) of every image's rows in the merged sequence: each placeholder in `ids` becomes
     `tokens_per_image` rows (Pipeline.merge_embeddings)."""
-    spans, offset = [], 0
+    return [(start, length) for start, length, _ in stage2_spans(
+        ids, image_token_id, [tokens_per_image] * ids.count(image_token_id), [(tokens_per_image, 0)] * ids.count(image_token_id)
+    )]
+
+
+def stage2_spans(ids: list[int], image_token_id: int, image_rows: list[int], cuts: list[tuple[int, int]]):
+    """(start, length, keep) of what stage 2 compresses in every image: placeholder i in `ids` becomes
+    image_rows[i] rows (Pipeline.merge_embeddings), of which the first cuts[i] = (length, keep) rows are cut
+    to `keep` (all of them for LLaVA; the base crop's for LLaVA-NeXT)."""
+    spans, offset, image = [], 0, 0
     for position, token in enumerate(ids):
         if token == image_token_id:
-            spans.append((position + offset, tokens_per_image))
-            offset += tokens_per_image - 1
+            spans.append((position + offset, *cuts[image]))
+            offset += image_rows[image] - 1
+            image += 1
     return spans
 
 
 class TwoStageLlmRunner(BaseRunner):
     """infer(feed, cache=StagedCache, image_spans=None, keep2=None) -> (logits [B, V] f32, cache), the
-    interface of the one-graph LLM runners plus the stage-2 request at prefill.
+    interface of the one-graph LLM runners plus the stage-2 request at prefill: image_spans holds (start,
+    length) with one keep2 for all, or (start, length, keep) per span (LLaVA-NeXT: each image's base crop).
 
     `first(feed, cache) -> (hidden, cache)`, `second(feed, cache) -> (logits, cache)` and
     `stage2(hidden, start, length, keep) -> hidden` are the backend's parts (onnxruntime or eager torch).
@@ -82,10 +93,11 @@ class TwoStageLlmRunner(BaseRunner):
         mask, positions = feed_dict["attention_mask"], feed_dict["position_ids"]  # [B, P1+S], [B, S]
         dropped = list(cache.dropped)
         if image_spans is not None:  # prefill: compress each image span, then contiguous positions
-            for start, length in sorted(image_spans, reverse=True):
-                if keep2 is not None and keep2 < length:
-                    hidden = self.stage2(hidden, start, length, keep2)
-                    dropped += range(start + keep2, start + length)  # all image rows are real tokens
+            for span in sorted(image_spans, reverse=True):  # (start, length), keep2; or (start, length, keep)
+                start, length, keep = span if len(span) == 3 else (*span, keep2)
+                if keep is not None and keep < length:
+                    hidden = self.stage2(hidden, start, length, keep)
+                    dropped += range(start + keep, start + length)  # all image rows are real tokens
             positions = positions[:, :1] + np.arange(hidden.shape[1], dtype=np.int64)[None]  # [B, L2]
         else:
             positions = positions - len(dropped)  # decode: L1 + j -> L2 + j
@@ -153,7 +165,7 @@ def eager_stage2(hidden: np.ndarray, start: int, length: int, keep: int, config)
 
     states = torch.from_numpy(hidden)  # [B, L1, H]
     with torch.inference_mode():
-        out = apet_compress(states[:, start : start + length], keep, config)
+        out = apet_compress(states[:, start : start + length], keep, config, stage=2)
         compressed = torch.cat([states[:, :start], out.tokens, states[:, start + length :]], dim=1)  # [B, L2, H]
     return {"compressed_states": compressed.numpy(), "keep_index": out.index.numpy(), "scores": out.scores.numpy()}
 

@@ -4,7 +4,7 @@ import torch
 from apet_export.compression import ApetConfig, apet_compress, approximation_error
 from apet_export.compression.selection import farthest_point_sampling, fps_start_index
 from apet_export.errors import ApetExportError, BudgetError, InvalidInputError
-from tests.compression.reference import apet_reference, error_by_solve, fps_reference
+from tests.compression.reference import apet_reference, error_by_solve, fps_reference, video_frame_reference
 
 
 def tokens(batch=2, num=96, dim=32, seed=0):
@@ -188,3 +188,74 @@ def test_basis_slots_follow_the_released_code():
     diff = (out.tokens[0, rows] - expected[[sorted(ranked[:keep]).index(s) for s in slots]]).abs().max()
     print(f"basis slots: max abs diff against the released placement {diff:.2e}")
     assert diff == 0
+
+
+# -- variants: the slot rule of each released code path (reference.py renders each literally) ---------------
+
+VARIANT_CASES = [  # (variant, stage, the rule the reference follows)
+    ("uniform", 1, "position_slots"),
+    ("uniform", 2, "position_slots"),
+    ("llava", 1, "position_slots"),
+    ("llava", 2, "topk_slots"),
+    ("qwen2_5_vl", 1, "blend_slots"),
+]
+
+
+@pytest.mark.parametrize(("variant", "stage", "rule"), VARIANT_CASES)
+@pytest.mark.parametrize("keep", [11, 40, 95])
+def test_variant_matches_released_rule(variant, stage, rule, keep):
+    x = tokens(num=96) * 5
+    out = apet_compress(x, keep, ApetConfig(variant=variant), stage=stage)
+    for b in range(x.shape[0]):
+        ref_tokens, ref_index = apet_reference(x[b], keep, out.basis_index[b].tolist(), out.scores[b], rule)
+        assert out.index[b].tolist() == ref_index.tolist()
+        diff = float((out.tokens[b] - ref_tokens).abs().max())
+        print(f"{variant} stage {stage} keep={keep} b={b}: max abs diff {diff:.2e}")
+        assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("keep", [11, 32, 95])
+def test_video_variant_appends_the_basis_after_the_topk_rows(keep):
+    x = tokens(num=96) * 5
+    out = apet_compress(x, keep, ApetConfig(variant="video_llava"))
+    for b in range(x.shape[0]):
+        ref_rows, ref_index = video_frame_reference(x[b], keep, out.basis_index[b].tolist(), out.scores[b])
+        assert out.index[b].tolist() == ref_index.tolist()
+        diff = float((out.tokens[b] - ref_rows).abs().max())
+        print(f"video_llava keep={keep} b={b}: max abs diff {diff:.2e}")
+        assert diff <= 1e-5
+    assert out.index[0, -10:].tolist() == out.basis_index[0].tolist()  # the basis rows last, in FPS order
+
+
+def test_llm_stage_rule_differs_from_the_vision_stage_rule():
+    """The released LLM stage fills the top-k list's last M slots in top-k order: on FPS orders that are not
+    the slots' position order, the same indices carry different tokens than under the vision-stage rule."""
+    x = tokens(num=288, dim=32, batch=1) * 5
+    llm = apet_compress(x, 96, ApetConfig(variant="llava"), stage=2)
+    vision = apet_compress(x, 96, ApetConfig(variant="llava"), stage=1)
+    assert torch.equal(llm.index, vision.index)
+    assert (llm.tokens - vision.tokens).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["uniform", "llava", "qwen2_5_vl", "video_llava"])
+def test_variant_keep_equal_n_is_identity(variant):
+    from apet_export.compression import rank_and_merge
+    from apet_export.compression.apet import apet_scores, stage_rule
+
+    x = tokens()
+    config = ApetConfig(variant=variant)
+    scores, basis_index, basis = apet_scores(x, config)
+    got, index = rank_and_merge(x, scores, basis, x.shape[1], stage_rule(variant, 1), basis_index)
+    assert torch.equal(index, torch.arange(x.shape[1]).expand(2, -1))
+    assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "video_llava"])
+def test_single_stage_variants_refuse_stage_two(variant):
+    with pytest.raises(InvalidInputError, match="no LLM stage"):
+        apet_compress(tokens(), 32, ApetConfig(variant=variant), stage=2)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(InvalidInputError, match="variant must be one of"):
+        ApetConfig(variant="authors")

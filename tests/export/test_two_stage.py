@@ -77,10 +77,52 @@ def test_bad_stage2_options(tmp_path, options, match):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-video-llava", "tiny-qwen2.5-vl"])
-def test_stage2_refused_where_images_are_not_budget_rows(tmp_path, model):
-    """Stage 2 cuts `budget` rows per image span: families whose image spans differ (crops + newlines, frames
-    + CLS rows, per-image shares) are refused before anything is exported."""
-    with pytest.raises(InvalidInputError, match="fixed number of image tokens"):
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [("tiny-qwen2.5-vl", "LLM stage commented out"), ("tiny-video-llava", "no LLM stage")],
+)
+def test_stage2_refused_where_the_released_code_has_one_stage(tmp_path, model, reason):
+    """Qwen2.5-VL's released LLM stage is commented out; Video-LLaVA's released code compresses each frame once.
+    Refused with that reason before anything is exported."""
+    with pytest.raises(InvalidInputError, match=reason):
         build(BuildOptions(model=model, out=tmp_path / "out", stage2_layer=2))
     assert not (tmp_path / "out").exists()
+
+
+def test_variant_of_another_family_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError, match="choose llava .* or uniform"):
+        build(BuildOptions(model="tiny-llava", out=tmp_path / "out", apet_variant="qwen2_5_vl"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoder_ranges_chain_to_the_whole_decoder_with_mrope(qwen_build, tmp_path):
+    """One exporter for any layer range: [0, 2) then [2, 4) of the Qwen2.5-VL text model (M-RoPE position_ids
+    [3, B, S]) chained on onnxruntime give llm.onnx's logits and KV; the parts' KV keeps global layer names."""
+    import numpy as np
+
+    from apet_export.export.llm import export_decoder_range
+    from apet_export.models.registry import get_family
+    from apet_export.runtime.sessions import onnxruntime_session
+
+    manifest = load_manifest(qwen_build)
+    family = get_family(manifest.family)
+    model, _ = family.load(manifest.model_dir(qwen_build))
+    for name, layers in (("llm_a", range(0, 2)), ("llm_b", range(2, 4))):
+        export_decoder_range(model, family, layers, tmp_path, name, manifest, "fp32")
+    assert manifest.files["llm_a"].inputs[2].shape == (3, "batch", "sequence")
+    assert [t.name for t in manifest.files["llm_b"].outputs] == ["logits", "present_key_2", "present_value_2",
+                                                                 "present_key_3", "present_value_3"]
+    rng = np.random.default_rng(0)
+    length, hidden, kv = 7, manifest.dims["text_hidden"], (1, manifest.dims["num_kv_heads"], 0, manifest.dims["head_dim"])
+    embeds = rng.standard_normal((1, length, hidden)).astype(np.float32)
+    positions = np.stack([np.arange(length), np.arange(length) // 2, np.arange(length) % 3])[:, None]  # [3, 1, S]
+    common = {"attention_mask": np.ones((1, length), np.int64), "position_ids": positions.astype(np.int64)}
+    empty = lambda layers: {f"past_{k}_{i}": np.zeros(kv, np.float32) for i in layers for k in ("key", "value")}  # noqa: E731
+    whole = onnxruntime_session(manifest.file(qwen_build, "llm")).run(None, {"inputs_embeds": embeds, **common, **empty(range(4))})
+    a = onnxruntime_session(tmp_path / "llm_a.onnx").run(None, {"inputs_embeds": embeds, **common, **empty(range(2))})
+    b = onnxruntime_session(tmp_path / "llm_b.onnx").run(None, {"hidden_states": a[0], **common, **empty(range(2, 4))})
+    diff = float(np.abs(b[0] - whole[0]).max())
+    print(f"llm_a + llm_b vs llm.onnx logits: max abs diff {diff:.2e}")
+    np.testing.assert_allclose(b[0], whole[0], atol=1e-4)
+    for got, want in zip(a[1:] + b[1:], whole[1:], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)

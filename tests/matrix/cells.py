@@ -152,5 +152,5 @@ def refusal(family: str, cell: str) -> str | None:
     if cell == "run torch plugin":
         return "runs on the onnxruntime backend"  # the torch backend is eager PyTorch: no ONNX plugin graph
     if cell == "stage 2":
-        return contract.stage2_refusal()
+        return contract.stage2_refusal
     return None

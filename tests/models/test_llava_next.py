@@ -90,3 +90,30 @@ def test_vision_and_e2e_parity(llava_next_build):
 
 def test_graphs_parse_in_tensorrt_rtx(llava_next_build):
     check_build_parses(llava_next_build)
+
+
+def test_two_stage_compresses_the_base_image_in_the_llm(llava_next_two_stage_build):
+    """The released LLaVA-NeXT LLM stage cuts the base image's rows (192 -> 64 there) and leaves the tiles alone:
+    layers >= K see the stage-1 rows minus the base crop's cut. Greedy tokens identical on onnxruntime and torch."""
+    from apet_export.models.registry import budget_policy
+
+    build = llava_next_two_stage_build
+    manifest = load_manifest(build)
+    resolve = budget_policy(manifest).resolve
+    assert manifest.stage2["layer"] == 2 and manifest.compression.variant == "llava"
+    assert resolve() == (240, 80)  # the average 160, split 3:1 over the whole image
+    from apet_export.parity.e2e import e2e_cases
+
+    # parity's default cases: the paper's 64 and 192 per crop (5 crops at most), e.g. 960 = 192/crop after stage 1
+    assert e2e_cases(manifest, None, None) == [{"budget": 320}, {"budget": 960}]
+    assert resolve(960) == (1440, 480)
+    image = synthetic_image(2, (500, 300))  # best grid 1 x 2 tiles: 3 crops
+    e2e = e2e_parity(build, manifest, image, pair=(240, 96), max_new_tokens=16)
+    for row in e2e:
+        print(row.check, row.output, row.max_abs, row.detail)
+    assert e2e and all(row.passed for row in e2e), [row for row in e2e if not row.passed]
+    with Pipeline.from_dir(build, backend="onnxruntime") as pipeline:
+        result = pipeline.generate([image], "Hi", budget1=240, budget2=96, max_new_tokens=1, stream=False)
+        assert result.image_tokens - result.image_tokens_stage2 == 240 // 3 - 96 // 3  # base crop 80 -> 32 rows
+        with pytest.raises(InvalidInputError, match="keeps 10 rows of the base image"):
+            pipeline.generate([image], "Hi", budget1=240, budget2=30, max_new_tokens=1, stream=False)

@@ -133,6 +133,7 @@ def test_budget_resolution_and_errors(llava_two_stage_build, llava_build):
     assert two(192) == (288, 96)
     assert two(budget1=100, budget2=40) == (100, 40)
     assert two(budget1=100) == (100, 100)  # stage 2 off
+    assert two(budget1=11, budget2=11) == (11, 11)  # each stage goes down to M + 1 (the average to 2M + 1)
     assert one(64) == (64, None)
     with pytest.raises(InvalidInputError, match="above the stage-1 budget"):
         two(budget1=64, budget2=65)
@@ -155,3 +156,35 @@ def test_parity_command_on_a_two_stage_build(llava_two_stage_build):
     assert set(sections) == {"vision", "stage2", "e2e"}
     assert {row.check for row in sections["e2e"]} == {"greedy 32 tokens k=80/24"}
     assert all(row.passed for rows in sections.values() for row in rows)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stage2_follows_the_released_llm_stage(llava_two_stage_build, batch):
+    """The released LLM stage writes `image_embeds[errors_indices[-k:]] = seed_features`: the basis goes into the
+    top-k list's last M slots in top-k (descending error) order. stage2.onnx (onnxruntime) and the eager
+    reference (eager_stage2) both against a literal rendering of it, on the same hidden states."""
+    from apet_export.runtime.sessions import onnxruntime_session
+    from tests.compression.reference import apet_reference, fps_reference
+
+    manifest = load_manifest(llava_two_stage_build)
+    assert manifest.compression.variant == "llava"  # the family's default: what the authors ran
+    session = onnxruntime_session(manifest.file(llava_two_stage_build, "stage2"))
+    start, length, keep = 5, 96, 32
+    hidden = np.random.default_rng(batch).standard_normal((batch, start + length + 7, manifest.dims["text_hidden"]))
+    hidden = (hidden * 3).astype(np.float32)
+    feed = {"hidden_states": hidden, "image_start": np.array(start), "image_length": np.array(length), "keep": np.array(keep)}
+    graph = dict(zip(["compressed_states", "keep_index", "scores"], session.run(None, feed), strict=True))
+    eager = eager_stage2(hidden, start, length, keep, manifest.compression)
+    for b in range(batch):
+        span = torch.from_numpy(hidden[b, start : start + length])  # [N, H]
+        basis = fps_reference(span, manifest.compression.num_basis, int(span.norm(dim=-1).argmax()))
+        scores = torch.from_numpy(graph["scores"][b])
+        ref_rows, ref_index = apet_reference(span, keep, basis, scores, rule="topk_slots")
+        for name, out in (("stage2.onnx", graph), ("eager", eager)):
+            assert out["keep_index"][b].tolist() == ref_index.tolist(), name
+            rows = out["compressed_states"][b, start : start + keep]
+            diff = float(np.abs(rows - ref_rows.numpy()).max())
+            print(f"{name} b={b}: max abs diff against the released LLM stage {diff:.2e}")
+            assert diff <= 1e-4, name
+            np.testing.assert_array_equal(out["compressed_states"][b, :start], hidden[b, :start])
+            np.testing.assert_array_equal(out["compressed_states"][b, start + keep :], hidden[b, start + length :])
