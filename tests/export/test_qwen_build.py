@@ -95,6 +95,41 @@ def test_graphs_parse_in_tensorrt_rtx(qwen_build, graph):
         trt = import_tensorrt()
     except MissingDependencyError as error:
         pytest.skip(str(error))
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    parsed = parser.parse_from_file(str(qwen_build / graph))
+    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    assert parsed and not errors, errors
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    if graph == "llm.onnx":
+        assert inputs["position_ids"] == (3, -1, -1)
+    else:
+        assert inputs["pixel_values"] == (-1, 1176) and inputs["window_index"] == (-1,)
+
+
+def test_visualize_draws_the_merged_grid(qwen_build, tmp_path):
+    from apet_export.visualize import visualize_build
+
+    image = tmp_path / "portrait.png"
+    synthetic_image(4, (300, 500)).save(image)
+    visualize_build(qwen_build, image, None, tmp_path / "out.png")
+    assert (tmp_path / "out.png").stat().st_size > 10_000
+
+
+def test_vision_engine_builds_ahead_of_time_for_a_range_of_resolutions(qwen_build):
+    """TensorRT-RTX on CPU: vision.onnx → SM89 engine with the product's profile (the family's patches /
+    merged / windows ranges) and the budget `keep` as a shape input (fp32 head-dim-16 attention marked
+    decomposable, as docs/design.md notes)."""
+    from apet_export.compat import import_tensorrt
+
+    try:
+        trt = import_tensorrt()
+    except MissingDependencyError as error:
+        pytest.skip(str(error))
+    if not hasattr(trt, "ComputeCapability"):
+        pytest.skip("ahead-of-time builds need TensorRT-RTX (set_compute_capability)")
     from apet_export.export.trt_network import build_engine, make_logger
     from apet_export.export.trt_profiles import profiles_for
 

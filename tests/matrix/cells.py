@@ -16,7 +16,8 @@ from apet_export.cli import main
 from apet_export.models.registry import FAMILIES, PRESETS, get_family
 
 PROMPT = ("--prompt", "Describe it.", "--max-new-tokens", "4")
-TARGET = "sm89"  # an ahead-of-time TensorRT-RTX target: engines build on a CPU machine
+TARGET = "sm89"
+CALIBRATION_SAMPLES = 6  # as tests/calibration: enough for the default accuracy thresholds  # an ahead-of-time TensorRT-RTX target: engines build on a CPU machine
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,18 @@ class Workspace:
         return ["--image", str(image)]
 
     def pictures(self) -> Path:
-        from apet_export.runtime.images import synthetic_image
+        """Real photos to calibrate on (scikit-image's bundled samples, as tests/calibration uses): generated
+        pictures are too unlike each other's statistics for the accuracy thresholds."""
+        import shutil
+
+        from tests.calibration.conftest import SAMPLES
 
         folder = self.root / "calibration-pictures"
         if not folder.exists():
+            source = Path(__import__("skimage.data").data.__file__).parent
             folder.mkdir()
-            for seed in range(2):
-                synthetic_image(seed, (400, 300) if seed else (300, 400)).save(folder / f"{seed}.png")
+            for name in SAMPLES[:CALIBRATION_SAMPLES]:
+                shutil.copy(source / name, folder / name)
         return folder
 
     def build(self, kind: str) -> Path:
@@ -89,7 +95,7 @@ class Workspace:
                 step = self.cli("build", "--model", tiny_preset(self.family), "--precision", kind, "--out", out)
             else:
                 step = self.cli("calibrate", self.build("fp32"), "--images", self.pictures(), "--precision", kind,
-                                "--samples", "2", "--out", out)
+                                "--samples", CALIBRATION_SAMPLES, "--out", out)
             assert step[0] == 0, f"{self.family}: making its {kind} build failed:\n{step[2][-3000:]}"
             self.builds[kind] = out
         return self.builds[kind]
@@ -99,7 +105,7 @@ def _calibrate(precision: str):
     def run(ws: Workspace):
         out = ws.root / precision
         result = ws.cli("calibrate", ws.build("fp32"), "--images", ws.pictures(), "--precision", precision,
-                        "--samples", "2", "--out", out, "--force")
+                        "--samples", CALIBRATION_SAMPLES, "--out", out, "--force")
         if result[0] == 0:
             ws.builds[precision] = out  # the engine and parity cells use this build
         return result
