@@ -187,7 +187,13 @@ def quantize_fp8(graph: Path, out: Path, ranges, exclude: list[str]) -> None:
             ))
             quantized_weights[weight_name] = f"{weight_name}_dequantized"
         node.input[1] = quantized_weights[weight_name]
-    # the new Q/DQ nodes are appended; the topological sort below moves each before its consumer
+    add_nodes_and_drop_unused(model, new_nodes, new_inits)
+    save(model, out, large=is_large(graph))
+
+
+def add_nodes_and_drop_unused(model, new_nodes, new_inits) -> None:
+    """Appends the new (de)quantisation nodes and their initializers, drops the initializers nothing reads any
+    more (the float weights they replace), and sorts the graph so that each new node precedes its consumer."""
     model.graph.node.extend(new_nodes)
     model.graph.initializer.extend(new_inits)
     used = {name for node in model.graph.node for name in node.input}
@@ -195,7 +201,6 @@ def quantize_fp8(graph: Path, out: Path, ranges, exclude: list[str]) -> None:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     sort_topologically(model)
-    save(model, out, large=is_large(graph))
 
 
 def sort_topologically(model) -> None:
@@ -288,14 +293,8 @@ def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32
             ))
             dequantized[weight_name] = f"{weight_name}_dequantized"
         node.input[1] = dequantized[weight_name]
-    model.graph.node.extend(new_nodes)
-    model.graph.initializer.extend(new_inits)
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
     _require_opset(model, BLOCK_DQ_OPSET)
-    sort_topologically(model)
+    add_nodes_and_drop_unused(model, new_nodes, new_inits)
     save(model, out, large=is_large(graph))
     return {"quantized": len(set(dequantized)), "float": left_float}
 
