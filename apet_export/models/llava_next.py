@@ -44,6 +44,9 @@ class LlavaNextFamily(LlavaFamily):
 
     # -- contract: the vision batch is the crops of one image; the budget is for the whole image ----------
     budget_unit = "crops"
+    # a whole image's budget, split across its crops (5 at most): 32 per crop at 5 crops, and a two-stage
+    # build's default split (240 / 80) still keeps more than M = 10 rows of every crop at both stages
+    default_budget = 160
     batched_feeds = False  # one feed per image: its crops
 
     def vision_io(self, dims: VisionDims, model=None) -> tuple[list[TensorSpec], list[TensorSpec]]:
