@@ -174,7 +174,7 @@ def check_model_dir(directory: Path) -> Path:
     for required in ("config.json", "tokenizer_config.json"):
         if not (model / required).is_file():
             raise ArtifactError(f"{model / required} is missing: {fix}")
-    from apet_export.models.checkpoint import read_config
+    from apet_export.checkpoint import read_config
 
     read_config(model)  # JSON object, or one line naming the file
     weights = sorted(model.glob("*.safetensors"))

@@ -12,9 +12,9 @@ PACKAGE = Path(apet_export.__file__).parent
 
 # Bottom first. A module may import its own layer's modules and any lower layer's, never a higher one.
 LAYERS = (
-    ("__init__", "errors", "compat", "config"),  # facts and helpers every layer uses
+    ("__init__", "errors", "compat", "config", "paths", "outputs"),  # facts and helpers every layer uses
     ("compression",),  # ApET and the baselines, budgets: tensors and numbers, no model families
-    ("plugins", "artifacts"),  # the ApetScore op for ONNX / TensorRT / Triton; file checks
+    ("plugins", "artifacts", "checkpoint"),  # the ApetScore op for ONNX / TensorRT / Triton; file checks
     ("manifest",),  # what a build holds
     ("models",),  # the model families: each one's contract
     ("export",),  # build: ONNX graphs, engines

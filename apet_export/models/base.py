@@ -75,7 +75,7 @@ class ModelFamily:
         from apet_export.compat import quiet_libraries
 
         quiet_libraries()
-        from apet_export.models.checkpoint import check_loading_info
+        from apet_export.checkpoint import check_loading_info
 
         # ignore_mismatched_sizes: weights config.json cannot hold come back in the loading report (then an
         # error naming the file) instead of as a RuntimeError that points to a report in the log

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from apet_export.checkpoint import read_config
 from apet_export.compat import quiet_libraries
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
-from apet_export.models.checkpoint import read_config
 from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
 from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
 from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl

@@ -124,7 +124,7 @@ def test_fifo_and_devices_are_named(tmp_path):
 
 def test_calibration_reads_images_with_the_same_loader(tmp_path):
     """calibrate skips and counts what the runtime refuses, and reads the rest as the runtime does."""
-    from apet_export.calibration.data import pixel_batches, select_images
+    from apet_export.calibration.data import picture_batches, select_images
 
     folder = tmp_path / "pictures"
     folder.mkdir()
@@ -138,7 +138,8 @@ def test_calibration_reads_images_with_the_same_loader(tmp_path):
     assert sorted(p.name for p in data.images) == ["deep.png", "portrait.jpg"]
     assert [(p.name, "aspect ratio" in why) for p, why in data.skipped] == [("strip.png", True)]
     seen = []
-    list(pixel_batches(data.images, lambda pictures, return_tensors: seen.extend(pictures) or {"pixel_values": np.zeros(1)}))
+    for pictures in picture_batches(data.images, 2):  # what calibration hands the family's feeds
+        seen.extend(pictures)
     by_size = {picture.size: np.asarray(picture) for picture in seen}
     assert (20, 40) in by_size  # upright
     assert 100 < by_size[(64, 64)].mean() < 155  # a ramp, not washed out to white
