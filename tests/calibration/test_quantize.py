@@ -176,20 +176,19 @@ def test_options_are_checked_before_work(int8_build, llava_build, sample_images,
     assert calibration_build.CalibrationOptions(build_dir=tmp_path / "b", images=tmp_path, precision="fp8").output.name == "b-fp8"
 
 
-def tensorrt_engine(path, trt):
-    """Parse with TensorRT(-RTX) and build ahead of time for SM89 (Ada: int8 and fp8 tensor cores)."""
+def tensorrt_engine(build_dir, trt):
+    """vision.onnx parsed with TensorRT(-RTX) and built ahead of time for SM89 (Ada: int8 and fp8 tensor cores),
+    through the product's own parser, profiles (from the manifest) and target settings."""
+    from apet_export.export.trt_network import add_profiles, parse_onnx
+    from apet_export.export.trt_profiles import profiles_for
+
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    network, _parser = parse_onnx(trt, builder, logger, build_dir / "vision.onnx")  # the parser owns the weights
     mark_attention_decomposable(trt, network)  # fp32 attention shapes without a fused kernel
     config = builder.create_builder_config()
     set_target(trt, config, trt.ComputeCapability.SM89)
-    profile = builder.create_optimization_profile()
-    profile.set_shape("pixel_values", (1, 3, 336, 336), (1, 3, 336, 336), (2, 3, 336, 336))
-    profile.set_shape_input("keep", [11], [64], [576])  # the budget is a shape input (TopK's k)
-    config.add_optimization_profile(profile)
+    add_profiles(trt, builder, config, network, profiles_for(load_manifest(build_dir), "vision"))
     return network, builder.build_serialized_network(network, config)
 
 
@@ -199,7 +198,7 @@ def test_tensorrt_rtx_parses_and_builds_the_qdq_vision_graph(precision, int8_bui
 
     trt = import_tensorrt()
     build = {"int8": int8_build, "fp8": fp8_build}[precision]
-    network, engine = tensorrt_engine(build / "vision.onnx", trt)
+    network, engine = tensorrt_engine(build, trt)
     kinds = {network.get_layer(i).type for i in range(network.num_layers)}
     assert trt.LayerType.QUANTIZE in kinds and trt.LayerType.DEQUANTIZE in kinds
     dtypes = {network.get_layer(i).get_output(0).dtype for i in range(network.num_layers)
