@@ -6,16 +6,20 @@ import pytest
 
 
 def parse_with_tensorrt(path: Path) -> tuple[bool, list[str], int]:
-    """(parsed, parser errors, layers in the network) of TensorRT's ONNX parser on one graph."""
+    """(parsed, parser errors, layers in the network) of the product's TensorRT parse of one graph
+    (export/trt_network.parse_onnx: strongly typed, as `apet-export engine` parses it)."""
     pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is in the dev extras")
     from apet_export.compat import import_tensorrt
+    from apet_export.errors import EngineBuildError
+    from apet_export.export.trt_network import parse_onnx
 
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
-    network = trt.Builder(logger).create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(path))
-    return parsed, [str(parser.get_error(i)) for i in range(parser.num_errors)], network.num_layers
+    try:
+        network, _parser = parse_onnx(trt, trt.Builder(logger), logger, path)
+    except EngineBuildError as error:
+        return False, [str(error)], 0
+    return True, [], network.num_layers
 
 
 def check_build_parses(build_dir: Path) -> None:
