@@ -16,7 +16,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from apet_export.compression.apet import validate_budget
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ArtifactError, InvalidInputError
 from apet_export.export import staging as staging_dir
@@ -129,6 +128,21 @@ def check_against_model(options: BuildOptions, num_tokens: int) -> None:
         )
 
 
+def check_default_budget(family, manifest: Manifest, stage2_layer: int | None) -> None:
+    """The build's default budget through the family's budget policy, the rules `run` applies to it (a
+    whole-image budget across LLaVA-NeXT's crops, a two-stage average), before minutes of export."""
+    two_stage = {"layer": stage2_layer} if stage2_layer is not None else {}
+    policy = family.budget_policy(replace(manifest, stage2=two_stage))
+    if manifest.budget["default"] is None:  # a share of each image's own tokens, whatever their number
+        return
+    if policy.unit == "frames":  # a video build's default is per frame
+        policy.per_frame(None, 1)
+    elif policy.compresses:
+        policy.resolve()
+    else:  # method none keeps every token, but a budget it names must still be one of this model's
+        policy.check(manifest.budget["default"])
+
+
 def build(options: BuildOptions, console: Console | None = None) -> Manifest:
     """Run every build step into a temporary directory, then move it to options.out."""
     from apet_export.export.vision import budget_floor, export_vision
@@ -163,47 +177,7 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             check_stage2_layer(options.stage2_layer, len(family.language_model(model).layers))
             minimum = average_budget_floor(compression.num_basis)
         default_budget = options.budget if options.budget is not None else family.default_budget
-        if default_budget is not None:
-            validate_budget(default_budget, minimum, dims.num_tokens)
-        progress.update(task, completed=1)
-
-        files: dict[str, ArtifactSpec] = {}
-        notes: list[str] = []
-        task = step("vision.onnx: tower + ApET stage 1 + projector")
-        inputs, outputs = export_vision(
-            model, family, options.method, compression, staging / "vision.onnx", opset=options.opset,
-            precision=options.precision,
-        )
-        files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
-        progress.update(task, completed=1)
-
-        extras = family.extra_tensors(model)
-        if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
-            specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
-            files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
-
-        plugin = {}
-        if options.method == "apet" and compression.selection == "fps":
-            from apet_export.plugins import apet_score
-
-            task = step("vision.plugin.onnx: ApetScore plugin node")
-            export_vision(
-                model, family, options.method, compression, staging / "vision.plugin.onnx",
-                use_plugin=True, opset=options.opset, precision=options.precision,
-            )
-            files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
-            plugin = {
-                "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
-                "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
-            }
-            progress.update(task, completed=1)
-        else:
-            notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
-
-        manifest = Manifest(
+        manifest = Manifest(  # its files, plugin and notes are filled in below, as each artifact is written
             source={"model": source_id, "sha256": checkpoint_sha256(checkpoint)},
             family=family.name,
             dims={
@@ -220,11 +194,46 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             },
             precision=options.precision,
             opset=options.opset,
-            files=files,
-            plugin=plugin,
-            notes=notes,
+            files={},
             tool_versions=tool_versions(),
         )
+        check_default_budget(family, manifest, options.stage2_layer)
+        progress.update(task, completed=1)
+
+        files, notes = manifest.files, manifest.notes
+        task = step("vision.onnx: tower + ApET stage 1 + projector")
+        inputs, outputs = export_vision(
+            model, family, options.method, compression, staging / "vision.onnx", opset=options.opset,
+            precision=options.precision,
+        )
+        files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
+        progress.update(task, completed=1)
+
+        extras = family.extra_tensors(model)
+        if extras:  # weights the runtime applies outside the graphs (e.g. LLaVA-NeXT's image_newline)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in extras.items()}, str(staging / "vision_extras.safetensors"))
+            specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
+            files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
+
+        if options.method == "apet" and compression.selection == "fps":
+            from apet_export.plugins import apet_score
+
+            task = step("vision.plugin.onnx: ApetScore plugin node")
+            export_vision(
+                model, family, options.method, compression, staging / "vision.plugin.onnx",
+                use_plugin=True, opset=options.opset, precision=options.precision,
+            )
+            files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
+            manifest.plugin = {
+                "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
+                "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
+            }
+            progress.update(task, completed=1)
+        else:
+            notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
+
         if options.llm and options.stage2_layer is not None:
             from apet_export.export.llm_split import export_split_llm_artifacts
 

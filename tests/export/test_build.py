@@ -179,3 +179,33 @@ def test_visionzip_graph_runs_the_tower_once(tmp_path):
     names = [n.name for n in onnx.load(str(tmp_path / "vz" / "vision.onnx")).graph.node]
     convolutions = [n for n in names if "patch_embedding" in n]
     assert len(convolutions) == 1, convolutions  # features and attention come from one pass
+
+
+@pytest.mark.parametrize(
+    ("fixture", "accepted", "refused"),
+    [
+        ("llava_build", [11, 576], [10, 577]),  # per image: (M, N]
+        ("llava_next_build", [160, 640, 5 * 576], [5 * 576 + 1]),  # the whole image, over at most 5 crops of 576
+        ("video_llava_build", [11, 256], [10, 257]),  # per frame
+        ("llava_two_stage_build", [21, 576], [20, 577]),  # the average of two stages: above 2M
+    ],
+)
+def test_build_checks_its_default_budget_by_the_rules_run_applies(request, fixture, accepted, refused):
+    """`build --budget` goes through the family's budget policy, the one `run` uses: LLaVA-NeXT's budget is
+    for the whole image (640 = 5 crops x 128 is accepted, as `run` accepts it), a two-stage budget is the
+    average. The check runs before any export (check_default_budget needs the manifest's numbers only)."""
+    import dataclasses
+
+    from apet_export.export.build import check_default_budget
+    from apet_export.models.registry import get_family
+
+    manifest = load_manifest(request.getfixturevalue(fixture))
+    family, layer = get_family(manifest.family), manifest.stage2.get("layer")
+    for budget in accepted + refused:
+        draft = dataclasses.replace(manifest, budget={**manifest.budget, "default": budget}, stage2={})
+        if budget in accepted:
+            check_default_budget(family, draft, layer)
+        else:
+            with pytest.raises((BudgetError, InvalidInputError)):
+                check_default_budget(family, draft, layer)
+
