@@ -136,6 +136,26 @@ def remove_stale(parent: Path) -> list[Path]:
     return removed
 
 
+def _flock(path: Path, wait: bool):
+    """(an open handle on `path` holding its exclusive fcntl lock, "") or, when another process holds it and
+    wait is False, (None, the holder's pid). The file is re-opened when its holder removed it between our
+    open and our lock."""
+    import fcntl
+
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 - kept open as the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:  # held: the holder's pid, read from the file
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            return None, owner
+        if os.path.exists(path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+            return handle, ""
+        handle.close()
+
+
 class OutputLock:
     """An exclusive lock on DIR, as .DIR.lock beside it; released (and the file removed) by release()."""
 
@@ -145,29 +165,16 @@ class OutputLock:
 
     def acquire(self, out: Path, force: bool) -> OutputLock:
         try:
-            import fcntl
+            import fcntl  # noqa: F401
         except ImportError:  # not POSIX: no lock, as before
             return self
-        while True:
-            handle = open(self.path, "a+")  # noqa: SIM115 - kept open as the lock
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                owner = handle.read().strip() or "?"
-                handle.close()
-                raise ArtifactError(
-                    f"another apet-export build (process {owner}) is writing {out}: wait for it to finish, "
-                    f"or choose another --out"
-                ) from None
-            # the previous holder may have removed the file between our open and lock: lock the new one
-            if os.path.exists(self.path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
-                break
-            handle.close()
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.file = handle
+        handle, owner = _flock(self.path, wait=False)
+        if handle is None:
+            raise ArtifactError(
+                f"another apet-export build (process {owner}) is writing {out}: wait for it to finish, "
+                f"or choose another --out"
+            )
+        self._hold(handle)
         try:  # checked again under the lock: a build may have just finished, a folder just appeared
             check_replaceable(out, force)
         except ArtifactError:
@@ -175,11 +182,38 @@ class OutputLock:
             raise
         return self
 
+    def wait(self) -> OutputLock:
+        """Take the lock, waiting for its holder (a command that updates a finished build in place)."""
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:
+            return self
+        self._hold(_flock(self.path, wait=True)[0])
+        return self
+
+    def _hold(self, handle) -> None:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.file = handle
+
     def release(self) -> None:
         if self.file is not None:
             self.path.unlink(missing_ok=True)  # while still locked, so nobody locks a removed file
             self.file.close()
             self.file = None
+
+
+@contextlib.contextmanager
+def updating(build_dir: Path):
+    """DIR's lock held while a command changes a finished build in place (engine's manifest update): two
+    such updates at once would each write the manifest they had read, and one would be lost. A build of
+    DIR holds the same lock, so neither replaces DIR under the other."""
+    lock = OutputLock(build_dir).wait()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare(out: Path, force: bool) -> tuple[OutputLock, Path]:

@@ -267,7 +267,7 @@ def build_engines(build_dir: Path, options: EngineOptions = EngineOptions(), con
     try:
         result = _build_into(staging, trt, build_dir, manifest, graphs, targets, options, Stages(console))
         result.skipped = skipped
-        record = _publish(staging, final, build_dir, manifest, result)
+        record = _publish(staging, final, build_dir, result)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     built = sum(f["bytes"] for f in result.built) / 2**20
@@ -324,27 +324,33 @@ def _build_into(staging: Path, trt, build_dir: Path, manifest, graphs, targets, 
     return result
 
 
-def _publish(staging: Path, final: Path, build_dir: Path, manifest, result: RunResult) -> dict:
+def _publish(staging: Path, final: Path, build_dir: Path, result: RunResult) -> dict:
     """Move each staged engine over its place (one rename each), then rewrite the manifest atomically with
-    the engines of earlier runs that this run did not replace."""
-    for entry in result.built:
-        (final / entry["target"]).mkdir(parents=True, exist_ok=True)
-        os.replace(staging / entry["target"] / f"{entry['artifact']}.engine", build_dir / entry["path"])
-    if (staging / TIMING_CACHE).is_file() and final.is_dir():
-        os.replace(staging / TIMING_CACHE, final / TIMING_CACHE)
-    replaced = {engine_key(e["target"], e["artifact"]) for e in result.built}
-    previous = [e for e in earlier_engines(manifest.engines) if engine_key(e["target"], e["artifact"]) not in replaced]
-    files = sorted(previous + result.built, key=lambda e: (e["target"], e["artifact"]))
-    record = {
-        "targets": sorted({e["target"] for e in files}),
-        "files": files,
-        "skipped": {**manifest.engines.get("skipped", {}), **result.skipped} if manifest.engines else result.skipped,
-        "failed": result.failed,  # of the last run: what it could not build, and why
-    }
-    for entry in result.built:  # an artifact built now is no longer skipped
-        record["skipped"].pop(entry["artifact"], None)
-    manifest.engines = record
-    manifest.write(build_dir)
+    the engines of earlier runs that this run did not replace. Under DIR's lock, with the manifest read
+    again: an `engine` run that finished meanwhile (another target, another artifact) keeps its entries."""
+    from apet_export.export.staging import updating
+
+    with updating(build_dir):
+        manifest = load_manifest(build_dir)
+        for entry in result.built:
+            (final / entry["target"]).mkdir(parents=True, exist_ok=True)
+            os.replace(staging / entry["target"] / f"{entry['artifact']}.engine", build_dir / entry["path"])
+        if (staging / TIMING_CACHE).is_file() and final.is_dir():
+            os.replace(staging / TIMING_CACHE, final / TIMING_CACHE)
+        replaced = {engine_key(e["target"], e["artifact"]) for e in result.built}
+        previous = [e for e in earlier_engines(manifest.engines)
+                    if engine_key(e["target"], e["artifact"]) not in replaced]
+        files = sorted(previous + result.built, key=lambda e: (e["target"], e["artifact"]))
+        record = {
+            "targets": sorted({e["target"] for e in files}),
+            "files": files,
+            "skipped": {**manifest.engines.get("skipped", {}), **result.skipped} if manifest.engines else result.skipped,
+            "failed": result.failed,  # of the last run: what it could not build, and why
+        }
+        for entry in result.built:  # an artifact built now is no longer skipped
+            record["skipped"].pop(entry["artifact"], None)
+        manifest.engines = record
+        manifest.write(build_dir)
     return record
 
 

@@ -229,6 +229,32 @@ def test_targets_and_artifacts_live_side_by_side(llava_build, tmp_path):
     assert not [p for p in build.iterdir() if p.name.startswith(".")]
 
 
+def test_engine_runs_at_once_on_one_build_keep_each_others_engines(llava_build, tmp_path):
+    """Two `engine` runs on one build at the same time (another target each): both engines are listed in the
+    manifest (each run updates it under the build's lock, from the manifest as it is then)."""
+    import threading
+
+    build = _vision_and_llm_copy(llava_build, tmp_path / "build")
+    errors = []
+
+    def engine(target):
+        try:
+            build_engines(build, EngineOptions(targets=(target,), artifacts=("vision",), optimization_level=0))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    runs = [threading.Thread(target=engine, args=(target,)) for target in AOT_TARGETS]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert not errors
+    listed = {(e["target"], e["artifact"]) for e in load_manifest(build).engines["files"]}
+    assert listed == {(target, "vision") for target in AOT_TARGETS}
+    assert set(_snapshot(build)) == {f"engines/{target}/vision.engine" for target in AOT_TARGETS}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock or staging folder left
+
+
 def test_failed_engine_is_reported_and_the_others_kept(llava_build, tmp_path, monkeypatch, capsys):
     """An engine that fails leaves its previous engine as it was; the others of the run are built and
     listed; the command names what it built and what it could not, and exits 1."""
