@@ -11,6 +11,7 @@ from apet_export.manifest import load_manifest
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
+from tests.tensorrt_parse import network_inputs, tensorrt_network
 
 
 def graph_io(path):
@@ -89,20 +90,8 @@ def test_uncompressed_pipeline_matches_hf_generation_forward(qwen_build):
 
 @pytest.mark.parametrize("graph", ["vision.onnx", "llm.onnx"])
 def test_graphs_parse_in_tensorrt_rtx(qwen_build, graph):
-    from apet_export.compat import import_tensorrt
-
-    try:
-        trt = import_tensorrt()
-    except MissingDependencyError as error:
-        pytest.skip(str(error))
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(qwen_build / graph))
-    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert parsed and not errors, errors
-    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    network, _parser = tensorrt_network(qwen_build / graph)  # the product's parse (strongly typed)
+    inputs = network_inputs(network)
     if graph == "llm.onnx":
         assert inputs["position_ids"] == (3, -1, -1)
     else:

@@ -7,6 +7,7 @@ from apet_export.errors import InvalidInputError
 from apet_export.export.build import BuildOptions, build
 from apet_export.manifest import load_manifest
 from tests.export.test_build import graph_io
+from tests.tensorrt_parse import network_inputs, network_outputs, tensorrt_network
 
 
 def test_split_graphs_follow_the_manifest(any_two_stage_build):
@@ -46,19 +47,10 @@ def test_each_part_has_fused_attention_for_its_layers_only(llava_two_stage_build
 
 @pytest.mark.parametrize("name", ["llm_a", "llm_b", "stage2"])
 def test_parts_parse_with_tensorrt(llava_two_stage_build, name):
-    from apet_export.compat import import_tensorrt
-
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(llava_two_stage_build / f"{name}.onnx"))
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    assert parsed and not errors, errors
+    network, _parser = tensorrt_network(llava_two_stage_build / f"{name}.onnx")  # the product's parse
     spec = load_manifest(llava_two_stage_build).files[name]
-    assert [network.get_input(i).name for i in range(network.num_inputs)] == [t.name for t in spec.inputs]
-    assert [network.get_output(i).name for i in range(network.num_outputs)] == [t.name for t in spec.outputs]
+    assert list(network_inputs(network)) == [t.name for t in spec.inputs]
+    assert network_outputs(network) == [t.name for t in spec.outputs]
 
 
 @pytest.mark.parametrize(

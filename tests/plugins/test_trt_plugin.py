@@ -1,6 +1,7 @@
 """The ApetScore TensorRT plugin, checked with TensorRT-RTX's real ONNX parser and ahead-of-time builder (no GPU).
 
-The parse/build helper below is deliberately minimal; apet_export.export.tensorrt replaces it at merge.
+The build's vision.plugin.onnx goes through the product's parse and engine build (export/trt_network.py) with
+the manifest's profile; `parse` below is for hand-made one-node graphs and for reading a failed parse.
 """
 
 from __future__ import annotations
@@ -31,26 +32,6 @@ def parse(trt, path):
     return builder, network, parser, ok
 
 
-def build_for(trt, builder, network, manifest, capability: str) -> bytes | None:
-    """Engine for one compute capability built on the CPU: batch 1..2, budget keep in [M+1, N] (shape input)."""
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(getattr(trt.ComputeCapability, capability), 0)
-    for i in range(network.num_layers):  # fp32 head_dim-16 attention has no fused kernel (docs/design.md)
-        layer = network.get_layer(i)
-        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
-            layer.__class__ = trt.IAttentionOutputLayer
-            layer.attention.decomposable = True
-    profile = builder.create_optimization_profile()
-    image = (3, manifest.dims["image_size"], manifest.dims["image_size"])
-    profile.set_shape("pixel_values", (1, *image), (1, *image), (2, *image))
-    budget = manifest.budget
-    profile.set_shape_input("keep", [budget["min"]], [budget["default"]], [budget["max"]])
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    return None if plan is None else bytes(plan)
-
-
 def plugin_layers(trt, network):
     return [network.get_layer(i) for i in range(network.num_layers)
             if network.get_layer(i).type == trt.LayerType.PLUGIN_V3]
@@ -77,10 +58,13 @@ def test_registration_is_idempotent(trt):
 
 
 def test_plugin_graph_parses_and_builds_for_sm89_and_sm80(trt, any_build):
+    from apet_export.export.trt_network import build_engine, make_logger
+    from apet_export.export.trt_profiles import profiles_for
+    from tests.tensorrt_parse import tensorrt_network
+
     manifest = load_manifest(any_build)
     trt_plugin.ensure_plugin_registered(trt)
-    builder, network, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
-    assert ok and parser.num_errors == 0, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    network, _parser = tensorrt_network(any_build / "vision.plugin.onnx")  # the product's parse
 
     (layer,) = plugin_layers(trt, network)
     num_tokens, num_basis = manifest.dims["num_image_tokens"], manifest.compression.num_basis
@@ -88,9 +72,12 @@ def test_plugin_graph_parses_and_builds_for_sm89_and_sm80(trt, any_build):
     assert tuple(scores.shape) == (-1, num_tokens) and scores.dtype == trt.DataType.FLOAT
     assert tuple(basis_index.shape) == (-1, num_basis) and basis_index.dtype == trt.DataType.INT64
 
+    profiles = profiles_for(manifest, "vision_plugin")  # the manifest's ranges: batch, budget keep in [M+1, N]
+    logger = make_logger(trt)
     for capability in ("SM89", "SM80"):
         start = time.perf_counter()
-        plan = build_for(trt, builder, network, manifest, capability)
+        plan, _, _ = build_engine(trt, trt.Builder(logger), logger, any_build / "vision.plugin.onnx", profiles,
+                                  getattr(trt.ComputeCapability, capability), None, 0)
         seconds = time.perf_counter() - start
         assert plan is not None and len(plan) > 0, capability
         print(f"\n{manifest.source['model']}: vision.plugin.onnx -> {capability} engine "
