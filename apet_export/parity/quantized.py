@@ -52,7 +52,8 @@ NOISE_COPIES = 3  # copies of each picture with ±1 grey level of noise: the ref
 class AccuracyThresholds:
     """Defaults that catch a broken quantisation (e.g. a wrong scale) while passing a sound one. FP8 (e4m3: 3
     mantissa bits) keeps less precision than calibrated int8 per element; `for_precision` loosens the
-    end-to-end bounds for it.
+    end-to-end bounds for it (tiny-llava fp8, README flow: overlap 82.4% >= 70, logit diff 0.050 <= 0.35,
+    agreement 1.0 >= 0.4; before the changes below, 80.1%, 0.161 at budget 64, 0.56).
 
     Margin of the int8 defaults: each family's tiny preset calibrated as the README's INT8 flow does (six
     scikit-image photos, minmax), `parity` on its 4 generated pictures, fp32 onnxruntime reference (eager
