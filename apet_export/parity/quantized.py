@@ -17,14 +17,14 @@ Why these two rules (measured on tiny-llava fp32, 12 pictures, budget 64):
 - Ties in the ranking. ApET's basis is a chain of farthest-point argmax decisions; where two candidates are
   nearly tied, any change of the features flips the choice and with it every score. The fp32 reference
   itself, given the same picture with ±1 grey level of noise (invisible; what a JPEG re-save does), kept only
-  34-100% of the same tokens (below 80% in 4 of 12 pictures). A token the reference keeps for one of those
-  copies is one it could have kept: keeping it is a tie, not a quantisation error. The strict overlap and the
-  reference's own overlap across the copies are shown beside the figure.
+  34-100% of the same tokens (below 80% on some copy in 5 of 12 pictures). A token the reference keeps for
+  one of those copies is one it could have kept: keeping it is a tie, not a quantisation error. The strict
+  overlap and the reference's own overlap across the copies are shown beside the figure.
 - End to end at budget N. Past a ranking tie the LLM sees other tokens, and greedy text from a random-weight
   model diverges at once: fp32 against fp32 on a ±1-grey-level copy agreed on 6-59% of 32 tokens at budget
-  64 (logit diff up to 0.09), i.e. below any useful threshold without quantisation. At budget N every token
-  is kept (no ranking), so the end-to-end rows measure what quantisation does to the features and the LLM
-  (there: fp32 vs its ±1 copy 0.001 / 100%); the ranking has its own rows.
+  64 (2 pictures x 2 copies; logit diff up to 0.09), i.e. below any useful threshold without quantisation.
+  At budget N every token is kept (no ranking), so the end-to-end rows measure what quantisation does to the
+  features and the LLM (there: fp32 vs its ±1 copy 0.001 / 100%); the ranking has its own rows.
 
 With random-weight presets these measure fidelity to fp32, not task accuracy: there is no answer to score.
 """
