@@ -116,9 +116,9 @@ def engine(build_dir, targets, precision, artifacts, opt_level, max_batch, max_c
 @click.option("--budget2", type=int, default=None, help="two-stage builds: e2e at this stage-2 budget")
 @click.option("--min-cosine-mean", type=float, help="quantised builds: image-embedding cosine mean (default 0.99)")
 @click.option("--min-cosine", type=float, help="quantised builds: image-embedding cosine min (default 0.90)")
-@click.option("--min-keep-overlap", type=float, help="quantised builds: kept-index overlap %% (default 80; fp8 70)")
-@click.option("--max-logit-diff", type=float, help="quantised builds: first-step max|dlogit| / max|logit| (default 0.10; fp8 0.35)")
-@click.option("--min-token-agreement", type=float, help="quantised builds: greedy 32-token agreement (default 0.5; fp8 0.4)")
+@click.option("--min-keep-overlap", type=float, help="quantised builds: kept-index overlap %%, ties within ±1 grey level of noise agree (default 80; fp8 70)")
+@click.option("--max-logit-diff", type=float, help="quantised builds: first-step max|dlogit| / max|logit| at budget N (default 0.10; fp8 0.35)")
+@click.option("--min-token-agreement", type=float, help="quantised builds: greedy 32-token agreement at budget N (default 0.5; fp8 0.4)")
 @click.option("--require-tensorrt", is_flag=True, help="fail instead of skipping the TensorRT engines (GPU CI)")
 def parity(
     build_dir, images, budgets, e2e, budget1, budget2, min_cosine_mean, min_cosine, min_keep_overlap, max_logit_diff,

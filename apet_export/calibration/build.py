@@ -4,7 +4,7 @@
          │                                             └► ranges of llm.onnx prefill (fp8 only, cached)
          ▼
     OUT (new build, written in a temporary sibling directory, then renamed):
-        vision.onnx, vision.plugin.onnx   INT8 / FP8 QDQ, /vision/apet/... left in float
+        vision.onnx, vision.plugin.onnx   INT8 / FP8 QDQ, /vision/apet/... and the patch embedding left in float
         llm.onnx                          int8: weight-only int8 / int4 DequantizeLinear -> MatMul; fp8: FP8 QDQ
         model/, embeddings.safetensors    hard-linked (copied where links are impossible)
         manifest.json                     precision, and a `quantization` section (method, samples, cache keys)
@@ -127,7 +127,7 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
             graph = manifest.file(source, name)
             target = staging / manifest.files[name].path
             model = _load_graph(graph)
-            exclude = quantize.nodes_in(model, quantize.FLOAT_SUBGRAPHS)
+            exclude = quantize.nodes_in(model, quantize.FLOAT_SUBGRAPHS) + quantize.pixel_layers(model)
             graph_ranges = ranges_file
             if name != "vision":  # same tower and projector, other tensor names: translate the ranges
                 graph_ranges = cache.cache_path(cache_dir, name, cache.cache_key(cache.file_sha256(graph), vision_key, {}))
@@ -138,7 +138,8 @@ def calibrate(options: CalibrationOptions, console: Console | None = None) -> Ma
                 quantize.name_qdq_nodes(target)
             else:
                 quantize.quantize_fp8(graph, target, cache.load_ranges(graph_ranges), exclude)
-            graphs[name] = f"{options.precision} QDQ (symmetric, per-channel weights); /vision/apet/ in float"
+            graphs[name] = (f"{options.precision} QDQ (symmetric, per-channel weights); /vision/apet/ and the "
+                            f"patch embedding ({', '.join(quantize.pixel_layers(model))}) in float")
 
         llm_key = None
         if "llm" in manifest.files:

@@ -28,3 +28,19 @@ def test_int8_vision_graph_gives_the_same_numbers_with_saturating_and_exact_kern
     default, exact = run_vision(int8_build / "vision.onnx", feed, False), run_vision(int8_build / "vision.onnx", feed, True)
     for name, a, b in zip(("image_embeds", "keep_index", "scores"), default, exact, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=name)  # measured before reduce_range: embeds differed by 0.09
+
+
+def test_int8_vision_graph_gives_the_same_numbers_at_1_2_and_4_threads(int8_build):
+    import onnxruntime as ort
+
+    manifest = load_manifest(int8_build)
+    feed = vision_feeds(int8_build, manifest, [synthetic_image(seed) for seed in range(4)], [64], batches=(4,))[0]
+    results = []
+    for threads in (1, 2, 4):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(int8_build / "vision.onnx"), options, providers=["CPUExecutionProvider"])
+        results.append(session.run(None, feed))
+    for other in results[1:]:
+        for name, a, b in zip(("image_embeds", "keep_index", "scores"), results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
