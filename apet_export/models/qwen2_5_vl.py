@@ -83,7 +83,8 @@ def window_patches(window_size: int, merge: int, patch_size: int) -> int:
 
 
 def window_layout(grid_thw: tuple[int, int, int], merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
-    """The per-image tensors the vision graph takes besides the pixels, from transformers' own helpers.
+    """The per-image tensors the vision graph takes besides the pixels (numpy; the same integers as transformers'
+    get_vision_position_ids and get_vision_window_index).
 
     patch_positions [P, 2]: (row, col) of each patch in the processor's block-major order (rotary input);
     window_index [P/m²]: merged units in window order (HF's window permutation);
@@ -91,22 +92,38 @@ def window_layout(grid_thw: tuple[int, int, int], merge: int, window_size: int, 
         window, so window attention is one batched attention over [W, heads, S, S] (edge windows are smaller);
     window_slot [P]: where each patch (window order) sits in the flattened [W * S] windows.
     """
-    import torch
-    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+    frames, rows, cols = (int(n) for n in grid_thw)  # patches
+    merged_rows, merged_cols = rows // merge, cols // merge
 
-    grid = torch.tensor([grid_thw])
-    positions = get_vision_position_ids(grid, merge)  # [P, 2]
-    window_index, cu_window = get_vision_window_index(grid, merge, window_size, patch_size)
-    bounds = cu_window.numpy().astype(np.int64)  # [W + 1] patch offsets of the windows, window order
+    # patch positions, block-major: merge blocks in raster order, the m x m patches of a block in raster order
+    def block_major(grid: np.ndarray) -> np.ndarray:  # [rows, cols] -> [rows·cols]
+        return grid.reshape(merged_rows, merge, merged_cols, merge).transpose(0, 2, 1, 3).reshape(-1)
+
+    row_index, col_index = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # [rows, cols] each
+    positions = np.tile(np.stack([block_major(row_index), block_major(col_index)], axis=-1), (frames, 1))  # [P, 2]
+
+    # windows: units x units merged tokens tiling each frame's merged grid from the top left (edge windows smaller),
+    # in raster order of windows, frames one after another; a window lists its merged tokens in raster order
+    units = window_size // merge // patch_size
+    windows_high, windows_wide = -(-merged_rows // units), -(-merged_cols // units)
+    padded = np.full((frames, windows_high * units, windows_wide * units), -1, np.int64)  # -1: outside the image
+    padded[:, :merged_rows, :merged_cols] = np.arange(frames * merged_rows * merged_cols).reshape(
+        frames, merged_rows, merged_cols)
+    by_window = padded.reshape(frames, windows_high, units, windows_wide, units).transpose(0, 1, 3, 2, 4)
+    by_window = by_window.reshape(frames * windows_high * windows_wide, units * units)  # [W, units²]
+    window_index = by_window[by_window >= 0]  # [P/m²]
+    counts = (by_window >= 0).sum(axis=1) * merge * merge  # patches per window (every window holds >= 1 token)
+    bounds = np.concatenate([[0], np.cumsum(counts)])  # [W + 1] patch offsets of the windows, window order
+
     size = window_patches(window_size, merge, patch_size)
-    window_patch = np.full((len(bounds) - 1, size), -1, np.int64)
-    window_slot = np.empty(positions.shape[0], np.int64)
+    window_patch = np.full((len(counts), size), -1, np.int64)
+    window_slot = np.empty(len(positions), np.int64)
     for window, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         window_patch[window, : end - start] = np.arange(start, end)
         window_slot[start:end] = window * size + np.arange(end - start)
     return {
-        "patch_positions": positions.numpy().astype(np.int64),
-        "window_index": window_index.numpy().astype(np.int64),
+        "patch_positions": positions.astype(np.int64),
+        "window_index": window_index.astype(np.int64),
         "window_patch": window_patch,
         "window_slot": window_slot,
     }
