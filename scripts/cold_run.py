@@ -3,8 +3,8 @@ peak RSS, for one or more checkouts of the code, alternating between them run by
 
     python scripts/cold_run.py BUILD_DIR --code before=/path/to/old/checkout --code after=. --runs 3
 
-Each run is a fresh `python -m apet_export.cli run BUILD_DIR --json` process with PYTHONPATH set to the
-checkout, under /usr/bin/time -v (its "Maximum resident set size"); the first `{"event": "token"}` line marks
+Each run is a fresh `python -m apet_export.cli run BUILD_DIR --json` process started in the checkout (with
+PYTHONPATH set to it), under /usr/bin/time -v (its "Maximum resident set size"); the first `{"event": "token"}` line marks
 the first token. Prints one line per run, then the median per checkout.
 """
 
@@ -20,11 +20,13 @@ import time
 
 def cold_run(code: str, build: str, prompt: str, tokens: int) -> tuple[float, float, float]:
     """(seconds to the first token, seconds to exit, peak RSS in MiB) of one fresh `run` process."""
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(code), "PYTHONDONTWRITEBYTECODE": "1"}
+    code = os.path.abspath(code)
+    env = {**os.environ, "PYTHONPATH": code, "PYTHONDONTWRITEBYTECODE": "1"}
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "apet_export.cli", "run", build, "--prompt", prompt,
                "--max-new-tokens", str(tokens), "--json"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    process = subprocess.Popen(command, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = None
     for line in process.stdout:
         if first is None and line.startswith('{"event": "token"'):

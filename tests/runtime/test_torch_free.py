@@ -77,9 +77,9 @@ print(json.dumps({"results": results, "loaded": loaded}))
 
 
 def test_pipeline_without_torch_equals_the_reference_for_every_family(
-    llava_build, qwen_build, llava_next_build, video_llava_build
+    llava_build, qwen_build, llava_next_build, video_llava_build, llava_two_stage_build
 ):
-    builds = [llava_build, qwen_build, llava_next_build, video_llava_build]
+    builds = [llava_build, qwen_build, llava_next_build, video_llava_build, llava_two_stage_build]
     script = f"PROMPT, TOKENS = {PROMPT!r}, {TOKENS}\n" + PIPELINE_SCRIPT
     done = run_blocked(["-c", script, *map(str, builds)])
     assert done.returncode == 0, done.stderr
