@@ -103,6 +103,8 @@ class BuildTokenizer:
         self.chat_template = chat_template
         self._compiled = None
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # transformers 5 skips the clean-up for BPE models (it would strip real spaces) unless this forces it
+        self._clean_up_bpe = bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
         self.special_tokens = special_tokens  # {attribute: token text}, named and extra (image_token ...)
         for attribute, token in special_tokens.items():
             setattr(self, attribute, token)
@@ -156,7 +158,8 @@ class BuildTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces:
+        clean_up = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        if clean_up and (type(self._tokenizer.model).__name__ != "BPE" or self._clean_up_bpe):
             for before, after in CLEAN_UP:
                 text = text.replace(before, after)
         return text

@@ -92,7 +92,9 @@ def test_decoding_and_streaming_equal(checkpoints, preset):
     for _ in range(20):  # random ids: partial UTF-8 characters and special tokens included
         ids = [generator.randrange(len(hf)) for _ in range(generator.randrange(1, 40))]
         for skip in (True, False):
-            assert build.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+            for clean_up in (None, False, True):
+                assert build.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean_up) == hf.decode(
+                    ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean_up)
         streams = []
         for tokenizer in (hf, build):
             decoder = IncrementalDecoder(tokenizer)
