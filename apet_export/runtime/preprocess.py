@@ -300,7 +300,8 @@ def load_image_processor(model_dir: Path) -> ImageProcessor:
     saved_type = str(config.get("image_processor_type", ""))
     base_type = saved_type.removesuffix("Fast").removesuffix("Pil")
     if base_type not in PROCESSOR_TYPES:
-        raise UnknownNameError(f"image_processor_type (in {source}) for the torch-free preprocessing",
+        # the build's model family saves a processor this runtime cannot reproduce: name it and what it can
+        raise UnknownNameError(f"image processor type (image_processor_type in {source}; supported without torch)",
                                saved_type or "(none)", list(PROCESSOR_TYPES))
     try:
         return PROCESSOR_TYPES[base_type](config)
