@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -216,6 +217,31 @@ def test_module_imports_neither_torch_nor_transformers(saved_processors):
                           capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[[1,", "10,", "8]]", "(80,", "1176)"]
+
+
+@pytest.mark.parametrize("build", ["llava_build", "siglip_qwen2_build", "llava_next_build", "video_llava_build",
+                                   "qwen_build"])
+def test_family_feeds_are_the_same_with_the_torch_free_processor(request, build):
+    """Each family's vision_feeds (what every backend feeds the vision graph) are identical with the build's
+    processor read by load_image_processor in place of transformers': the drop-in the runtime relies on."""
+    from apet_export.manifest import load_manifest
+
+    build_dir = request.getfixturevalue(build)  # shared session builds (conftest)
+    manifest = load_manifest(build_dir)
+    family = get_family(manifest.family)
+    processor = family.load_processor(manifest.model_dir(build_dir))
+    torch_free = SimpleNamespace(tokenizer=processor.tokenizer, window_size=getattr(processor, "window_size", None),
+                                 image_processor=load_image_processor(manifest.model_dir(build_dir)))
+    images = [load_image(synthetic_image(seed, size)) for seed, size in enumerate([(640, 480), (300, 900), (1200, 500)])]
+    for batch in (images[:1], images):
+        expected_feeds, expected_layouts = family.vision_feeds(processor, batch, None, manifest)
+        feeds, layouts = family.vision_feeds(torch_free, batch, None, manifest)
+        assert layouts == expected_layouts and len(feeds) == len(expected_feeds)
+        for feed, expected in zip(feeds, expected_feeds, strict=True):
+            assert feed.keys() == expected.keys()
+            for name in expected:
+                assert feed[name].dtype == expected[name].dtype, name
+                np.testing.assert_array_equal(feed[name], expected[name], err_msg=f"{build} {name}")
 
 
 def write_config(folder, config: dict, name: str = "preprocessor_config.json"):
