@@ -39,8 +39,7 @@ IMAGE_PROCESSOR_FILE = "preprocessor_config.json"  # an image processor's config
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC; transformers' resize falls back to BILINEAR (2) when unset
-BILINEAR = 2
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the resampling filter of every type here unless the config names another
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses a longer side over 200 x the shorter
 
 
@@ -65,7 +64,7 @@ class ImageProcessor:
         self.do_convert_rgb = bool(values["do_convert_rgb"])
         self.do_resize = bool(values["do_resize"])
         self.size = size_dict(values["size"], square=False)
-        self.resample = int(values["resample"]) if values["resample"] is not None else BILINEAR
+        self.resample = int(values["resample"])  # a PIL.Image.Resampling value
         self.do_center_crop = bool(values["do_center_crop"])
         self.crop_size = size_dict(values["crop_size"], square=True) if values["crop_size"] is not None else None
         self.do_rescale = bool(values["do_rescale"])
@@ -116,15 +115,13 @@ class ImageProcessor:
 
     def finish(self, pixels: np.ndarray) -> np.ndarray:
         """[h, w, 3] -> rescaled, normalized float32 [3, h, w]."""
-        values = pixels
-        if self.do_rescale:
-            values = (values.astype(np.float64) * self.rescale_factor).astype(np.float32)  # as transformers: f64 first
-        if self.do_normalize:
-            values = values.astype(np.float32) if not np.issubdtype(values.dtype, np.floating) else values
-            mean = np.array(self.image_mean, dtype=values.dtype)
-            std = np.array(self.image_std, dtype=values.dtype)
-            values = (values - mean) / std
-        return np.ascontiguousarray(values.transpose(2, 0, 1).astype(np.float32))  # [3, h, w]
+        if self.do_rescale:  # as transformers: the product in float64, then float32
+            values = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            values = pixels.astype(np.float32)  # (transformers would keep uint8 without rescale and normalize)
+        if self.do_normalize:  # float32 throughout, a division (not a multiplication by 1 / std), as transformers
+            values = (values - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return np.ascontiguousarray(values.transpose(2, 0, 1))  # [3, h, w]
 
     def pad(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         """Zero-pad each [3, h, w] at the bottom and right to pad_size, or to the batch's largest h and w."""
@@ -177,6 +174,20 @@ class LlavaNextImageProcessor(ImageProcessor):
         if self.crop_size is not None and self.crop_size.get("height"):
             return self.crop_size["height"]
         return self.size.get("height") or self.size["shortest_edge"]
+
+    def tile_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of tiles for an image of (height, width) pixels: its best pinpoint in tiles (what
+        transformers' get_anyres_image_grid_shape gives)."""
+        height, width = best_resolution(tuple(int(s) for s in image_size), self.image_grid_pinpoints)
+        side = self.tile_side()
+        return height // side, width // side
+
+    def num_crops(self, image_size: tuple[int, int]) -> int:
+        """Crops of an image of (height, width) pixels: the base image + its tiles (transformers'
+        image_size_to_num_patches); pixel_values rows after these are batch padding."""
+        height, width = best_resolution(tuple(int(s) for s in image_size), self.image_grid_pinpoints)
+        side = self.tile_side()
+        return 1 + -(-height // side) * -(-width // side)  # the tiles `crops` cuts: edge tiles may be narrower
 
     def crops(self, pixels: np.ndarray) -> list[np.ndarray]:
         """uint8 [H, W, 3] -> [base image [S', S', 3], tiles [S, S, 3] in row-major order] (uint8)."""
@@ -289,7 +300,8 @@ def load_image_processor(model_dir: Path) -> ImageProcessor:
     saved_type = str(config.get("image_processor_type", ""))
     base_type = saved_type.removesuffix("Fast").removesuffix("Pil")
     if base_type not in PROCESSOR_TYPES:
-        raise UnknownNameError(f"image_processor_type (in {source}) for the torch-free preprocessing",
+        # the build's model family saves a processor this runtime cannot reproduce: name it and what it can
+        raise UnknownNameError(f"image processor type (image_processor_type in {source}; supported without torch)",
                                saved_type or "(none)", list(PROCESSOR_TYPES))
     try:
         return PROCESSOR_TYPES[base_type](config)

@@ -9,6 +9,10 @@ The Qwen2.5-VL window layout (numpy) must equal transformers' vision_utils helpe
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,6 +113,27 @@ def test_llava_next_crops_follow_the_best_pinpoint(saved_processors):
     assert counts == {3, 4, 5}
 
 
+def test_llava_next_crop_counts_and_tile_grids_match_transformers(saved_processors):
+    """num_crops and tile_grid (what the family needs to split and pack an image's crops) equal transformers'
+    image_size_to_num_patches and get_anyres_image_grid_shape, and num_crops is the crops pixel_values holds."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    ours = load_image_processor(saved_processors["tiny-llava-next"])
+    pinpoints, side = ours.image_grid_pinpoints, ours.crop_size["height"]
+    for height, width in [(5, 7), (7, 5), (336, 336), (336, 700), (700, 336), (1000, 1000), (1100, 300), (300, 1100)]:
+        assert ours.num_crops((height, width)) == image_size_to_num_patches((height, width), pinpoints, side)
+        assert ours.tile_grid((height, width)) == get_anyres_image_grid_shape((height, width), pinpoints, side)
+    batch = [load_image(synthetic_image(seed, size)) for seed, size in enumerate([(700, 336), (336, 1100), (90, 80)])]
+    out = ours(batch)
+    for pixel_values, size in zip(out["pixel_values"], out["image_sizes"], strict=True):
+        count = ours.num_crops(tuple(size))
+        assert np.abs(pixel_values[:count]).reshape(count, -1).max(axis=1).min() > 0  # real crops
+        assert not pixel_values[count:].any()  # then the batch padding
+
+
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_attributes_the_families_read_match(saved_processors, preset):
     """What family code reads off processor.image_processor has transformers' values."""
@@ -172,6 +197,51 @@ def test_window_layout_matches_transformers(grid, window_size):
     assert all(v.dtype == np.int64 for v in layout.values())
     flat = layout["window_patch"].reshape(-1)
     np.testing.assert_array_equal(flat[layout["window_slot"]], np.arange(np.prod(grid)))
+
+
+def test_module_imports_neither_torch_nor_transformers(saved_processors):
+    """A fresh interpreter with torch and transformers unimportable preprocesses with the saved processor."""
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from PIL import Image\n"
+        "from apet_export.runtime.preprocess import load_image_processor\n"
+        "out = load_image_processor(sys.argv[1])(Image.new('RGB', (50, 70), (10, 200, 30)))\n"
+        "print(out['image_grid_thw'].tolist(), out['pixel_values'].shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(saved_processors["tiny-qwen2.5-vl"])],
+                          capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[[1,", "10,", "8]]", "(80,", "1176)"]
+
+
+@pytest.mark.parametrize("build", ["llava_build", "siglip_qwen2_build", "llava_next_build", "video_llava_build",
+                                   "qwen_build"])
+def test_family_feeds_are_the_same_with_the_torch_free_processor(request, build):
+    """Each family's vision_feeds (what every backend feeds the vision graph) are identical with the build's
+    processor read by load_image_processor in place of transformers': the drop-in the runtime relies on."""
+    from apet_export.manifest import load_manifest
+
+    build_dir = request.getfixturevalue(build)  # shared session builds (conftest)
+    manifest = load_manifest(build_dir)
+    family = get_family(manifest.family)
+    processor = family.load_processor(manifest.model_dir(build_dir))
+    torch_free = SimpleNamespace(tokenizer=processor.tokenizer, window_size=getattr(processor, "window_size", None),
+                                 image_processor=load_image_processor(manifest.model_dir(build_dir)))
+    images = [load_image(synthetic_image(seed, size)) for seed, size in enumerate([(640, 480), (300, 900), (1200, 500)])]
+    for batch in (images[:1], images):
+        expected_feeds, expected_layouts = family.vision_feeds(processor, batch, None, manifest)
+        feeds, layouts = family.vision_feeds(torch_free, batch, None, manifest)
+        assert layouts == expected_layouts and len(feeds) == len(expected_feeds)
+        for feed, expected in zip(feeds, expected_feeds, strict=True):
+            assert feed.keys() == expected.keys()
+            for name in expected:
+                assert feed[name].dtype == expected[name].dtype, name
+                np.testing.assert_array_equal(feed[name], expected[name], err_msg=f"{build} {name}")
 
 
 def write_config(folder, config: dict, name: str = "preprocessor_config.json"):
