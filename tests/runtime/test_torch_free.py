@@ -105,17 +105,18 @@ def test_bench_without_torch(llava_build, tmp_path):
     assert all(row["peak_rss_mib"] and row["prefill_ms"] > 0 for row in rows)
 
 
-@pytest.mark.parametrize("args", [
-    ["build", "--model", "tiny-llava", "--out", "{tmp}/out"],
-    ["parity", "{build}"],
-    ["run", "{build}", "--prompt", "hi", "--backend", "torch"],
+@pytest.mark.parametrize(("args", "extra"), [
+    (["build", "--model", "tiny-llava", "--out", "{tmp}/out"], "export"),
+    (["parity", "{build}"], "export"),
+    (["run", "{build}", "--prompt", "hi", "--backend", "torch"], "export"),
+    (["run", "{build}", "--prompt", "hi", "--vision-graph", "plugin"], "plugin-reference"),  # a torch kernel
 ])
-def test_commands_that_need_the_export_extra_say_so_in_one_line(llava_build, tmp_path, args):
+def test_commands_that_need_torch_name_the_extra_in_one_line(llava_build, tmp_path, args, extra):
     args = [a.format(tmp=tmp_path, build=llava_build) for a in args]
     done = run_blocked(["-m", "apet_export.cli", *args])
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if not line.startswith("blocked: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "apet-export[export]" in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"apet-export[{extra}]" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
