@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from apet_export import __version__
+from apet_export.compat import require_export_extra
 from apet_export.config import VARIANTS
 from apet_export.errors import ApetExportError, InvalidInputError
 from apet_export.outputs import DISK_FULL, check_output_file, describe, unwritable_reason, write_atomically
@@ -73,6 +74,7 @@ def cli():
 @click.option("--trust-remote-code", is_flag=True, help="allow code from the checkpoint directory (off by default)")
 def build(model, out, method, num_basis, selection, ridge, fps_start, budget, precision, no_llm, stage2_layer, apet_variant, force, trust_remote_code):
     """Export vision (+ ApET) and LLM graphs, the checkpoint and a manifest into OUT."""
+    require_export_extra("build (it exports the PyTorch model)")
     from apet_export.config import ApetConfig
     from apet_export.export.build import BuildOptions
     from apet_export.export.build import build as run_build
@@ -127,6 +129,7 @@ def parity(
     """Compare every artifact in BUILD_DIR against eager PyTorch; writes parity.json, exits 1 on failure.
 
     On a quantised build (apet-export calibrate): its accuracy cost against the fp32 build and eager PyTorch."""
+    require_export_extra("parity (it compares against eager PyTorch)")
     from apet_export.manifest import load_manifest
     from apet_export.parity.quantized import AccuracyThresholds
     from apet_export.parity.run import run_parity
@@ -158,6 +161,7 @@ def parity(
 @click.option("--force", is_flag=True, help="replace an existing --out")
 def calibrate(build_dir, images, prompts, precision, method, samples, out, llm_bits, seed, force):
     """Calibrate BUILD_DIR's graphs on pictures and write an INT8 / FP8 build beside it."""
+    require_export_extra("calibrate (it reads the checkpoint with transformers and rewrites graphs with onnx-ir)")
     from apet_export.calibration.build import CalibrationOptions
     from apet_export.calibration.build import calibrate as run_calibrate
 
@@ -183,6 +187,7 @@ def inspect(build_dir):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="PNG to write")
 def visualize(build_dir, image, budget, output):
     """Draw the approximation-error heatmap and the kept tokens next to the image."""
+    require_export_extra("visualize (it runs the eager ApET reference)")
     from apet_export.visualize import visualize_build
 
     visualize_build(build_dir, image, budget, output)

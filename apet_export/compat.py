@@ -36,6 +36,29 @@ def quiet_polygraphy() -> None:
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
+# What `pip install apet-export` leaves out: running a build needs none of it (onnxruntime, tokenizers, numpy);
+# building, calibrating, checking parity against eager PyTorch and the torch backend need all of it.
+EXPORT_EXTRA = ("torch", "transformers", "onnxscript", "onnx_ir")
+
+
+def require_export_extra(what: str) -> None:
+    """MissingDependencyError naming the `export` extra when one of its libraries does not import, before a
+    command that needs them starts (one line, not an ImportError traceback from deep inside)."""
+    import importlib
+
+    from apet_export.errors import MissingDependencyError
+
+    for name in EXPORT_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise MissingDependencyError(
+                f"{what} needs the export extra (torch, transformers, onnxscript, onnx-ir) and {name} does not "
+                f"import ({error}): pip install 'apet-export[export]', torch==2.13.0 first as the README says "
+                f"(running a build on onnxruntime needs none of them)"
+            ) from None
+
+
 # TensorRT's Python API ships under two module names with the same classes: `tensorrt` (the full
 # library: Jetson, data-centre GPUs) and `tensorrt_rtx_bindings` (TensorRT-RTX, which installs from the
 # package index on CPU machines and builds engines ahead of time for a named compute capability).

@@ -14,7 +14,11 @@ def test_no_links_outside_the_repository():
 
 def test_cpu_torch_from_the_cpu_index_and_the_plain_form():
     assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
-    assert "pip install torch==2.13.0 && pip install -e ." in README
+    assert 'pip install torch==2.13.0 && pip install -e ".[export]"' in README  # building needs the export extra
+
+
+def test_lean_install_runs_a_build_without_the_export_extra():
+    assert "pip install -e . -c constraints.txt && apet-export run" in README
 
 
 def test_python_example_ends_the_answer_line_before_the_summary():

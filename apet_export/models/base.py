@@ -5,7 +5,7 @@ A family is a small registered class (optimum-style) in its own module, plus a r
 declarations come in groups, in this order below:
 
     declarations   class attributes: media, budget unit, default budget or share, position shape ...
-    checkpoint     load, load_processor, language_model, lm_head, image_token_id, extra tensors, dims
+    checkpoint     load, load_processor (transformers), runtime_processor (without), language_model, lm_head, image_token_id, extra tensors, dims
     vision graph   vision_dims, vision_io (named axes), export_example, vision_features, split_prefix,
                    project, eager_features
     refusals       stage2_refusal: a path the family does not offer, and why (one line)
@@ -22,12 +22,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.config import AxisRange, TensorSpec
+
+if TYPE_CHECKING:  # torch and transformers are imported by the export and eager methods that use them:
+    import torch  # the runtime hooks (budget, axes, prompt, feeds, positions) run without them
 
 # the vision graph on some backend: a feed {name: array} -> its outputs {image_embeds, keep_index, scores}
 VisionInfer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -36,6 +39,15 @@ VisionInfer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 def rename_axis(specs: list[TensorSpec], old: str, new: str) -> list[TensorSpec]:
     """The specs with dynamic axis `old` named `new` (a family's own name for the vision batch axis)."""
     return [TensorSpec(s.name, s.dtype, tuple(new if a == old else a for a in s.shape)) for s in specs]
+
+
+@dataclass
+class RuntimeProcessor:
+    """What a runtime needs of a processor, without transformers: the build's tokenizer (build_tokenizer.py)
+    and a numpy image processor with the HF image processor's call and attributes."""
+
+    tokenizer: object
+    image_processor: object
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class ModelFamily:
     def load(self, path: Path, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         """(model in eval mode, processor) from a local checkpoint directory: safetensors only, local files
         only (never the network), fp32 weights."""
+        import torch
         import transformers
 
         from apet_export.compat import quiet_libraries
@@ -93,6 +106,13 @@ class ModelFamily:
 
         # backend="pil": the saved processor resizes identically with or without torchvision installed.
         return AutoProcessor.from_pretrained(path, backend="pil", local_files_only=True)  # never the network
+
+    def runtime_processor(self, path: Path, image_processor) -> RuntimeProcessor:
+        """The processor a runtime uses (no transformers): the tokenizer saved in `path` read with the tokenizers
+        library, and `image_processor`, the numpy one read from the same directory by the runtime."""
+        from apet_export.models.build_tokenizer import BuildTokenizer
+
+        return RuntimeProcessor(BuildTokenizer.from_dir(path), image_processor)
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         raise NotImplementedError
@@ -142,18 +162,24 @@ class ModelFamily:
         return inputs, outputs
 
     def dummy_vision_inputs(self, model, batch: int = 1, keep: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         side = self.vision_dims(model).image_size
         generator = torch.Generator().manual_seed(0)
         return torch.randn(batch, 3, side, side, generator=generator), torch.tensor(keep, dtype=torch.int64)
 
     def export_example(self, model):
         """(vision graph inputs without keep, their dynamic shapes, N of the example) for tracing."""
+        import torch
+
         pixel_values, _ = self.dummy_vision_inputs(model, batch=2)
         return (pixel_values,), ({0: torch.export.Dim("batch", min=1, max=1024)},), self.vision_dims(model).num_tokens
 
     def eager_features(self, model, feed: dict[str, np.ndarray], with_attention: bool = False):
         """The eager reference of the vision graph's features for a feed: (features [B, N, D], VisionZip's
         importance [B, N] or None)."""
+        import torch
+
         pixel_values = torch.from_numpy(feed["pixel_values"])
         if with_attention:
             return self.vision_features_and_attention(model, pixel_values)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from apet_export.compression.baselines import attention_received, cls_attention_from_qk
 from apet_export.models.base import ModelFamily, VisionDims
+
+if TYPE_CHECKING:  # imported where the model runs: the runtime hooks need neither torch nor transformers
+    import torch
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -53,6 +54,8 @@ class LlavaFamily(ModelFamily):
 
     def _attention(self, model, hidden) -> torch.Tensor:
         """The attention of the feature layer, recomputed from its q/k without the full [S, S] matrix."""
+        from apet_export.compression.baselines import attention_received, cls_attention_from_qk
+
         layer_index = model.config.vision_feature_layer
         layers = model.model.vision_tower.encoder.layers
         encoder_layer = layers[layer_index]
@@ -111,6 +114,7 @@ def build_random_llava(
     seed: int = 0,
 ) -> None:
     """Write a randomly initialised LLaVA checkpoint + processor to out_dir (no downloads)."""
+    import torch
     from transformers import (
         CLIPImageProcessorPil,
         LlavaForConditionalGeneration,

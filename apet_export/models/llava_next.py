@@ -19,15 +19,18 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.config import AxisRange, TensorSpec
 from apet_export.errors import InvalidInputError
 from apet_export.models.base import VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER, LlavaFamily
+
+if TYPE_CHECKING:  # imported where the model runs: the runtime hooks need neither torch nor transformers
+    import torch
 
 
 class LlavaNextFamily(LlavaFamily):
@@ -80,12 +83,10 @@ class LlavaNextFamily(LlavaFamily):
         return replace(super().budget_policy(manifest), max_units=max_crops(manifest), extra_rows=newlines)
 
     def _crops(self, processor, images):
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
         out = processor.image_processor(images, return_tensors="np")
         pinpoints, side = processor.image_processor.image_grid_pinpoints, processor.image_processor.crop_size["height"]
         for pixel_values, size in zip(out["pixel_values"], out["image_sizes"], strict=True):
-            count = image_size_to_num_patches(tuple(int(s) for s in size), pinpoints, side)
+            count = crops_of(tuple(int(s) for s in size), pinpoints, side)
             yield pixel_values[:count].astype(np.float32), tuple(int(s) for s in size)  # [P, 3, S, S], (h, w)
 
     def vision_feeds(self, processor, images, budget: int | None, manifest):
@@ -115,6 +116,47 @@ class LlavaNextFamily(LlavaFamily):
         return rows, [None] * len(rows), keep_index
 
 
+# -- the any-resolution grid (numpy: the runtime packs rows without torch) ---------------------------------
+
+def best_resolution(image_size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """The grid pinpoint (height, width) an image of image_size (height, width) is tiled at: the one that keeps
+    the most of the image's pixels when it is scaled to fit, then the one that wastes the least (the
+    processor's and the model's rule; the first pinpoint wins a tie)."""
+    height, width = image_size
+    best, best_kept, best_wasted = None, 0, math.inf
+    for pin_height, pin_width in pinpoints:
+        scale = min(pin_width / width, pin_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        wasted = pin_width * pin_height - kept
+        if kept > best_kept or (kept == best_kept and wasted < best_wasted):
+            best, best_kept, best_wasted = (pin_height, pin_width), kept, wasted
+    return best
+
+
+def tile_grid(image_size: tuple[int, int], pinpoints, side: int) -> tuple[int, int]:
+    """(tile rows, tile columns) of the image's best pinpoint, tiles of side x side pixels."""
+    height, width = best_resolution(image_size, pinpoints)
+    return height // side, width // side
+
+
+def crops_of(image_size: tuple[int, int], pinpoints, side: int) -> int:
+    """Crops of one image: the base image + one per tile (the processor pads every image's crops to the most)."""
+    height, width = best_resolution(image_size, pinpoints)
+    return math.ceil(height / side) * math.ceil(width / side) + 1
+
+
+def unpad_cells(cells: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """cells [Gh, Gw, C] of the tile grid -> the rows/columns that hold the image, without the padding the
+    processor added around it to fit the pinpoint (centred: equal padding on both sides), as HF unpad_image."""
+    height, width = image_size
+    grid_height, grid_width = cells.shape[:2]
+    if width / height > grid_width / grid_height:  # wider than the grid: padded above and below
+        padding = (grid_height - int(round(height * (grid_width / width), 7))) // 2
+        return cells[padding : grid_height - padding]
+    padding = (grid_width - int(round(width * (grid_height / height), 7))) // 2
+    return cells[:, padding : grid_width - padding]
+
+
 def max_crops(manifest) -> int:
     """The most crops of one image: the base image + the tiles of the largest grid pinpoint."""
     side = manifest.dims["image_size"]
@@ -130,19 +172,17 @@ def pack_crops(
         base crop rows (T) ‖ tile grid (nh·g rows × nw·g columns) with only kept cells, unpadded,
         each remaining grid row followed by image_newline.
     """
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
     crops, _, hidden = embeds.shape
     if crops == 1:  # no tiles: HF appends one newline to the base crop
         return np.concatenate([embeds[0], newline[None]])
-    tiles_high, tiles_wide = get_anyres_image_grid_shape(image_size, pinpoints, side)
+    tiles_high, tiles_wide = tile_grid(image_size, pinpoints, side)
     cells = np.zeros((tiles_high * grid, tiles_wide * grid, hidden + 1), np.float32)  # features + kept flag
     for tile in range(crops - 1):
         tile_row, tile_col = divmod(tile, tiles_wide)  # tiles in row-major order
         row, col = np.divmod(index[tile + 1], grid)
         cells[tile_row * grid + row, tile_col * grid + col, :hidden] = embeds[tile + 1]
         cells[tile_row * grid + row, tile_col * grid + col, hidden] = 1.0
-    unpadded = unpad_image(torch.from_numpy(cells).permute(2, 0, 1), image_size).permute(1, 2, 0).numpy()
+    unpadded = unpad_cells(cells, image_size)  # [h, w, H + 1]
     height = unpadded.shape[0]
     with_newline = np.concatenate([unpadded, np.broadcast_to(np.append(newline, 1.0), (height, 1, hidden + 1))], axis=1)
     flat = with_newline.reshape(-1, hidden + 1)
@@ -155,6 +195,7 @@ PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 def build_random_llava_next(out_dir: Path, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT, seed: int = 0) -> None:
     """Write a randomly initialised LLaVA-NeXT checkpoint (CLIP 336px/14 + Llama, any-resolution) and processor."""
+    import torch
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,

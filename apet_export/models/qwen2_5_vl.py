@@ -15,19 +15,20 @@ nothing had been dropped (gaps allowed), and decode positions are cache length +
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from apet_export.config import AxisRange, TensorSpec
 from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
+
+if TYPE_CHECKING:  # imported where the model runs: the runtime hooks need neither torch nor transformers
+    import torch
 
 MASKED = -1e9  # additive attention mask value (finite: no NaN rows)
 TYPICAL_IMAGE_TOKENS = 256  # a 448 x 448 image: the "opt" point of the TensorRT profile's image axes
@@ -69,13 +70,21 @@ class QwenProcessor:
         self.image_processor.save_pretrained(path)
 
 
+def vit_window_size(path: Path) -> int:
+    """The ViT's attention window in pixels, from the checkpoint's config.json (112 for Qwen2.5-VL)."""
+    from apet_export.checkpoint import read_config
+
+    return int(read_config(Path(path))["vision_config"].get("window_size", 112))
+
+
 def window_patches(window_size: int, merge: int, patch_size: int) -> int:
     """S, the patches of a full attention window (window_size pixels, whole merge units: 64 for Qwen2.5-VL)."""
     return (window_size // merge // patch_size * merge) ** 2
 
 
 def window_layout(grid_thw: tuple[int, int, int], merge: int, window_size: int, patch_size: int) -> dict[str, np.ndarray]:
-    """The per-image tensors the vision graph takes besides the pixels, from transformers' own helpers.
+    """The per-image tensors the vision graph takes besides the pixels (numpy; the same integers as transformers'
+    get_vision_position_ids and get_vision_window_index).
 
     patch_positions [P, 2]: (row, col) of each patch in the processor's block-major order (rotary input);
     window_index [P/m²]: merged units in window order (HF's window permutation);
@@ -83,21 +92,38 @@ def window_layout(grid_thw: tuple[int, int, int], merge: int, window_size: int, 
         window, so window attention is one batched attention over [W, heads, S, S] (edge windows are smaller);
     window_slot [P]: where each patch (window order) sits in the flattened [W * S] windows.
     """
-    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+    frames, rows, cols = (int(n) for n in grid_thw)  # patches
+    merged_rows, merged_cols = rows // merge, cols // merge
 
-    grid = torch.tensor([grid_thw])
-    positions = get_vision_position_ids(grid, merge)  # [P, 2]
-    window_index, cu_window = get_vision_window_index(grid, merge, window_size, patch_size)
-    bounds = cu_window.numpy().astype(np.int64)  # [W + 1] patch offsets of the windows, window order
+    # patch positions, block-major: merge blocks in raster order, the m x m patches of a block in raster order
+    def block_major(grid: np.ndarray) -> np.ndarray:  # [rows, cols] -> [rows·cols]
+        return grid.reshape(merged_rows, merge, merged_cols, merge).transpose(0, 2, 1, 3).reshape(-1)
+
+    row_index, col_index = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # [rows, cols] each
+    positions = np.tile(np.stack([block_major(row_index), block_major(col_index)], axis=-1), (frames, 1))  # [P, 2]
+
+    # windows: units x units merged tokens tiling each frame's merged grid from the top left (edge windows smaller),
+    # in raster order of windows, frames one after another; a window lists its merged tokens in raster order
+    units = window_size // merge // patch_size
+    windows_high, windows_wide = -(-merged_rows // units), -(-merged_cols // units)
+    padded = np.full((frames, windows_high * units, windows_wide * units), -1, np.int64)  # -1: outside the image
+    padded[:, :merged_rows, :merged_cols] = np.arange(frames * merged_rows * merged_cols).reshape(
+        frames, merged_rows, merged_cols)
+    by_window = padded.reshape(frames, windows_high, units, windows_wide, units).transpose(0, 1, 3, 2, 4)
+    by_window = by_window.reshape(frames * windows_high * windows_wide, units * units)  # [W, units²]
+    window_index = by_window[by_window >= 0]  # [P/m²]
+    counts = (by_window >= 0).sum(axis=1) * merge * merge  # patches per window (every window holds >= 1 token)
+    bounds = np.concatenate([[0], np.cumsum(counts)])  # [W + 1] patch offsets of the windows, window order
+
     size = window_patches(window_size, merge, patch_size)
-    window_patch = np.full((len(bounds) - 1, size), -1, np.int64)
-    window_slot = np.empty(positions.shape[0], np.int64)
+    window_patch = np.full((len(counts), size), -1, np.int64)
+    window_slot = np.empty(len(positions), np.int64)
     for window, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         window_patch[window, : end - start] = np.arange(start, end)
         window_slot[start:end] = window * size + np.arange(end - start)
     return {
-        "patch_positions": positions.numpy().astype(np.int64),
-        "window_index": window_index.numpy().astype(np.int64),
+        "patch_positions": positions.astype(np.int64),
+        "window_index": window_index.astype(np.int64),
         "window_patch": window_patch,
         "window_slot": window_slot,
     }
@@ -129,12 +155,15 @@ class QwenVLFamily(ModelFamily):
     def load_processor(self, path: Path) -> QwenProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        config = json.loads((Path(path) / "config.json").read_text())
         return QwenProcessor(
             AutoTokenizer.from_pretrained(path, local_files_only=True),
             AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=True),  # resizes identically without torchvision
-            int(config["vision_config"].get("window_size", 112)),
+            vit_window_size(path),
         )
+
+    def runtime_processor(self, path: Path, image_processor) -> QwenProcessor:
+        processor = super().runtime_processor(path, image_processor)
+        return QwenProcessor(processor.tokenizer, processor.image_processor, vit_window_size(path))
 
     def vision_dims(self, model, processor=None) -> VisionDims:
         """image_size 0: dynamic resolution. num_tokens: the most merged tokens an image can give (max_pixels)."""
@@ -156,6 +185,8 @@ class QwenVLFamily(ModelFamily):
             full blocks: one attention over [1, h, P, Dh]
             blocks ─► merger [N, H] ─gather argsort(window_index)─► [1, N, H] raster order of the merged grid
         """
+        import torch
+
         visual = model.model.visual
         unit = visual.spatial_merge_unit
         hidden = visual.patch_embed(pixel_values)  # [P, Dv]
@@ -181,6 +212,8 @@ class QwenVLFamily(ModelFamily):
     def _attention(attn, hidden, cos, sin, windows=None):
         """hidden [P, Dv] -> [P, Dv]; the HF block's attention as one SDPA (-> one ONNX Attention node), over
         the whole image (windows None) or batched over the padded windows (gather index, key padding, slots)."""
+        import torch.nn.functional as F
+
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         patches = hidden.shape[0]
         q, k, v = attn.qkv(hidden).reshape(patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [P, h, Dh]
@@ -199,6 +232,8 @@ class QwenVLFamily(ModelFamily):
         """The reference: HF's own visual forward (cu_seqlens, per-window attention) on the feed's image."""
         if with_attention:
             raise InvalidInputError("method visionzip is not available for qwen2_5_vl: use apet or none")
+        import torch
+
         visual = model.model.visual
         grid = grid_from_positions(feed["patch_positions"])
         pixel_values = torch.from_numpy(feed["pixel_values"])
@@ -231,6 +266,8 @@ class QwenVLFamily(ModelFamily):
     def export_example(self, model):
         """(vision inputs without keep, their dynamic shapes, N) for tracing: a 12 x 16 patch image (not square,
         several windows, N = 48), patch axis dynamic as 4 x the merged-token axis."""
+        import torch
+
         config = model.config.vision_config
         merge = config.spatial_merge_size
         grid = (1, 12, 16)
@@ -327,6 +364,7 @@ TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28 * 16, 28 * 28 * 64  # 16 .. 64 merged
 
 def build_random_qwen2_5_vl(out_dir: Path, seed: int = 0) -> None:
     """Write a randomly initialised Qwen2.5-VL checkpoint, tokenizer and image processor (no downloads)."""
+    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from apet_export.models.tokenizer import build_tiny_tokenizer

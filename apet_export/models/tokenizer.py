@@ -1,13 +1,18 @@
 """A real byte-level BPE tokenizer trained offline on a small built-in corpus, for the tiny presets, and
-`encode_with_user_text`, which every family's prompt goes through.
+`encode_with_user_text`, which every family's prompt goes through (with the checkpoint's transformers
+tokenizer at build time, the build's tokenizer at run time: models/build_tokenizer.py).
 
 Byte-level: every UTF-8 string encodes (no <unk>) and decodes back exactly, multi-byte characters included.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers is imported where the tiny tokenizer is built: a runtime never needs it
+    from transformers import PreTrainedTokenizerFast
 
 CORPUS = [
     "A picture is worth a thousand words. The image shows a small red house next to a tall green tree.",
@@ -45,6 +50,8 @@ def build_tiny_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """The tiny BPE tokenizer. Defaults: LLaVA-1.5 (`<image>`). Other families pass their named special tokens
     (e.g. {"image_token": "<|image_pad|>", ...}), appended after SPECIAL_TOKENS, their template and EOS."""
+    from transformers import PreTrainedTokenizerFast
+
     named = extra_special_tokens or {"image_token": "<image>"}  # -> tokenizer.image_token(_id), used by processors
     specials = SPECIAL_TOKENS + [t for t in (*named.values(), eos_token) if t not in SPECIAL_TOKENS]
     specials = list(dict.fromkeys(specials))

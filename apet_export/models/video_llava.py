@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from apet_export.config import AxisRange, TensorSpec
 from apet_export.models.base import ModelFamily, VisionDims, rename_axis
 from apet_export.models.llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TINY_TEXT, TINY_TOWER
 
 VIDEO_TOKEN = "<video>"
+if TYPE_CHECKING:  # imported where the model runs: the runtime hooks need neither torch nor transformers
+    import torch
+
 FRAMES_PER_VIDEO = 8  # the model's video_seq_length = 8 x 257 rows
 
 
@@ -98,6 +100,7 @@ def build_random_video_llava(
     out_dir: Path, tower_size: dict = TINY_TOWER, text_size: dict = TINY_TEXT, text_model: str = "llama", seed: int = 0,
 ) -> None:
     """Write a randomly initialised Video-LLaVA checkpoint (CLIP 224px/14 towers + Llama or Qwen2) and processor."""
+    import torch
     from transformers import (
         CLIPImageProcessorPil,
         CLIPVisionConfig,

@@ -111,6 +111,20 @@ def check_count(name: str, value, low: int | None = 1, optional: bool = False) -
         raise InvalidInputError(f"{name} must be >= {low}, got {value}")
 
 
+def load_processor(build_dir: Path, manifest: Manifest, backend: str):
+    """The build's processor: on onnxruntime and TensorRT the runtime's own, without torch or transformers (the
+    tokenizer through the tokenizers library, the image processor in numpy, both read from DIR/model); the
+    torch backend, the eager reference, keeps the checkpoint's transformers processor."""
+    from apet_export.models.registry import get_family
+
+    family, model_dir = get_family(manifest.family), manifest.model_dir(build_dir)
+    if backend == "torch":
+        return family.load_processor(model_dir)
+    from apet_export.runtime.preprocess import load_image_processor
+
+    return family.runtime_processor(model_dir, load_image_processor(model_dir))
+
+
 class Pipeline:
     def __init__(self, build_dir: Path, manifest: Manifest, backend, processor):
         from apet_export.models.registry import get_family
@@ -138,8 +152,6 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, build_dir: str | Path, backend: str = "onnxruntime", vision_graph: str = "vision") -> Pipeline:
-        from apet_export.models.registry import get_family
-
         build_dir = Path(build_dir)
         manifest = load_manifest(build_dir)
         if backend == "onnxruntime":
@@ -147,6 +159,9 @@ class Pipeline:
 
             runner = OnnxrtBackend(build_dir, manifest, vision_graph=vision_graph)
         elif backend == "torch":
+            from apet_export.compat import require_export_extra
+
+            require_export_extra("the torch backend (eager PyTorch)")
             from apet_export.runtime.backends.torch import TorchBackend
 
             if vision_graph != "vision":
@@ -162,7 +177,7 @@ class Pipeline:
         else:
             raise UnknownNameError("backend", backend, sorted(BACKENDS))
         manifest.file(build_dir, "llm_a" if manifest.stage2 else "llm")  # a vision-only build cannot generate: say so now
-        processor = get_family(manifest.family).load_processor(manifest.model_dir(build_dir))
+        processor = load_processor(build_dir, manifest, backend)
         try:
             runner.activate()
         except BaseException:

@@ -33,14 +33,14 @@ def onnxruntime_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not fuse_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if apet_score:  # (imported here only: the reference op's module imports torch)
-        from apet_export.plugins.apet_score import register_onnxruntime_reference
+    if apet_score:
+        try:  # imported here only: the reference op's module imports torch
+            from apet_export.plugins.apet_score import register_onnxruntime_reference
 
-        try:
             options.register_custom_ops_library(register_onnxruntime_reference())
         except ImportError as error:
             raise MissingDependencyError(
                 f"{path.name} contains the ApetScore op, whose onnxruntime reference needs "
-                f"onnxruntime-extensions: pip install 'apet-export[plugin-reference]' ({error})"
+                f"onnxruntime-extensions and torch: pip install 'apet-export[plugin-reference]' ({error})"
             ) from error
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

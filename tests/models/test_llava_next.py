@@ -7,7 +7,7 @@ import torch
 
 from apet_export.errors import InvalidInputError
 from apet_export.manifest import load_manifest
-from apet_export.models.llava_next import pack_crops
+from apet_export.models.llava_next import PINPOINTS, crops_of, pack_crops, tile_grid, unpad_cells
 from apet_export.parity.e2e import e2e_parity
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
@@ -27,6 +27,25 @@ def test_pack_crops_scatters_kept_tokens_unpads_and_ends_rows_with_newline():
     expected = [0, 5, 9, 105, 206, -1, -1]
     np.testing.assert_array_equal(rows[:, 0], expected)
     assert rows.shape == (7, hidden)
+
+
+def test_grid_helpers_equal_transformers():
+    """The numpy any-resolution grid the runtime packs rows with (no torch) equals transformers' helpers, on
+    image sizes of every aspect ratio around the pinpoints' breakpoints."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    sizes = [(h, w) for h in (1, 20, 199, 336, 337, 500, 671, 672, 1008, 3000) for w in (1, 30, 336, 500, 672, 1009, 4000)]
+    for size in sizes:
+        assert crops_of(size, PINPOINTS, 336) == image_size_to_num_patches(size, PINPOINTS, 336), size
+        assert tile_grid(size, PINPOINTS, 336) == get_anyres_image_grid_shape(size, PINPOINTS, 336), size
+        tiles_high, tiles_wide = tile_grid(size, PINPOINTS, 336)
+        cells = np.arange(tiles_high * 24 * tiles_wide * 24 * 2, dtype=np.float32).reshape(tiles_high * 24, tiles_wide * 24, 2)
+        expected = unpad_image(torch.from_numpy(cells).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(unpad_cells(cells, size), expected)
 
 
 @pytest.fixture(scope="module")

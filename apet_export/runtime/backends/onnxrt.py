@@ -10,11 +10,41 @@ import time
 
 import numpy as np
 from polygraphy.backend.base import BaseRunner
-from polygraphy.backend.onnxrt import OnnxrtRunner
 
 from apet_export.runtime.backends.base import Backend
 from apet_export.runtime.cache import KVCache, PreallocatedKVCache
 from apet_export.runtime.sessions import onnxruntime_session
+
+
+class OnnxrtVisionRunner(BaseRunner):
+    """vision.onnx (or vision.plugin.onnx): numpy feeds in, numpy outputs by name. Polygraphy's OnnxrtRunner does
+    the same but asks on every call whether a feed is a torch tensor, which imports torch where it is installed
+    (seconds and ~200 MiB on a runtime that never uses it)."""
+
+    def __init__(self, make_session, name: str = "onnxruntime-vision"):
+        super().__init__(name=name, prefix="onnxrt-vision-runner")
+        self.make_session, self.session = make_session, None
+
+    def activate_impl(self):
+        self.session = self.make_session()
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        metadata = TensorMetadata()
+        for value in self.session.get_inputs():
+            metadata.add(value.name, None, value.shape)
+        return metadata
+
+    def infer_impl(self, feed_dict):
+        start = time.perf_counter()
+        outputs = self.session.run(self.output_names, feed_dict)
+        self.inference_time = time.perf_counter() - start
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def deactivate_impl(self):
+        self.session = None
 
 
 class OnnxrtLlmRunner(BaseRunner):
@@ -115,7 +145,7 @@ class OnnxrtBackend(Backend):
 
         vision_path = self.manifest.file(self.build_dir, self.vision_graph)
         fuse_qdq = self.manifest.precision != "fp8"  # FP8 QDQ runs as simulated quantisation on the CPU
-        self.vision = OnnxrtRunner(
+        self.vision = OnnxrtVisionRunner(
             lambda: onnxruntime_session(
                 vision_path, spin=False, apet_score=self.vision_graph == "vision_plugin", fuse_qdq=fuse_qdq
             ),

@@ -128,12 +128,17 @@ def tensorrt_skip_reason(build_dir: Path, manifest: Manifest, require: bool = Fa
     it. Engines for this GPU that cannot be used (their TensorRT module missing or another version, a file
     missing) raise: that is a broken setup, not a skip. require=True (--require-tensorrt, for GPU CI) turns
     a skip into DeviceError too."""
-    import torch
-
     from apet_export.export.tensorrt import earlier_engines
 
+    try:
+        import torch
+    except ImportError:  # a lean install (no export extra): say so rather than fail the onnxruntime run
+        torch = None
     reason = None
-    if not torch.cuda.is_available():  # checked first: cheap, and the usual reason on CPU machines
+    if torch is None:
+        reason = ("torch is not installed (this backend keeps its GPU buffers in torch CUDA tensors): "
+                  "pip install 'apet-export[export]'")
+    elif not torch.cuda.is_available():  # checked first: cheap, and the usual reason on CPU machines
         reason = "no CUDA GPU"
     else:
         target = current_target()
