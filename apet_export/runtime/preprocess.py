@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from apet_export.errors import ArtifactError, InvalidInputError, UnknownNameError
+from apet_export.models.llava_next import best_resolution  # the any-resolution grid: a fact of that family
 
 PROCESSOR_FILE = "processor_config.json"  # a whole processor's config; the image processor under "image_processor"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"  # an image processor's config alone (older saves, Qwen2.5-VL)
@@ -174,20 +175,6 @@ class LlavaNextImageProcessor(ImageProcessor):
         if self.crop_size is not None and self.crop_size.get("height"):
             return self.crop_size["height"]
         return self.size.get("height") or self.size["shortest_edge"]
-
-    def tile_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """(rows, columns) of tiles for an image of (height, width) pixels: its best pinpoint in tiles (what
-        transformers' get_anyres_image_grid_shape gives)."""
-        height, width = best_resolution(tuple(int(s) for s in image_size), self.image_grid_pinpoints)
-        side = self.tile_side()
-        return height // side, width // side
-
-    def num_crops(self, image_size: tuple[int, int]) -> int:
-        """Crops of an image of (height, width) pixels: the base image + its tiles (transformers'
-        image_size_to_num_patches); pixel_values rows after these are batch padding."""
-        height, width = best_resolution(tuple(int(s) for s in image_size), self.image_grid_pinpoints)
-        side = self.tile_side()
-        return 1 + -(-height // side) * -(-width // side)  # the tiles `crops` cuts: edge tiles may be narrower
 
     def crops(self, pixels: np.ndarray) -> list[np.ndarray]:
         """uint8 [H, W, 3] -> [base image [S', S', 3], tiles [S, S, 3] in row-major order] (uint8)."""
@@ -418,20 +405,6 @@ def center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     canvas[top_pad : top_pad + height, left_pad : left_pad + width] = pixels
     top, left = top + top_pad, left + left_pad
     return canvas[max(0, top) : min(new_height, top + crop_height), max(0, left) : min(new_width, left + crop_width)]
-
-
-def best_resolution(size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
-    """transformers' select_best_resolution: the (h, w) pinpoint that shows the most of the image (the image
-    scaled to fit inside it), then the one that wastes the fewest pixels; the first such in the list."""
-    height, width = size
-    best, most_shown, least_wasted = None, 0, float("inf")
-    for pin_height, pin_width in pinpoints:
-        scale = min(pin_width / width, pin_height / height)
-        shown = min(int(width * scale) * int(height * scale), width * height)
-        wasted = pin_width * pin_height - shown
-        if shown > most_shown or (shown == most_shown and wasted < least_wasted):
-            best, most_shown, least_wasted = (pin_height, pin_width), shown, wasted
-    return best
 
 
 def fit_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:

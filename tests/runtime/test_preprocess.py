@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from apet_export.errors import ArtifactError, InvalidInputError, UnknownNameError
+from apet_export.models.llava_next import best_resolution
 from apet_export.models.qwen2_5_vl import window_layout
 from apet_export.models.registry import PRESETS, get_family
 from apet_export.runtime import preprocess
@@ -113,23 +114,18 @@ def test_llava_next_crops_follow_the_best_pinpoint(saved_processors):
     assert counts == {3, 4, 5}
 
 
-def test_llava_next_crop_counts_and_tile_grids_match_transformers(saved_processors):
-    """num_crops and tile_grid (what the family needs to split and pack an image's crops) equal transformers'
-    image_size_to_num_patches and get_anyres_image_grid_shape, and num_crops is the crops pixel_values holds."""
-    from transformers.models.llava_next.modeling_llava_next import (
-        get_anyres_image_grid_shape,
-        image_size_to_num_patches,
-    )
+def test_llava_next_pixel_values_hold_the_crops_the_family_counts(saved_processors):
+    """pixel_values [B, P, 3, S, S] holds, per image, the crops the family counts for its size (crops_of: the
+    base image + its tiles; checked against transformers in tests/models/test_llava_next.py), then zero
+    padding up to the batch's most crops."""
+    from apet_export.models.llava_next import crops_of
 
     ours = load_image_processor(saved_processors["tiny-llava-next"])
     pinpoints, side = ours.image_grid_pinpoints, ours.crop_size["height"]
-    for height, width in [(5, 7), (7, 5), (336, 336), (336, 700), (700, 336), (1000, 1000), (1100, 300), (300, 1100)]:
-        assert ours.num_crops((height, width)) == image_size_to_num_patches((height, width), pinpoints, side)
-        assert ours.tile_grid((height, width)) == get_anyres_image_grid_shape((height, width), pinpoints, side)
     batch = [load_image(synthetic_image(seed, size)) for seed, size in enumerate([(700, 336), (336, 1100), (90, 80)])]
     out = ours(batch)
     for pixel_values, size in zip(out["pixel_values"], out["image_sizes"], strict=True):
-        count = ours.num_crops(tuple(size))
+        count = crops_of(tuple(int(s) for s in size), pinpoints, side)
         assert np.abs(pixel_values[:count]).reshape(count, -1).max(axis=1).min() > 0  # real crops
         assert not pixel_values[count:].any()  # then the batch padding
 
@@ -170,7 +166,7 @@ def test_size_arithmetic_matches_transformers():
                 get_resize_output_image_size(chw, 336, default_to_square=False, input_data_format="channels_first"))
             assert preprocess.target_size(size, {"shortest_edge": 300, "longest_edge": 800}) == \
                 get_size_with_aspect_ratio(size, 300, 800)
-            best = preprocess.best_resolution(size, pinpoints)
+            best = best_resolution(size, pinpoints)
             assert best == select_best_resolution(size, pinpoints)
             assert preprocess.fit_size(size, best) == get_patch_output_size(chw, best, "channels_first")
             for limits in ((28 * 28 * 16, 28 * 28 * 64), (56 * 56, 28 * 28 * 1280)):
