@@ -1,0 +1,200 @@
+"""Rewrites of the CPU LLM graph (llm.cpu.onnx) into onnxruntime's fused CPU contrib ops. llm.onnx keeps the
+standard ops TensorRT imports; these are for onnxruntime's CPU provider only, and each one computes what the
+ops it replaces compute (greedy tokens stay the same: tests/runtime/test_cpu_graph.py).
+
+Per decoder layer, before -> after (onnxruntime's own load-time optimiser does none of these on llm.onnx):
+
+    Add(residual, x) -> RMSNormalization           SkipSimplifiedLayerNormalization(residual, x) (sum: output 3;
+                                                   float graphs only: see write_cpu_graph)
+    DequantizeLinear(W int4) -> MatMul             MatMulNBits(x, W as uint4 blocks)   (INT4 builds)
+    MatMul q, MatMul k, MatMul v (same input x)    MatMul(x, [Wq | Wk | Wv]) -> Split   (likewise gate | up)
+
+MatMulNBits is what onnxruntime turns the DequantizeLinear -> MatMul pair into when it loads the graph; written
+ahead of time, the session never holds the int4 initializers and the fused copy at once (about 190 MiB of
+peak RSS on the Qwen2-0.5B shape). One MatMul over the packed weights reads the same bytes as three, with one
+kernel launch and one thread-pool split instead of three small ones (decode is a matrix-vector product per
+weight, so small N splits badly over the threads).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MICROSOFT = "com.microsoft"
+INT4_ACCURACY_LEVEL = 4  # onnxruntime's default for the MatMulNBits it fuses DequantizeLinear -> MatMul into
+
+
+def _attribute(node, name: str, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _drop_unused_initializers(graph, names) -> None:
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    unused = [t for t in graph.initializer if t.name in names and t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
+def fuse_skip_rms_norms(model):
+    """Add + RMSNormalization -> com.microsoft SkipSimplifiedLayerNormalization, through onnxscript's fusion
+    rule (which matches onnxruntime's SimplifiedLayerNormalization, the same computation as the ONNX op:
+    axis -1, float stash). Returns (the new ModelProto, number of fusions). RMSNormalization nodes not
+    preceded by a residual Add stay as they are."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    renamed = [n for n in model.graph.node if n.op_type == "RMSNormalization" and n.domain in ("", "ai.onnx")
+               and _attribute(n, "axis", -1) == -1 and _attribute(n, "stash_type", 1) == 1]
+    for node in renamed:
+        node.op_type = "SimplifiedLayerNormalization"  # (onnxruntime registers it in the ONNX domain)
+    graph = ir.serde.deserialize_model(model)
+    ShapeInferencePass()(graph)  # the rule checks that residual and input are both [B, S, D]
+    count = fuse_skip_rms_normalization(graph)
+    fused = ir.serde.serialize_model(graph)
+    for node in fused.graph.node:
+        if node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx"):
+            node.op_type = "RMSNormalization"  # the ones left: back to the standard op
+    if count and not any(o.domain == MICROSOFT for o in fused.opset_import):
+        fused.opset_import.append(_microsoft_opset())
+    return fused, count
+
+
+def _microsoft_opset():
+    from onnx import helper
+
+    return helper.make_opsetid(MICROSOFT, 1)
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def weight_only_to_matmulnbits(model) -> int:
+    """DequantizeLinear(W int4 [K, N], scale [K/b, N], axis 0, block_size b, no zero point) -> MatMul(x, ·)
+    becomes MatMulNBits(x, B uint8 [N, K/b, b/2], scales [N, K/b]), K, N, bits 4, block_size b:
+
+        B[n, j, i // 2] holds W[j*b + i, n] + 8 (the default zero point 8 makes the stored uint4 the same
+        signed value): low nibble for even i, high nibble for odd i.
+
+    The same weights and scales, so the same numbers as onnxruntime's load-time fusion of the pair. Returns
+    the number of MatMuls rewritten; weights that do not fit (other bit widths, zero points, block sizes
+    MatMulNBits does not take) keep their DequantizeLinear."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    converted: dict[str, tuple[str, str, int, int, int]] = {}  # DQ output -> (B, scales, K, N, block)
+    replaced, dropped = 0, set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        dequantize = producers.get(node.input[1])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) != 2:
+            continue
+        weight, scale = (initializers.get(name) for name in dequantize.input)
+        block = _attribute(dequantize, "block_size", 0)
+        if (weight is None or scale is None or weight.data_type != TensorProto.INT4 or len(weight.dims) != 2
+                or _attribute(dequantize, "axis", 1) != 0 or not _is_power_of_two(block) or block < 16
+                or weight.dims[0] % block):
+            continue
+        if dequantize.output[0] not in converted:
+            values = numpy_helper.to_array(weight).astype(np.int8)  # [K, N] in [-8, 7]
+            k, n = values.shape
+            stored = (values.T + 8).astype(np.uint8).reshape(n, k // block, block)  # [N, K/b, b]
+            packed = stored[..., 0::2] | (stored[..., 1::2] << 4)  # [N, K/b, b/2]
+            scales = numpy_helper.to_array(scale).T.copy()  # [N, K/b], the activations' float type
+            b_name, s_name = f"{weight.name}_nbits", f"{scale.name}_nbits"
+            graph.initializer.extend([numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)])
+            converted[dequantize.output[0]] = (b_name, s_name, k, n, block)
+            dropped.update(dequantize.input)
+        b_name, s_name, k, n, block = converted[dequantize.output[0]]
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name, domain=MICROSOFT,
+            K=k, N=n, bits=4, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL,
+        ))
+        replaced += 1
+    if replaced:
+        used = {name for node in graph.node for name in node.input}
+        for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in converted]:
+            if node.output[0] not in used:
+                graph.node.remove(node)
+        _drop_unused_initializers(graph, dropped)
+        if not any(o.domain == MICROSOFT for o in model.opset_import):
+            model.opset_import.append(_microsoft_opset())
+    return replaced
+
+
+def _packing_key(node, initializers):
+    """What MatMuls must share to be packed along N: their input and the weight's layout (None: not packable)."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 2:
+            return None
+        return ("MatMul", node.input[0], weight.dims[0], weight.data_type)
+    if node.op_type == "MatMulNBits" and node.domain == MICROSOFT and len(node.input) == 3:
+        weight, scales = (initializers.get(name) for name in node.input[1:])
+        if weight is None or scales is None or len(scales.dims) != 2:
+            return None
+        return ("MatMulNBits", node.input[0], *(_attribute(node, a) for a in ("K", "bits", "block_size", "accuracy_level")))
+    return None
+
+
+def pack_sibling_matmuls(model) -> int:
+    """MatMuls with the same input and constant weights (q/k/v; gate/up) -> one MatMul over the weights
+    concatenated along N, then Split back into the original outputs (exact: every output column is the
+    same dot product over K). Returns the number of MatMuls packed away."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        key = _packing_key(node, initializers)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    removed, dropped = 0, set()
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        name = f"{first.name}/packed"
+        if key[0] == "MatMul":
+            weights = [numpy_helper.to_array(initializers[m.input[1]]) for m in members]  # [K, N_i]
+            widths = [w.shape[1] for w in weights]
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight"))
+            packed = helper.make_node("MatMul", [first.input[0], f"{name}_weight"], [name], name=name)
+            dropped.update(m.input[1] for m in members)
+        else:
+            blobs = [numpy_helper.to_array(initializers[m.input[1]]) for m in members]  # [N_i, K/b, b/2]
+            scales = [numpy_helper.to_array(initializers[m.input[2]]) for m in members]  # [N_i, K/b]
+            widths = [b.shape[0] for b in blobs]
+            graph.initializer.extend([numpy_helper.from_array(np.concatenate(blobs), f"{name}_weight"),
+                                      numpy_helper.from_array(np.concatenate(scales), f"{name}_scales")])
+            attributes = {a: _attribute(first, a) for a in ("K", "bits", "block_size", "accuracy_level")}
+            packed = helper.make_node("MatMulNBits", [first.input[0], f"{name}_weight", f"{name}_scales"], [name],
+                                      name=name, domain=MICROSOFT, N=sum(widths), **attributes)
+            dropped.update(n for m in members for n in m.input[1:])
+        sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_sizes")
+        graph.initializer.append(sizes)
+        split = helper.make_node("Split", [name, sizes.name], [m.output[0] for m in members], name=f"{name}/split",
+                                 axis=-1)
+        position = list(graph.node).index(first)  # every member reads the same input: it is ready here
+        for node in members:
+            graph.node.remove(node)
+        graph.node.insert(position, split)
+        graph.node.insert(position, packed)
+        removed += len(members) - 1
+    _drop_unused_initializers(graph, dropped)
+    return removed
