@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 MICROSOFT = "com.microsoft"
+WEIGHT_BYTES = 4096  # initializers above this size are weights (shape rules never read their values)
 INT4_ACCURACY_LEVEL = 4  # onnxruntime's default for the MatMulNBits it fuses DequantizeLinear -> MatMul into
 
 
@@ -45,29 +46,50 @@ def _drop_unused_initializers(graph, names) -> None:
         graph.initializer.remove(tensor)
 
 
-def fuse_skip_rms_norms(model):
-    """Add + RMSNormalization -> com.microsoft SkipSimplifiedLayerNormalization, through onnxscript's fusion
-    rule (which matches onnxruntime's SimplifiedLayerNormalization, the same computation as the ONNX op:
-    axis -1, float stash). Returns (the new ModelProto, number of fusions). RMSNormalization nodes not
-    preceded by a residual Add stay as they are."""
+def fuse_skip_rms_norms(model) -> int:
+    """Add + RMSNormalization -> com.microsoft SkipSimplifiedLayerNormalization, in place, through onnxscript's
+    fusion rule (which matches onnxruntime's SimplifiedLayerNormalization, the same computation as the ONNX op:
+    axis -1, float stash). Returns the number of fusions; RMSNormalization nodes not preceded by a residual Add
+    stay as they are.
+
+    The rule runs on a copy of the graph whose large weights are typed inputs instead of initializers: it reads
+    only shapes, and the weights (gigabytes) are neither copied nor converted."""
     import onnx_ir as ir
+    from onnx import helper
     from onnx_ir.passes.common import ShapeInferencePass
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
-    renamed = [n for n in model.graph.node if n.op_type == "RMSNormalization" and n.domain in ("", "ai.onnx")
-               and _attribute(n, "axis", -1) == -1 and _attribute(n, "stash_type", 1) == 1]
-    for node in renamed:
-        node.op_type = "SimplifiedLayerNormalization"  # (onnxruntime registers it in the ONNX domain)
-    graph = ir.serde.deserialize_model(model)
-    ShapeInferencePass()(graph)  # the rule checks that residual and input are both [B, S, D]
-    count = fuse_skip_rms_normalization(graph)
-    fused = ir.serde.serialize_model(graph)
-    for node in fused.graph.node:
+    graph = model.graph
+    large = {t.name: t for t in graph.initializer if t.data_location == 1 or len(t.raw_data) > WEIGHT_BYTES}
+    light = helper.make_model(
+        helper.make_graph(
+            list(graph.node), graph.name,
+            [*graph.input, *(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large.values())],
+            list(graph.output), [t for t in graph.initializer if t.name not in large], value_info=list(graph.value_info),
+        ),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+    )
+    for node in light.graph.node:
+        if (node.op_type == "RMSNormalization" and node.domain in ("", "ai.onnx") and _attribute(node, "axis", -1) == -1
+                and _attribute(node, "stash_type", 1) == 1):
+            node.op_type = "SimplifiedLayerNormalization"  # (onnxruntime registers it in the ONNX domain)
+    ir_model = ir.serde.deserialize_model(light)
+    ShapeInferencePass()(ir_model)  # the rule checks that residual and input are both [B, S, D]
+    count = fuse_skip_rms_normalization(ir_model)
+    fused = ir.serde.serialize_model(ir_model).graph
+    for node in fused.node:
         if node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx"):
             node.op_type = "RMSNormalization"  # the ones left: back to the standard op
-    if count and not any(o.domain == MICROSOFT for o in fused.opset_import):
-        fused.opset_import.append(_microsoft_opset())
-    return fused, count
+    small = [t for t in fused.initializer if t.name not in large]  # (the weights stay where they are)
+    del graph.node[:], graph.value_info[:]
+    graph.node.extend(fused.node)
+    graph.value_info.extend(fused.value_info)
+    for tensor in [t for t in graph.initializer if t.name not in large]:
+        graph.initializer.remove(tensor)
+    graph.initializer.extend(small)
+    if count and not any(o.domain == MICROSOFT for o in model.opset_import):
+        model.opset_import.append(_microsoft_opset())
+    return count
 
 
 def _microsoft_opset():

@@ -220,7 +220,7 @@ def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[s
         if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
             # (weight-only INT4/INT8 MatMuls quantise their activations: the fused norm's last-bit differences
             # move those by a quantisation step, INT4 logits by ~1.2 of 56; so float graphs only)
-            model, counts["skip_rms_norm"] = cpu_fusions.fuse_skip_rms_norms(model)
+            counts["skip_rms_norm"] = cpu_fusions.fuse_skip_rms_norms(model)
         counts["matmul_nbits"] = cpu_fusions.weight_only_to_matmulnbits(model)
         counts["zero_bias_adds"] = remove_zero_bias_adds(model)
         counts["packed_matmuls"] = cpu_fusions.pack_sibling_matmuls(model)
