@@ -16,12 +16,15 @@ from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, OnnxrtLl
 from apet_export.runtime.cache import PreallocatedKVCache
 
 
-def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int):
+def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int, prefill_chunk: int | None = None):
     """Greedy tokens, first logits [V], the cache's capacity after each step (PreallocatedKVCache; None for
-    llm.onnx's) and the final cache, through the runtime's runner."""
+    llm.onnx's) and the final cache, through the runtime's runner (prefill_chunk: the in-place runner's
+    prompt chunk, when given)."""
     manifest = load_manifest(build)
     table = load_file(str(build / "embeddings.safetensors"))["embed_tokens"]
     runner = llm_runner(build, manifest, cpu_form=cpu_form)
+    if prefill_chunk is not None:
+        runner.PREFILL_CHUNK = prefill_chunk
     runner.activate()
     try:
         length = len(ids)
@@ -69,6 +72,20 @@ def test_cache_in_place_gives_the_same_greedy_tokens(siglip_qwen2_build):
     for written, concatenated in zip(cache.buffers, expected_cache.tensors, strict=True):
         np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
         assert not written[:, :, cache.length :].any()
+
+
+@pytest.mark.parametrize("chunk", [7, 30])
+def test_long_prompts_prefill_in_chunks_with_the_same_result(siglip_qwen2_build, chunk):
+    # 30 prompt tokens in chunks of 7 (5 runs, the last one 2 tokens) or in one run: the tokens and logits of
+    # llm.onnx, and the cache holds every prompt entry
+    ids = np.random.default_rng(2).integers(3, 500, 30)
+    _, expected, expected_logits, _, expected_cache = greedy(siglip_qwen2_build, False, ids, 6)
+    _, tokens, logits, capacities, cache = greedy(siglip_qwen2_build, True, ids, 6, prefill_chunk=chunk)
+    assert tokens == expected
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
+    assert capacities[0] == 32 and cache.length == 30 + 5
+    for written, concatenated in zip(cache.buffers, expected_cache.tensors, strict=True):
+        np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
 
 
 def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
