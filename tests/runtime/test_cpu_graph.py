@@ -90,7 +90,8 @@ def test_long_prompts_prefill_in_chunks_with_the_same_result(siglip_qwen2_build,
 
 def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
     # residual Add + RMSNorm fused (all but the first layer's input norm and the final norm), q/k/v and
-    # gate/up each one MatMul over packed weights, no all-zero bias adds left
+    # gate/up each one MatMul over packed weights, no all-zero bias adds left (the greedy tokens and logits
+    # of this graph are checked against llm.onnx above)
     manifest = load_manifest(siglip_qwen2_build)
     layers = manifest.dims["num_layers"]
     ops = Counter(n.op_type for n in onnx.load(str(siglip_qwen2_build / "llm.cpu.onnx"), load_external_data=False).graph.node)
@@ -98,6 +99,9 @@ def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
     assert ops["RMSNormalization"] == 2  # the first input norm and the final norm
     assert ops["Split"] == 2 * layers
+    # the packed q|k|v goes to [B, H, S, Dh] once (Reshape, Transpose, Split on heads), not once per tensor
+    assert ops["Transpose"] == source["Transpose"] - 2 * layers
+    assert ops["Reshape"] == source["Reshape"] - 2 * layers
     assert ops["MatMul"] == source["MatMul"] - 3 * layers
     # gone: the residual adds fused into a norm, and the q/k/v biases (all zero in a freshly initialised Qwen2)
     assert ops["Add"] == source["Add"] - (2 * layers - 1) - 3 * layers
