@@ -9,16 +9,18 @@ What it does:
   1. builds the `bench-llava-clip-l-qwen2-0.5b` preset with `apet-export build` if --build has no build;
   2. extracts its language model into a Qwen2ForCausalLM checkpoint (the same tensors, renamed) and converts it
      with `python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`; our INT4 graph is the same llm.onnx
-     through apet-export's weight-only quantiser (MatMulNBits, block 32, symmetric, accuracy level 4);
+     through apet-export's weight-only quantiser (int4 blocks of 32, symmetric; llm.cpu.onnx runs them as
+     MatMulNBits, accuracy level 4, as onnxruntime-genai's model does);
   3. starts one fresh worker process per engine (so each peak RSS is that engine's own), loads the models, then
-     sends the same token ids to the engines in turn, request by request: prompts of 84 and 596 tokens, then 64
-     greedy steps, on 2 intra-op threads each;
+     sends the same token ids to the engines, which take turns at the prefill and at every decode step (so a
+     busy machine's changing load hits them alike): prompts of 84 and 596 tokens, then 64 greedy steps, on 2
+     intra-op threads each;
   4. prints per precision: prefill ms, decode tok/s, peak RSS and the ratios ours / genai, the greedy-token
      agreement with genai and the max |difference| of the first step's logits.
 
 Engines: `apet llm.onnx` is the exported graph as the runtime ran it before (KV cache fed back through Concat);
 `apet in place` only writes the cache in place (TensorScatter + IO binding); `apet cpu form` is llm.cpu.onnx
-(in place, all-zero bias adds dropped: export/cpu_graph.py), what the onnxruntime backend runs when the build has it. Greedy, up to 64 tokens or EOS (both engines stop there); decode tok/s = (tokens - 1) /
+(in place, onnxruntime's fused CPU ops: export/cpu_graph.py, export/cpu_fusions.py), what the onnxruntime backend runs when the build has it. Greedy, up to 64 tokens or EOS (both engines stop there); decode tok/s = (tokens - 1) /
 time from the first token to the last. One short warm-up request per engine is not measured.
 The machine is whatever it is when you run it: compare ratios within one run, not across runs.
 """
@@ -228,92 +230,140 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def ours_engine(model_dir: Path, engine: str, threads: int):
-    """generate(ids, new_tokens) -> (prefill_s, decode_s, tokens, first_logits) on apet-export's runtime;
-    greedy, stopping after new_tokens or at EOS (included), as onnxruntime-genai does."""
-    from safetensors.numpy import load_file
+class Generation:
+    """One greedy request on one engine, driven from outside step by step so that the engines can take turns
+    at every decode step (load changes on a busy machine then hit both alike): prefill(ids, new_tokens) ->
+    (seconds, first token, first logits [V]); step() -> (seconds, token, done). Both engines stop after
+    new_tokens tokens or at EOS (included), as onnxruntime-genai does."""
 
-    from apet_export.manifest import load_manifest
-    from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, llm_runner
+    def prefill(self, ids: np.ndarray, new_tokens: int):
+        raise NotImplementedError
 
-    manifest = load_manifest(model_dir)
-    table = load_file(str(model_dir / "embeddings.safetensors"))["embed_tokens"]  # [V, H]
-    if engine == OURS_INPLACE:
-        runner = OnnxrtInPlaceLlmRunner(model_dir / INPLACE_GRAPH, threads=threads)
-    else:
-        runner = llm_runner(model_dir, manifest, cpu_form=engine == OURS_CPU, threads=threads)
-    runner.activate()
-    eos = manifest.dims["eos_token_id"]
-    eos = set(eos) if isinstance(eos, list) else {eos}
+    def step(self):
+        raise NotImplementedError
 
-    def new_cache():
-        return runner.new_cache(manifest, 1)
 
-    def generate(ids: np.ndarray, new_tokens: int):
+class OursGeneration(Generation):
+    """apet-export's runtime: the runner the onnxruntime backend uses (or the bench-only in-place graph)."""
+
+    def __init__(self, model_dir: Path, engine: str, threads: int):
+        from safetensors.numpy import load_file
+
+        from apet_export.manifest import load_manifest
+        from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, llm_runner
+
+        self.manifest = load_manifest(model_dir)
+        self.table = load_file(str(model_dir / "embeddings.safetensors"))["embed_tokens"]  # [V, H]
+        if engine == OURS_INPLACE:
+            self.runner = OnnxrtInPlaceLlmRunner(model_dir / INPLACE_GRAPH, threads=threads)
+        else:
+            self.runner = llm_runner(model_dir, self.manifest, cpu_form=engine == OURS_CPU, threads=threads)
+        self.runner.activate()
+        eos = self.manifest.dims["eos_token_id"]
+        self.eos = set(eos) if isinstance(eos, list) else {eos}
+
+    def prefill(self, ids, new_tokens):
         length = len(ids)
         start = time.perf_counter()
-        logits, cache = runner.infer(
-            {"inputs_embeds": table[ids][None], "attention_mask": np.ones((1, length), np.int64),
-             "position_ids": np.arange(length, dtype=np.int64)[None]}, check_inputs=False, cache=new_cache())
-        first_token = time.perf_counter()
-        first_logits = logits[0].copy()
-        tokens = [int(np.argmax(logits[0]))]
-        while len(tokens) < new_tokens and tokens[-1] not in eos:
-            position = length + len(tokens) - 1
-            logits, cache = runner.infer(
-                {"inputs_embeds": table[[tokens[-1]]][None], "attention_mask": np.ones((1, position + 1), np.int64),
-                 "position_ids": np.array([[position]], np.int64)}, check_inputs=False, cache=cache)
-            tokens.append(int(np.argmax(logits[0])))
-        return first_token - start, time.perf_counter() - first_token, tokens, first_logits
+        logits, self.cache = self.runner.infer(
+            {"inputs_embeds": self.table[ids][None], "attention_mask": np.ones((1, length), np.int64),
+             "position_ids": np.arange(length, dtype=np.int64)[None]}, check_inputs=False,
+            cache=self.runner.new_cache(self.manifest, 1))
+        self.tokens, self.length, self.new_tokens = [int(np.argmax(logits[0]))], length, new_tokens
+        return time.perf_counter() - start, self.tokens[0], logits[0].copy()
 
-    return generate
+    def done(self):
+        return len(self.tokens) >= self.new_tokens or self.tokens[-1] in self.eos
 
-
-def genai_engine(model_dir: Path, threads: int):
-    import onnxruntime_genai as og
-
-    config = og.Config(str(model_dir))
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
-    model = og.Model(config)
-
-    def generate(ids: np.ndarray, new_tokens: int):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
+    def step(self):
+        position = self.length + len(self.tokens) - 1
         start = time.perf_counter()
-        generator.append_tokens(ids.astype(np.int32)[None])  # runs the prefill
-        prefilled = time.perf_counter()
-        first_logits = np.asarray(generator.get_logits()).reshape(-1).copy()  # [V] (not timed)
-        picking = time.perf_counter()
-        generator.generate_next_token()  # picks the first token from the prefill's logits
-        first_token = time.perf_counter()
-        start += picking - prefilled  # the prefill time: append_tokens + the first pick
-        tokens = [int(generator.get_next_tokens()[0])]
-        while len(tokens) < new_tokens and not generator.is_done():
-            generator.generate_next_token()  # one decode step, then the greedy pick
-            tokens.append(int(generator.get_next_tokens()[0]))
-        return first_token - start, time.perf_counter() - first_token, tokens, first_logits
+        logits, self.cache = self.runner.infer(
+            {"inputs_embeds": self.table[[self.tokens[-1]]][None], "attention_mask": np.ones((1, position + 1), np.int64),
+             "position_ids": np.array([[position]], np.int64)}, check_inputs=False, cache=self.cache)
+        self.tokens.append(int(np.argmax(logits[0])))
+        return time.perf_counter() - start, self.tokens[-1], self.done()
 
-    return generate
+
+class GenaiGeneration(Generation):
+    def __init__(self, model_dir: Path, threads: int):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.og, self.model = og, og.Model(config)
+
+    def prefill(self, ids, new_tokens):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        self.generator = self.og.Generator(self.model, params)
+        start = time.perf_counter()
+        self.generator.append_tokens(ids.astype(np.int32)[None])  # runs the prefill
+        prefilled = time.perf_counter()
+        first_logits = np.asarray(self.generator.get_logits()).reshape(-1).copy()  # [V] (not timed)
+        picking = time.perf_counter()
+        self.generator.generate_next_token()  # picks the first token from the prefill's logits
+        seconds = prefilled - start + time.perf_counter() - picking  # the prefill: append_tokens + the first pick
+        self.tokens, self.new_tokens = [int(self.generator.get_next_tokens()[0])], new_tokens
+        return seconds, self.tokens[0], first_logits
+
+    def done(self):
+        return len(self.tokens) >= self.new_tokens or self.generator.is_done()
+
+    def step(self):
+        start = time.perf_counter()
+        self.generator.generate_next_token()  # one decode step, then the greedy pick
+        self.tokens.append(int(self.generator.get_next_tokens()[0]))
+        return time.perf_counter() - start, self.tokens[-1], self.done()
 
 
 def worker(engine: str, model_dir: str, threads: int, connection) -> None:
-    """Load one engine, answer (ids, new_tokens) requests until None, then report this process's peak RSS."""
+    """Load one engine, answer ("prefill", ids, new_tokens) and ("step",) until None, then report this
+    process's peak RSS."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         if engine == GENAI:
-            generate = genai_engine(Path(model_dir), threads)
+            generation = GenaiGeneration(Path(model_dir), threads)
         else:
-            generate = ours_engine(Path(model_dir), engine, threads)
+            generation = OursGeneration(Path(model_dir), engine, threads)
         connection.send("ready")
         while (message := connection.recv()) is not None:
-            connection.send(generate(*message))
+            if message[0] == "prefill":
+                answer = generation.prefill(*message[1:])
+                connection.send((*answer, generation.done()))
+            else:
+                connection.send(generation.step())
         connection.send(peak_rss_mib())
     except EOFError:  # the parent is gone
         return
     except Exception as error:  # reported to the parent, which stops the run with it
         connection.send(error)
+
+
+def ask(workers, engine: str, message):
+    workers[engine][1].send(message)
+    answer = workers[engine][1].recv()
+    if isinstance(answer, Exception):
+        raise RuntimeError(f"{engine} failed: {answer}") from answer
+    return answer
+
+
+def generate_in_turns(workers, order: list[str], ids: np.ndarray, new_tokens: int) -> dict[str, tuple]:
+    """The same greedy request on every engine, the engines taking turns at the prefill and at every decode
+    step. -> engine: (prefill s, decode s, tokens, first logits [V])."""
+    state = {}
+    for engine in order:
+        seconds, token, logits, done = ask(workers, engine, ("prefill", ids, new_tokens))
+        state[engine] = [seconds, 0.0, [token], logits, done]
+    while not all(s[4] for s in state.values()):
+        for engine in order:
+            if not state[engine][4]:
+                seconds, token, done = ask(workers, engine, ("step",))
+                state[engine][1] += seconds
+                state[engine][2].append(token)
+                state[engine][4] = done
+    return {engine: tuple(s[:4]) for engine, s in state.items()}
 
 
 def run_precision(precision: str, models: dict[str, Path], lengths: list[int], new_tokens: int, requests: int,
@@ -337,21 +387,15 @@ def measure(context, workers, precision, models, lengths, new_tokens, requests, 
         if isinstance(answer, Exception):
             raise RuntimeError(f"{engine} failed to load: {answer}") from answer
         workers[engine] = (process, parent)
-    for engine, (_, connection) in workers.items():  # first runs allocate and plan: not measured
-        connection.send((prompt_ids(16, vocab_size, seed=0, exclude=exclude), 4))
-        if isinstance(answer := connection.recv(), Exception):
-            raise RuntimeError(f"{engine} failed: {answer}") from answer
+    for engine in workers:  # first runs allocate and plan: not measured
+        generate_in_turns(workers, [engine], prompt_ids(16, vocab_size, seed=0, exclude=exclude), 4)
     results = []
     for request in range(requests):
         for length in lengths:
             ids = prompt_ids(length, vocab_size, seed=length, exclude=exclude)
             order = list(workers) if request % 2 == 0 else list(reversed(workers))  # alternate who goes first
-            for engine in order:
-                workers[engine][1].send((ids, new_tokens))
-                answer = workers[engine][1].recv()
-                if isinstance(answer, Exception):
-                    raise RuntimeError(f"{engine} failed: {answer}") from answer
-                prefill_s, decode_s, tokens, first_logits = answer
+            for engine, (prefill_s, decode_s, tokens, first_logits) in generate_in_turns(
+                    workers, order, ids, new_tokens).items():
                 rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 else float("nan")
                 results.append(Request(engine, length, prefill_s * 1e3, rate, tokens, first_logits))
                 print(f"  {precision} {engine:14s} prompt {length:4d}: prefill {prefill_s * 1e3:8.1f} ms, "

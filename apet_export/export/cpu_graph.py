@@ -19,11 +19,9 @@ which the runtime arranges with IO binding: runtime/backends/onnxrt.py):
 P is not a new input: P = attention_mask length - S. Keys at positions >= P+S are masked, so the attention
 output equals llm.onnx's (the masked scores are exactly 0 after the softmax).
 
-One exact simplification follows: no Add of an all-zero bias (fewer onnxruntime kernels a step). Fusing the
-residual Add + RMSNormalization into onnxruntime's SkipSimplifiedLayerNormalization was tried and left out: no
-measurable gain, and not exact (it moved INT4 logits by ~1.4 of 58, since MatMulNBits at accuracy level 4
-quantises its activations). Everything else (weights, node names, the other nodes) is llm.onnx's, and the
-graph's inputs and outputs keep their names.
+Then (write_cpu_graph, simplify=True): no Add of an all-zero bias, and onnxruntime's fused CPU ops
+(export/cpu_fusions.py: residual Add + RMSNorm fused, q/k/v and gate/up MatMuls packed, INT4 weights as
+MatMulNBits). The graph's inputs and outputs keep their names; node names are llm.onnx's where a node stays.
 """
 
 from __future__ import annotations
@@ -198,32 +196,49 @@ def remove_zero_bias_adds(model) -> int:
     return len(removed)
 
 
-def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> None:
-    """Write the CPU form of the LLM graph `source` to `target` (same directory: external weights, when the
-    source has them, are shared, not copied). Written to a temporary name, then renamed.
-    simplify=False: the cache written in place only, zero-bias adds kept (to measure the two steps apart)."""
+def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[str, int]:
+    """Write the CPU form of the LLM graph `source` to `target`, beside it. Written to a temporary name, then
+    renamed. Returns how many of each rewrite were made.
+
+    simplify=True (what builds write): the cache written in place, no all-zero bias adds, and onnxruntime's
+    fused CPU ops (export/cpu_fusions.py); the weights change form, so the graph gets a weight file of its own.
+    simplify=False: the cache written in place only (to measure the steps apart); external weights, when the
+    source has them, are shared with it."""
     import onnx
+
+    from apet_export.export import cpu_fusions
 
     source, target = Path(source), Path(target)
     if source.parent.resolve() != target.parent.resolve():
         raise ExportError(f"{target} must be beside {source}: the two graphs share the weight files")
-    model = onnx.load(str(source), load_external_data=False)
+    model = onnx.load(str(source), load_external_data=simplify)
     rewrite_cache_in_place(model)
+    counts = {"cache_in_place": sum(n.op_type == "TensorScatter" for n in model.graph.node)}
     if simplify:
-        remove_zero_bias_adds(model)
+        # Order matters: the skip-norm rule needs shapes, which ONNX shape inference gives through standard
+        # ops only (before MatMulNBits); packing comes last, over the final weight form.
+        if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            # (weight-only INT4/INT8 MatMuls quantise their activations: the fused norm's last-bit differences
+            # move those by a quantisation step, INT4 logits by ~1.2 of 56; so float graphs only)
+            counts["skip_rms_norm"] = cpu_fusions.fuse_skip_rms_norms(model)
+        counts["matmul_nbits"] = cpu_fusions.weight_only_to_matmulnbits(model)
+        counts["zero_bias_adds"] = remove_zero_bias_adds(model)
+        counts["packed_matmuls"] = cpu_fusions.pack_sibling_matmuls(model)
+        counts["heads_split_once"] = cpu_fusions.split_heads_once(model)
     temporary = target.with_name(f".{target.name}.tmp")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         onnx.save_model(model, str(temporary))  # the references to llm.onnx's weight file stay as they are
     else:
-        # Weights inline in llm.onnx go to a file of their own: onnxruntime maps external weights instead of
-        # parsing them out of the protobuf, which holds its peak RSS to the weights' size (measured on the
-        # INT4 Qwen2-0.5B shape: 374 MiB external against 515 MiB inline, onnxruntime-genai's model 370).
+        # Weights go to a file of their own: onnxruntime maps external weights instead of parsing them out of
+        # the protobuf, which holds its peak RSS to the weights' size (measured on the INT4 Qwen2-0.5B shape:
+        # 374 MiB external against 515 MiB inline).
         data = target.with_name(f"{target.name}.data")
         data.unlink(missing_ok=True)  # onnx appends to an existing data file
         onnx.save_model(model, str(temporary), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
         data.chmod(0o644)  # onnx creates it owner-only; the build's other files are world-readable
     os.replace(temporary, target)
+    return counts
 
 
 def cpu_graph_spec(llm: ArtifactSpec) -> ArtifactSpec:

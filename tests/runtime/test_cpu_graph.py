@@ -16,12 +16,15 @@ from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, OnnxrtLl
 from apet_export.runtime.cache import PreallocatedKVCache
 
 
-def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int):
+def greedy(build, cpu_form: bool, ids: np.ndarray, new_tokens: int, prefill_chunk: int | None = None):
     """Greedy tokens, first logits [V], the cache's capacity after each step (PreallocatedKVCache; None for
-    llm.onnx's) and the final cache, through the runtime's runner."""
+    llm.onnx's) and the final cache, through the runtime's runner (prefill_chunk: the in-place runner's
+    prompt chunk, when given)."""
     manifest = load_manifest(build)
     table = load_file(str(build / "embeddings.safetensors"))["embed_tokens"]
     runner = llm_runner(build, manifest, cpu_form=cpu_form)
+    if prefill_chunk is not None:
+        runner.PREFILL_CHUNK = prefill_chunk
     runner.activate()
     try:
         length = len(ids)
@@ -69,6 +72,73 @@ def test_cache_in_place_gives_the_same_greedy_tokens(siglip_qwen2_build):
     for written, concatenated in zip(cache.buffers, expected_cache.tensors, strict=True):
         np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
         assert not written[:, :, cache.length :].any()
+
+
+@pytest.mark.parametrize("chunk", [7, 30])
+def test_long_prompts_prefill_in_chunks_with_the_same_result(siglip_qwen2_build, chunk):
+    # 30 prompt tokens in chunks of 7 (5 runs, the last one 2 tokens) or in one run: the tokens and logits of
+    # llm.onnx, and the cache holds every prompt entry
+    ids = np.random.default_rng(2).integers(3, 500, 30)
+    _, expected, expected_logits, _, expected_cache = greedy(siglip_qwen2_build, False, ids, 6)
+    _, tokens, logits, capacities, cache = greedy(siglip_qwen2_build, True, ids, 6, prefill_chunk=chunk)
+    assert tokens == expected
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
+    assert capacities[0] == 32 and cache.length == 30 + 5
+    for written, concatenated in zip(cache.buffers, expected_cache.tensors, strict=True):
+        np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
+
+
+def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
+    # residual Add + RMSNorm fused (all but the first layer's input norm and the final norm), q/k/v and
+    # gate/up each one MatMul over packed weights, no all-zero bias adds left (the greedy tokens and logits
+    # of this graph are checked against llm.onnx above)
+    manifest = load_manifest(siglip_qwen2_build)
+    layers = manifest.dims["num_layers"]
+    ops = Counter(n.op_type for n in onnx.load(str(siglip_qwen2_build / "llm.cpu.onnx"), load_external_data=False).graph.node)
+    source = Counter(n.op_type for n in onnx.load(str(siglip_qwen2_build / "llm.onnx"), load_external_data=False).graph.node)
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
+    assert ops["RMSNormalization"] == 2  # the first input norm and the final norm
+    assert ops["Split"] == 2 * layers
+    # the packed q|k|v goes to [B, H, S, Dh] once (Reshape, Transpose, Split on heads), not once per tensor
+    assert ops["Transpose"] == source["Transpose"] - 2 * layers
+    assert ops["Reshape"] == source["Reshape"] - 2 * layers
+    assert ops["MatMul"] == source["MatMul"] - 3 * layers
+    # gone: the residual adds fused into a norm, and the q/k/v biases (all zero in a freshly initialised Qwen2)
+    assert ops["Add"] == source["Add"] - (2 * layers - 1) - 3 * layers
+
+
+def int4_build(build, out):
+    """The build's LLM through the weight-only INT4 quantiser, with its CPU form, as calibrate --llm-bits 4
+    writes it."""
+    from apet_export.calibration.quantize import quantize_weights
+    from apet_export.export.cpu_graph import add_cpu_graph
+
+    manifest = load_manifest(build)
+    out.mkdir()
+    quantize_weights(build / "llm.onnx", out / "llm.onnx", bits=4)
+    (out / "embeddings.safetensors").write_bytes((build / "embeddings.safetensors").read_bytes())
+    manifest.files = {name: manifest.files[name] for name in ("llm", "embeddings")}
+    add_cpu_graph(out, manifest)
+    manifest.write(out)
+    return out
+
+
+def test_int4_cpu_form_is_matmulnbits_with_the_same_logits(siglip_qwen2_build, tmp_path):
+    # DequantizeLinear(int4) -> MatMul written as the MatMulNBits onnxruntime fuses the pair into at load:
+    # bit-for-bit the same logits as llm.onnx, and no int4 initializer left for the session to hold twice
+    build = int4_build(siglip_qwen2_build, tmp_path / "int4")
+    layers = load_manifest(build).dims["num_layers"]
+    model = onnx.load(str(build / "llm.cpu.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * layers  # qkv, o, gate|up, down
+    assert not any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
+    assert ops["SkipSimplifiedLayerNormalization"] == 0  # quantised activations: the norms stay as they are
+    ids = np.random.default_rng(1).integers(3, 500, 20)
+    _, expected, expected_logits, _, _ = greedy(build, False, ids, 12)
+    runner, tokens, logits, _, _ = greedy(build, True, ids, 12)
+    assert runner is OnnxrtInPlaceLlmRunner
+    assert tokens == expected
+    np.testing.assert_array_equal(logits, expected_logits)
 
 
 def test_preallocated_cache_feeds_llm_onnx_inputs(siglip_qwen2_build):

@@ -84,6 +84,8 @@ class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
     step's entries into it in place. The binding of the cache (2 x layers names) and of a logits buffer [B, V]
     is made once per cache allocation; a step binds only its three inputs."""
 
+    PREFILL_CHUNK = 128  # prompt tokens per run (Qwen2-0.5B shape, 596 tokens: peak RSS 1569 MiB unchunked, 1497 at 128)
+
     def activate_impl(self):
         super().activate_impl()
         self.cache_names = [
@@ -112,14 +114,24 @@ class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
         return self.bound[1], self.bound[2]
 
     def infer_impl(self, feed_dict, cache: PreallocatedKVCache = None):
+        """feed_dict: inputs_embeds [B, S, H], attention_mask [B, P+S], position_ids [B, S] (or [3, B, S]).
+        A prompt longer than PREFILL_CHUNK runs as consecutive chunks onto the same cache (the graph takes S new
+        tokens after P cached ones, whatever S is): the same result, with the activations of one chunk at a
+        time (the attention scores alone are [B, Hq, S, C] floats)."""
         start = time.perf_counter()
-        new_tokens = feed_dict["inputs_embeds"].shape[1]
-        cache.reserve(new_tokens)
+        embeds, mask, positions = (feed_dict[name] for name in ("inputs_embeds", "attention_mask", "position_ids"))
+        new_tokens = embeds.shape[1]
+        cache.reserve(new_tokens)  # the whole prompt's room first: every chunk writes into the same buffers
         binding, logits = self.binding(cache)
-        for name, array in feed_dict.items():  # replaces the previous step's binding of the name
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        self.session.run_with_iobinding(binding)
-        cache.length += new_tokens
+        past = cache.length
+        for begin in range(0, new_tokens, self.PREFILL_CHUNK):
+            end = min(begin + self.PREFILL_CHUNK, new_tokens)
+            chunk = {"inputs_embeds": embeds[:, begin:end], "attention_mask": mask[:, : past + end],
+                     "position_ids": positions[..., begin:end]}
+            for name, array in chunk.items():  # replaces the previous run's binding of the name
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            self.session.run_with_iobinding(binding)
+            cache.length = past + end
         self.inference_time = time.perf_counter() - start
         return logits.astype(np.float32), cache  # a copy: the buffer is the next step's output
 

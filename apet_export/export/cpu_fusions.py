@@ -1,0 +1,296 @@
+"""Rewrites of the CPU LLM graph (llm.cpu.onnx) into onnxruntime's fused CPU contrib ops. llm.onnx keeps the
+standard ops TensorRT imports; these are for onnxruntime's CPU provider only, and each one computes what the
+ops it replaces compute (greedy tokens stay the same: tests/runtime/test_cpu_graph.py).
+
+Per decoder layer, before -> after (onnxruntime's own load-time optimiser does none of these on llm.onnx):
+
+    Add(residual, x) -> RMSNormalization           SkipSimplifiedLayerNormalization(residual, x) (sum: output 3;
+                                                   float graphs only: see write_cpu_graph)
+    DequantizeLinear(W int4) -> MatMul             MatMulNBits(x, W as uint4 blocks)   (INT4 builds)
+    MatMul q, MatMul k, MatMul v (same input x)    MatMul(x, [Wq | Wk | Wv]) -> Split   (likewise gate | up)
+    q, k, v each Reshape -> Transpose to heads     one Reshape -> Transpose of q|k|v, then Split on the heads
+
+MatMulNBits is what onnxruntime turns the DequantizeLinear -> MatMul pair into when it loads the graph; written
+ahead of time, the session never holds the int4 initializers and the fused copy at once (about 190 MiB of
+peak RSS on the Qwen2-0.5B shape). One MatMul over the packed weights reads the same bytes as three, with one
+kernel launch and one thread-pool split instead of three small ones (decode is a matrix-vector product per
+weight, so small N splits badly over the threads).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MICROSOFT = "com.microsoft"
+WEIGHT_BYTES = 4096  # initializers above this size are weights (shape rules never read their values)
+INT4_ACCURACY_LEVEL = 4  # onnxruntime's default for the MatMulNBits it fuses DequantizeLinear -> MatMul into
+
+
+def _attribute(node, name: str, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _consumers(graph) -> dict[str, list]:
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def _drop_unused_initializers(graph, names) -> None:
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    unused = [t for t in graph.initializer if t.name in names and t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
+def fuse_skip_rms_norms(model) -> int:
+    """Add + RMSNormalization -> com.microsoft SkipSimplifiedLayerNormalization, in place, through onnxscript's
+    fusion rule (which matches onnxruntime's SimplifiedLayerNormalization, the same computation as the ONNX op:
+    axis -1, float stash). Returns the number of fusions; RMSNormalization nodes not preceded by a residual Add
+    stay as they are.
+
+    The rule runs on a copy of the graph whose large weights are typed inputs instead of initializers: it reads
+    only shapes, and the weights (gigabytes) are neither copied nor converted."""
+    import onnx_ir as ir
+    from onnx import helper
+    from onnx_ir.passes.common import ShapeInferencePass
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    graph = model.graph
+    large = {t.name: t for t in graph.initializer if t.data_location == 1 or len(t.raw_data) > WEIGHT_BYTES}
+    light = helper.make_model(
+        helper.make_graph(
+            list(graph.node), graph.name,
+            [*graph.input, *(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in large.values())],
+            list(graph.output), [t for t in graph.initializer if t.name not in large], value_info=list(graph.value_info),
+        ),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version,
+    )
+    for node in light.graph.node:
+        if (node.op_type == "RMSNormalization" and node.domain in ("", "ai.onnx") and _attribute(node, "axis", -1) == -1
+                and _attribute(node, "stash_type", 1) == 1):
+            node.op_type = "SimplifiedLayerNormalization"  # (onnxruntime registers it in the ONNX domain)
+    ir_model = ir.serde.deserialize_model(light)
+    ShapeInferencePass()(ir_model)  # the rule checks that residual and input are both [B, S, D]
+    count = fuse_skip_rms_normalization(ir_model)
+    fused = ir.serde.serialize_model(ir_model).graph
+    for node in fused.node:
+        if node.op_type == "SimplifiedLayerNormalization" and node.domain in ("", "ai.onnx"):
+            node.op_type = "RMSNormalization"  # the ones left: back to the standard op
+    small = [t for t in fused.initializer if t.name not in large]  # (the weights stay where they are)
+    del graph.node[:], graph.value_info[:]
+    graph.node.extend(fused.node)
+    graph.value_info.extend(fused.value_info)
+    for tensor in [t for t in graph.initializer if t.name not in large]:
+        graph.initializer.remove(tensor)
+    graph.initializer.extend(small)
+    if count and not any(o.domain == MICROSOFT for o in model.opset_import):
+        model.opset_import.append(_microsoft_opset())
+    return count
+
+
+def _microsoft_opset():
+    from onnx import helper
+
+    return helper.make_opsetid(MICROSOFT, 1)
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def weight_only_to_matmulnbits(model) -> int:
+    """DequantizeLinear(W int4 [K, N], scale [K/b, N], axis 0, block_size b, no zero point) -> MatMul(x, ·)
+    becomes MatMulNBits(x, B uint8 [N, K/b, b/2], scales [N, K/b]), K, N, bits 4, block_size b:
+
+        B[n, j, i // 2] holds W[j*b + i, n] + 8 (the default zero point 8 makes the stored uint4 the same
+        signed value): low nibble for even i, high nibble for odd i.
+
+    The same weights and scales, so the same numbers as onnxruntime's load-time fusion of the pair. Returns
+    the number of MatMuls rewritten; weights that do not fit (other bit widths, zero points, block sizes
+    MatMulNBits does not take) keep their DequantizeLinear."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    converted: dict[str, tuple[str, str, int, int, int]] = {}  # DQ output -> (B, scales, K, N, block)
+    replaced, dropped = 0, set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        dequantize = producers.get(node.input[1])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) != 2:
+            continue
+        weight, scale = (initializers.get(name) for name in dequantize.input)
+        block = _attribute(dequantize, "block_size", 0)
+        if (weight is None or scale is None or weight.data_type != TensorProto.INT4 or len(weight.dims) != 2
+                or _attribute(dequantize, "axis", 1) != 0 or not _is_power_of_two(block) or block < 16
+                or weight.dims[0] % block):
+            continue
+        if dequantize.output[0] not in converted:
+            values = numpy_helper.to_array(weight).astype(np.int8)  # [K, N] in [-8, 7]
+            k, n = values.shape
+            stored = (values.T + 8).astype(np.uint8).reshape(n, k // block, block)  # [N, K/b, b]
+            packed = stored[..., 0::2] | (stored[..., 1::2] << 4)  # [N, K/b, b/2]
+            scales = numpy_helper.to_array(scale).T.copy()  # [N, K/b], the activations' float type
+            b_name, s_name = f"{weight.name}_nbits", f"{scale.name}_nbits"
+            graph.initializer.extend([numpy_helper.from_array(packed, b_name), numpy_helper.from_array(scales, s_name)])
+            converted[dequantize.output[0]] = (b_name, s_name, k, n, block)
+            dropped.update(dequantize.input)
+        b_name, s_name, k, n, block = converted[dequantize.output[0]]
+        graph.node[index].CopyFrom(helper.make_node(
+            "MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=node.name, domain=MICROSOFT,
+            K=k, N=n, bits=4, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL,
+        ))
+        replaced += 1
+    if replaced:
+        used = {name for node in graph.node for name in node.input}
+        for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in converted]:
+            if node.output[0] not in used:
+                graph.node.remove(node)
+        _drop_unused_initializers(graph, dropped)
+        if not any(o.domain == MICROSOFT for o in model.opset_import):
+            model.opset_import.append(_microsoft_opset())
+    return replaced
+
+
+def _packing_key(node, initializers):
+    """What MatMuls must share to be packed along N: their input and the weight's layout (None: not packable)."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 2:
+            return None
+        return ("MatMul", node.input[0], weight.dims[0], weight.data_type)
+    if node.op_type == "MatMulNBits" and node.domain == MICROSOFT and len(node.input) == 3:
+        weight, scales = (initializers.get(name) for name in node.input[1:])
+        if weight is None or scales is None or len(scales.dims) != 2:
+            return None
+        return ("MatMulNBits", node.input[0], *(_attribute(node, a) for a in ("K", "bits", "block_size", "accuracy_level")))
+    return None
+
+
+def pack_sibling_matmuls(model) -> int:
+    """MatMuls with the same input and constant weights (q/k/v; gate/up) -> one MatMul over the weights
+    concatenated along N, then Split back into the original outputs (exact: every output column is the
+    same dot product over K). Returns the number of MatMuls packed away."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        key = _packing_key(node, initializers)
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    removed, dropped = 0, set()
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        name = f"{first.name}/packed"
+        if key[0] == "MatMul":
+            weights = [numpy_helper.to_array(initializers[m.input[1]]) for m in members]  # [K, N_i]
+            widths = [w.shape[1] for w in weights]
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight"))
+            packed = helper.make_node("MatMul", [first.input[0], f"{name}_weight"], [name], name=name)
+            dropped.update(m.input[1] for m in members)
+        else:
+            blobs = [numpy_helper.to_array(initializers[m.input[1]]) for m in members]  # [N_i, K/b, b/2]
+            scales = [numpy_helper.to_array(initializers[m.input[2]]) for m in members]  # [N_i, K/b]
+            widths = [b.shape[0] for b in blobs]
+            graph.initializer.extend([numpy_helper.from_array(np.concatenate(blobs), f"{name}_weight"),
+                                      numpy_helper.from_array(np.concatenate(scales), f"{name}_scales")])
+            attributes = {a: _attribute(first, a) for a in ("K", "bits", "block_size", "accuracy_level")}
+            packed = helper.make_node("MatMulNBits", [first.input[0], f"{name}_weight", f"{name}_scales"], [name],
+                                      name=name, domain=MICROSOFT, N=sum(widths), **attributes)
+            dropped.update(n for m in members for n in m.input[1:])
+        sizes = numpy_helper.from_array(np.array(widths, np.int64), f"{name}_sizes")
+        graph.initializer.append(sizes)
+        split = helper.make_node("Split", [name, sizes.name], [m.output[0] for m in members], name=f"{name}/split",
+                                 axis=-1)
+        position = list(graph.node).index(first)  # every member reads the same input: it is ready here
+        for node in members:
+            graph.node.remove(node)
+        graph.node.insert(position, split)
+        graph.node.insert(position, packed)
+        removed += len(members) - 1
+    _drop_unused_initializers(graph, dropped)
+    return removed
+
+
+HEAD_MAJOR_OPS = {"RotaryEmbedding", "TensorScatter", "Attention"}  # ops that read [B, H, S, Dh]
+
+
+def split_heads_once(model) -> int:
+    """After pack_sibling_matmuls: the packed q|k|v projection is split into heads once, not per tensor.
+
+        qkv [B, S, (Hq+2Hkv)·Dh] ─Split─► q, k, v ─(each) Reshape [B, S, H, Dh] ─► Transpose(0, 2, 1, 3)
+    ->  qkv ─Reshape [B, S, Hq+2Hkv, Dh] ─► Transpose(0, 2, 1, 3) ─► Split(axis 1: Hq, Hkv, Hkv)
+
+    (the same values, moved once: 3 nodes a layer instead of 7). Dh is the cache inputs' last axis. Returns the
+    number of Splits rewritten; a Split whose outputs do not each go Reshape -> Transpose -> an op reading
+    [B, H, S, Dh] stays as it is."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    cache = next((v for v in graph.input if v.name.startswith("past_")), None)
+    if cache is None or not cache.type.tensor_type.shape.dim[3].HasField("dim_value"):
+        return 0
+    head_dim = cache.type.tensor_type.shape.dim[3].dim_value
+    consumers = _consumers(graph)
+    outputs = {v.name for v in graph.output}
+    initializers = {t.name: t for t in graph.initializer}
+    shape = numpy_helper.from_array(np.array([0, 0, -1, head_dim], np.int64), "/llm/cpu/heads_shape")
+    rewritten = 0
+    for split in [n for n in graph.node if n.op_type == "Split" and n.name.endswith("/packed/split")]:
+        chains = []
+        for output in split.output:
+            reshape = consumers.get(output, [])
+            transpose = consumers.get(reshape[0].output[0], []) if len(reshape) == 1 else []
+            if (len(reshape) != 1 or reshape[0].op_type != "Reshape" or len(transpose) != 1
+                    or transpose[0].op_type != "Transpose" or _attribute(transpose[0], "perm") != [0, 2, 1, 3]
+                    or output in outputs or reshape[0].output[0] in outputs
+                    or not all(c.op_type in HEAD_MAJOR_OPS for c in consumers.get(transpose[0].output[0], []))):
+                break
+            chains.append((reshape[0], transpose[0]))
+        widths = numpy_helper.to_array(initializers[split.input[1]]) if split.input[1] in initializers else None
+        if len(chains) != len(split.output) or widths is None or any(w % head_dim for w in widths):
+            continue
+        name = split.name.removesuffix("/split")
+        heads = numpy_helper.from_array(widths // head_dim, f"{name}/heads")
+        graph.initializer.append(heads)
+        replacement = [
+            helper.make_node("Reshape", [split.input[0], shape.name], [f"{name}/heads_4d"], name=f"{name}/heads_4d"),
+            helper.make_node("Transpose", [f"{name}/heads_4d"], [f"{name}/heads_first"], name=f"{name}/heads_first",
+                             perm=[0, 2, 1, 3]),
+            helper.make_node("Split", [f"{name}/heads_first", heads.name], [t.output[0] for _, t in chains],
+                             name=f"{name}/split_heads", axis=1),
+        ]
+        position = list(graph.node).index(split)
+        for node in [split, *(n for chain in chains for n in chain)]:
+            graph.node.remove(node)
+        for node in reversed(replacement):
+            graph.node.insert(position, node)
+        rewritten += 1
+    if rewritten:
+        graph.initializer.append(shape)
+        remove_dead_nodes(graph)
+    return rewritten
+
+
+def remove_dead_nodes(graph) -> None:
+    """Drop nodes none of whose outputs is read (the shape computations of removed Reshapes), repeatedly."""
+    outputs = {v.name for v in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    _drop_unused_initializers(graph, {t.name for t in graph.initializer})
