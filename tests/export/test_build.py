@@ -89,10 +89,23 @@ def test_llm_fp16_variant(tmp_path):
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is left in fp32
 
 
+@pytest.fixture(scope="module")
+def method_builds(tmp_path_factory):
+    """Vision-only tiny-llava builds of the other methods, each made once for this module: method -> (folder,
+    the manifest build returned)."""
+    builds = {}
+
+    def get(method: str):
+        if method not in builds:
+            out = tmp_path_factory.mktemp("methods") / method
+            builds[method] = out, build(BuildOptions(model="tiny-llava", out=out, method=method, llm=False))
+        return builds[method]
+    return get
+
+
 @pytest.mark.parametrize("method", ["none", "visionzip"])
-def test_other_methods_build_and_match_eager(tmp_path, method):
-    out = tmp_path / method
-    manifest = build(BuildOptions(model="tiny-llava", out=out, method=method, llm=False))
+def test_other_methods_build_and_match_eager(method_builds, method):
+    out, manifest = method_builds(method)
     assert "vision_plugin" not in manifest.files and manifest.notes
     sections = run_parity(out, budgets=[16, 576], e2e=False)
     assert all(row.passed for row in sections["vision"])
@@ -174,8 +187,8 @@ def test_large_models_are_saved_with_external_data(tmp_path, llava_build):
     assert names[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
 
 
-def test_visionzip_graph_runs_the_tower_once(tmp_path):
-    build(BuildOptions(model="tiny-llava", out=tmp_path / "vz", method="visionzip", llm=False))
-    names = [n.name for n in onnx.load(str(tmp_path / "vz" / "vision.onnx")).graph.node]
+def test_visionzip_graph_runs_the_tower_once(method_builds):
+    out, _ = method_builds("visionzip")
+    names = [n.name for n in onnx.load(str(out / "vision.onnx")).graph.node]
     convolutions = [n for n in names if "patch_embedding" in n]
     assert len(convolutions) == 1, convolutions  # features and attention come from one pass

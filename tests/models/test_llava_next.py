@@ -92,6 +92,7 @@ def test_graphs_parse_in_tensorrt_rtx(llava_next_build):
     check_build_parses(llava_next_build)
 
 
+@pytest.mark.slow  # a split build of its own (~30 s); stage 2 is covered in the default run on tiny-llava
 def test_two_stage_compresses_the_base_image_in_the_llm(llava_next_two_stage_build):
     """The released LLaVA-NeXT LLM stage cuts the base image's rows (192 -> 64 there) and leaves the tiles alone:
     layers >= K see the stage-1 rows minus the base crop's cut. Greedy tokens identical on onnxruntime and torch."""
