@@ -73,6 +73,7 @@ def test_llm_has_one_fused_attention_per_layer_and_no_softmax(any_build):
     assert all(len(n.output) == 1 and len(n.input) <= 4 for n in attention)
 
 
+@pytest.mark.slow  # an LLM export of its own (~15 s); the fp16 builds and engines are slow too (.ci/run)
 def test_llm_fp16_variant(tmp_path):
     from apet_export.export.llm import export_llm_artifacts
     from apet_export.manifest import Manifest

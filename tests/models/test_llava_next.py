@@ -35,7 +35,9 @@ def torch_pipeline(llava_next_build):
         yield pipeline
 
 
-@pytest.mark.parametrize("size", [(500, 300), (300, 700), (336, 336)])
+# one size in the default run; the other tilings (a tall picture, the base resolution) are `slow` (.ci/run)
+@pytest.mark.parametrize("size", [(500, 300), pytest.param((300, 700), marks=pytest.mark.slow),
+                                  pytest.param((336, 336), marks=pytest.mark.slow)])
 def test_uncompressed_rows_and_logits_equal_transformers(torch_pipeline, size):
     image = synthetic_image(1, size)
     model, processor = torch_pipeline.backend.model, torch_pipeline.processor
