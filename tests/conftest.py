@@ -84,7 +84,9 @@ def siglip_qwen2_two_stage_build(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "tiny-llava-siglip-qwen2", stage2_layer=2)
 
 
-@pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
+@pytest.fixture(scope="session", params=["tiny-llava", pytest.param("tiny-llava-siglip-qwen2", marks=pytest.mark.slow)])
 def any_two_stage_build(request) -> Path:
+    """Each LLaVA preset split at layer 2. The second preset's split build is only needed here: its tests re-run
+    the first's checks on another tower and LLM, so they are `slow` (a build of its own, ~30 s; .ci/run runs them)."""
     fixture = {"tiny-llava": "llava_two_stage_build", "tiny-llava-siglip-qwen2": "siglip_qwen2_two_stage_build"}
     return request.getfixturevalue(fixture[request.param])

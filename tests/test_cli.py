@@ -120,6 +120,7 @@ def test_run_two_stage_budgets(capsys, llava_two_stage_build):
     assert code == 1 and "error: the stage-2 budget 48 is above the stage-1 budget 32" in err
 
 
+@pytest.mark.slow  # a build of its own (~25 s); the uniform rule itself is checked by tests/compression
 def test_build_apet_variant_uniform_is_recorded(capsys, tmp_path):
     """The family's variant is the default (what the authors ran); --apet-variant uniform is recorded in the
     manifest and shown by inspect; the runtime's eager path then follows it (the build's compression config)."""

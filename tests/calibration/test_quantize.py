@@ -271,7 +271,10 @@ def test_weight_only_round_trip():
     assert np.abs(restored - weight).max() <= scale.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize(("source", "bits"), [("llava_build", 4), ("llava_fp16_build", 8), ("llava_fp16_build", 4)])
+# The fp16 cases need the fp16 build (~30 s, otherwise used by slow tests only): `slow` (.ci/run runs them).
+@pytest.mark.parametrize(("source", "bits"), [("llava_build", 4),
+                                              pytest.param("llava_fp16_build", 8, marks=pytest.mark.slow),
+                                              pytest.param("llava_fp16_build", 4, marks=pytest.mark.slow)])
 def test_tensorrt_rtx_builds_the_weight_only_llm_for_sm89(request, tmp_path, source, bits):
     """The weight-only LLM through `apet-export engine`, with fp32 and with fp16 activations (the scales take
     the graph's type): onnxruntime runs it, TensorRT-RTX parses it with zero errors into a network whose

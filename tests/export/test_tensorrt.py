@@ -38,7 +38,9 @@ def _fp16_build(tmp_path_factory, preset: str) -> Path:
 
 @pytest.fixture(scope="module", params=["tiny-llava", "tiny-llava-siglip-qwen2"])
 def fp16_engines(request, tmp_path_factory) -> Path:
-    """An fp16 build of each tiny preset with SM80 + SM89 engines (builder optimisation level 0)."""
+    """An fp16 build of each tiny preset with SM80 + SM89 engines (builder optimisation level 0). Two fp16 builds
+    and twelve engines (~2 min on 2 cores): its tests are `slow` (.ci/run runs them). The default run builds
+    engines from the fp32, two-stage and calibrated builds it has anyway."""
     if request.param == "tiny-llava":  # the shared session build, copied: engines are written into it
         out = tmp_path_factory.mktemp("builds-fp16") / request.param
         shutil.copytree(request.getfixturevalue("llava_fp16_build"), out)
@@ -91,6 +93,7 @@ def test_fp32_attention_needs_the_decomposable_fallback(llava_build, monkeypatch
     assert marked == manifest.dims["num_layers"] and len(engine) > 1_000_000
 
 
+@pytest.mark.slow  # fp16_engines
 def test_fp16_engines_for_sm80_and_sm89(fp16_engines):
     manifest = load_manifest(fp16_engines)
     record = manifest.engines
@@ -116,6 +119,7 @@ def test_fp16_engines_for_sm80_and_sm89(fp16_engines):
     assert not list(fp16_engines.glob(".engines*"))  # no staging left behind
 
 
+@pytest.mark.slow  # fp16_engines
 def test_fp16_vision_graphs_match_eager_fp32_within_fp16_tolerance(fp16_engines):
     """build --precision fp16: tower + projector in fp16, ApET in fp32; the kept tokens stay identical."""
     from apet_export.parity.run import vision_feeds

@@ -87,6 +87,7 @@ def test_variant_of_another_family_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # two decoder exports of its own (~20 s); the layer-range exporter runs by default in the two-stage build
 def test_decoder_ranges_chain_to_the_whole_decoder_with_mrope(qwen_build, tmp_path):
     """One exporter for any layer range: [0, 2) then [2, 4) of the Qwen2.5-VL text model (M-RoPE position_ids
     [3, B, S]) chained on onnxruntime give llm.onnx's logits and KV; the parts' KV keeps global layer names."""

@@ -28,6 +28,9 @@ def copied_family(monkeypatch):
     FAMILIES.pop("llava_copy")
 
 
+# A full build of the copy (~30 s) and its cheap cells: the same code the default run walks on tiny-llava's row,
+# so `slow` (.ci/run runs it).
+@pytest.mark.slow
 def test_a_new_family_is_walked_by_the_matrix(copied_family, tmp_path, capsys):
     assert "llava_copy" in families() and tiny_preset("llava_copy") == "tiny-llava-copy"
     workspace = Workspace("llava_copy", tmp_path)

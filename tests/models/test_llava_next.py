@@ -54,7 +54,9 @@ def torch_pipeline(llava_next_build):
         yield pipeline
 
 
-@pytest.mark.parametrize("size", [(500, 300), (300, 700), (336, 336)])
+# one size in the default run; the other tilings (a tall picture, the base resolution) are `slow` (.ci/run)
+@pytest.mark.parametrize("size", [(500, 300), pytest.param((300, 700), marks=pytest.mark.slow),
+                                  pytest.param((336, 336), marks=pytest.mark.slow)])
 def test_uncompressed_rows_and_logits_equal_transformers(torch_pipeline, size):
     image = synthetic_image(1, size)
     model, processor = torch_pipeline.backend.model, torch_pipeline.processor
@@ -111,6 +113,7 @@ def test_graphs_parse_in_tensorrt_rtx(llava_next_build):
     check_build_parses(llava_next_build)
 
 
+@pytest.mark.slow  # a split build of its own (~30 s); stage 2 is covered in the default run on tiny-llava
 def test_two_stage_compresses_the_base_image_in_the_llm(llava_next_two_stage_build):
     """The released LLaVA-NeXT LLM stage cuts the base image's rows (192 -> 64 there) and leaves the tiles alone:
     layers >= K see the stage-1 rows minus the base crop's cut. Greedy tokens identical on onnxruntime and torch."""

@@ -19,6 +19,11 @@ from apet_export.runtime.images import synthetic_image
 from apet_export.serve.client import chat_body, data_url, get_json, post_chat
 from tests.serve.conftest import API_KEY, MAX_BODY_MB
 
+# Every test here talks to the real server, which takes ~1 min to start on 2 cores: `slow` (.ci/run runs
+# `-m slow tests/serve`). The default run keeps the server's parts that need no Ray: tests/serve/test_encode_batch.py
+# (the batched vision call) and the option checks of test_serve_lifecycle.py.
+pytestmark = pytest.mark.slow
+
 PROMPT = "Describe the image."
 BUDGET = 32
 MAX_TOKENS = 12
