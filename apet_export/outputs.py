@@ -15,6 +15,13 @@ from apet_export.paths import kind_of
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back): the permissions new files should get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def describe(error: OSError) -> str:
     if error.errno in DISK_FULL:
         return f"the disk is full ({error.strerror})"

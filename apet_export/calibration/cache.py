@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+from apet_export.outputs import current_umask
 
 CACHE_DIR_NAME = "calibration-cache"
 
@@ -46,7 +49,9 @@ def load_ranges(path: Path):
 
 
 def save_ranges(ranges, path: Path) -> None:
-    """Write atomically (onnxruntime writes a temporary file and renames it)."""
+    """Write atomically (onnxruntime writes a temporary file and renames it), with the permissions the umask
+    gives new files: the temporary file is private (0600), and the cache lives in the build, an ordinary folder."""
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     save_tensors_data(ranges, path)
+    os.chmod(path, 0o666 & ~current_umask())

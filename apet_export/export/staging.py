@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from apet_export.errors import ArtifactError
-from apet_export.outputs import DISK_FULL, describe
+from apet_export.outputs import DISK_FULL, current_umask, describe
 
 # .NAME.build-PID-RANDOM (staging; RANDOM is mkdtemp's 8 characters) and .NAME.old-PID (a replaced build
 # being deleted). Narrow patterns: these folders are deleted without asking.
@@ -226,7 +226,7 @@ def prepare(out: Path, force: bool) -> tuple[OutputLock, Path]:
     try:
         remove_stale(out.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-{os.getpid()}-", dir=out.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a build is an ordinary directory
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; a build is an ordinary directory
     except OSError as error:
         lock.release()
         raise _unwritable(out, error) from error
@@ -273,16 +273,10 @@ def temporary_files_in(staging: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def publish(staging: Path, out: Path) -> None:
     """Give every file the permissions the umask gives new files (some writers create 0600), then replace
     `out` by `staging` with renames only (the old build is removed after the swap)."""
-    umask = _umask()
+    umask = current_umask()
     for root, folders, files in os.walk(staging):
         for name in folders:
             os.chmod(os.path.join(root, name), 0o777 & ~umask)

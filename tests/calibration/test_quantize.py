@@ -2,6 +2,7 @@
 atomic output, and the TensorRT-RTX parser / SM89 builder on the QDQ and weight-only graphs."""
 
 import os
+import stat
 
 import numpy as np
 import onnx
@@ -149,6 +150,10 @@ def test_fp8_weight_quantisation_round_trip():
 def test_cache_is_reused_for_the_same_data_and_graph(int8_build, llava_build, sample_images, cache_dir, tmp_path, monkeypatch):
     key = load_manifest(int8_build).quantization["cache"]["vision"]
     assert cache.cache_path(cache_dir, "vision", key).is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in cache_dir.iterdir():  # the permissions the umask gives, not the temporary file's private 0600
+        assert stat.S_IMODE(entry.stat().st_mode) == 0o666 & ~umask, entry
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("ranges were recomputed although the cache holds them")
