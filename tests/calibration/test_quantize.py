@@ -18,6 +18,7 @@ from apet_export.export.trt_network import mark_attention_decomposable, set_targ
 from apet_export.manifest import load_manifest
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
+from tests.tensorrt_parse import tensorrt_network
 
 APET = "/vision/apet/"
 
@@ -221,10 +222,7 @@ def test_tensorrt_rtx_parses_the_fp8_llm(fp8_build):
     from apet_export.compat import import_tensorrt
 
     trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.ERROR)
-    network = trt.Builder(logger).create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(fp8_build / "llm.onnx")), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    network, _parser = tensorrt_network(fp8_build / "llm.onnx")  # the product's parse (strongly typed)
     quantize_layers = [network.get_layer(i) for i in range(network.num_layers)
                        if network.get_layer(i).type == trt.LayerType.QUANTIZE]
     assert quantize_layers and {layer.get_output(0).dtype for layer in quantize_layers} == {trt.DataType.FP8}
@@ -301,10 +299,7 @@ def test_tensorrt_rtx_builds_the_weight_only_llm_for_sm89(request, tmp_path, sou
     cosine = float((expected * actual).sum() / np.linalg.norm(expected) / np.linalg.norm(actual))
     print(f"{manifest.precision} activations, int{bits} weights: logits cosine {cosine:.6f} on onnxruntime")
     assert cosine > 0.99
-    logger = trt.Logger(trt.Logger.ERROR)
-    network = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(build / "llm.onnx")) and parser.num_errors == 0
+    network, _parser = tensorrt_network(build / "llm.onnx")  # the product's parse: zero errors or it raises
     dequantize = [network.get_layer(i) for i in range(network.num_layers)
                   if network.get_layer(i).type == trt.LayerType.DEQUANTIZE]
     int_type = trt.DataType.INT8 if bits == 8 else trt.DataType.INT4

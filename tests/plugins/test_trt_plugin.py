@@ -124,20 +124,19 @@ def test_single_node_graph_builds_with_fp32_and_fp16_input_and_dynamic_shapes(tr
     path = tmp_path / "apet_score.onnx"
     onnx.save(model, path)
 
+    from apet_export.export.trt_network import build_engine, make_logger
+    from apet_export.export.trt_profiles import Profile
+    from tests.tensorrt_parse import tensorrt_network
+
     trt_plugin.ensure_plugin_registered(trt)
-    builder, network, parser, ok = parse(trt, path)
-    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    network, _parser = tensorrt_network(path)  # the product's parse
     (layer,) = plugin_layers(trt, network)
     assert tuple(layer.get_output(0).shape) == (-1, -1) and tuple(layer.get_output(1).shape) == (-1, 6)
 
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1
-    config.set_compute_capability(trt.ComputeCapability.SM89, 0)
-    profile = builder.create_optimization_profile()
-    profile.set_shape("x", (1, 7, 48), (1, 576, 48), (4, 2880, 48))
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None and plan.nbytes > 0
+    profile = Profile("default", {"x": ((1, 7, 48), (1, 576, 48), (4, 2880, 48))}, {})
+    logger = make_logger(trt)
+    plan, _, _ = build_engine(trt, trt.Builder(logger), logger, path, [profile], trt.ComputeCapability.SM89, None, 0)
+    assert plan is not None and len(plan) > 0
 
 
 def test_format_support(trt):
