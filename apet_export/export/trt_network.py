@@ -39,11 +39,15 @@ def make_logger(trt, echo: bool = False):
 
 
 def parse_onnx(trt, builder, logger, path: Path):
-    """A strongly typed INetworkDefinition of the ONNX file (external data resolved beside it)."""
+    """A strongly typed INetworkDefinition of the ONNX file (external data resolved beside it). A failed parse
+    is MissingDependencyError where the ApetScore plugin is not registered, else EngineBuildError."""
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
+        from apet_export.plugins.trt_plugin import raise_for_missing_plugin
+
+        raise_for_missing_plugin(trt, parser)  # an ApetScore node with no plugin registered: name the fix
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         hint = ""
         if any("Plugin not found" in e or "plugin" in e.lower() for e in errors):

@@ -1,7 +1,7 @@
 """The ApetScore TensorRT plugin, checked with TensorRT-RTX's real ONNX parser and ahead-of-time builder (no GPU).
 
 The build's vision.plugin.onnx goes through the product's parse and engine build (export/trt_network.py) with
-the manifest's profile; `parse` below is for hand-made one-node graphs and for reading a failed parse.
+the manifest's profile; so do the hand-made one-node graphs.
 """
 
 from __future__ import annotations
@@ -12,24 +12,16 @@ import numpy as np
 import pytest
 
 from apet_export.compat import import_tensorrt
-from apet_export.errors import MissingDependencyError
+from apet_export.errors import EngineBuildError, MissingDependencyError
 from apet_export.manifest import load_manifest
 from apet_export.plugins import trt_plugin
 from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from tests.tensorrt_parse import tensorrt_network
 
 
 @pytest.fixture(scope="module")
 def trt():
     return import_tensorrt()
-
-
-def parse(trt, path):
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(path))
-    return builder, network, parser, ok
 
 
 def plugin_layers(trt, network):
@@ -40,11 +32,8 @@ def plugin_layers(trt, network):
 def test_parse_without_registration_fails_with_a_typed_error(trt, any_build):
     trt_plugin.unregister_apet_score_plugin(trt)
     assert not trt_plugin.is_apet_score_registered(trt)
-    _, _, parser, ok = parse(trt, any_build / "vision.plugin.onnx")
-    messages = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert not ok and any("Plugin not found" in m for m in messages), messages
-    with pytest.raises(MissingDependencyError, match="register_apet_score_plugin"):
-        trt_plugin.raise_for_missing_plugin(trt, parser)
+    with pytest.raises(MissingDependencyError, match="register_apet_score_plugin"):  # the product's parse
+        tensorrt_network(any_build / "vision.plugin.onnx")
     with pytest.raises(MissingDependencyError, match="apet::ApetScore"):
         trt_plugin.ensure_plugin_registered(trt, register=False)
 
@@ -60,7 +49,6 @@ def test_registration_is_idempotent(trt):
 def test_plugin_graph_parses_and_builds_for_sm89_and_sm80(trt, any_build):
     from apet_export.export.trt_network import build_engine, make_logger
     from apet_export.export.trt_profiles import profiles_for
-    from tests.tensorrt_parse import tensorrt_network
 
     manifest = load_manifest(any_build)
     trt_plugin.ensure_plugin_registered(trt)
@@ -126,7 +114,6 @@ def test_single_node_graph_builds_with_fp32_and_fp16_input_and_dynamic_shapes(tr
 
     from apet_export.export.trt_network import build_engine, make_logger
     from apet_export.export.trt_profiles import Profile
-    from tests.tensorrt_parse import tensorrt_network
 
     trt_plugin.ensure_plugin_registered(trt)
     network, _parser = tensorrt_network(path)  # the product's parse
@@ -178,6 +165,6 @@ def test_a_node_beyond_the_kernel_limit_fails_the_parse_with_the_reason(trt, tmp
     model.ir_version = 10
     onnx.save(model, tmp_path / "bad.onnx")
     trt_plugin.ensure_plugin_registered(trt)
-    _, _, parser, ok = parse(trt, tmp_path / "bad.onnx")
-    assert not ok and "Could not create the plugin" in parser.get_error(0).desc()
+    with pytest.raises(EngineBuildError, match="Could not create the plugin"):
+        tensorrt_network(tmp_path / "bad.onnx")
     assert "num_basis=33 is outside [1, 32]" in capfd.readouterr().err
