@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from apet_export.errors import CheckpointError
+from apet_export.errors import ArtifactError, CheckpointError
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A saved JSON object (a processor's or tokenizer's settings), or ArtifactError naming the file, what is
+    wrong with it and `fix`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is not readable JSON ({error}): {fix}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")
+    return data
 
 
 def read_config(folder: Path) -> dict:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from apet_export.checkpoint import read_json_object
 from apet_export.errors import ArtifactError
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -48,16 +49,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is not a readable JSON file ({error}): rebuild the build") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} is not a JSON object: rebuild the build")
-    return data
 
 
 def _chat_template(model_dir: Path, config: dict) -> str | None:
@@ -126,9 +117,9 @@ class BuildTokenizer:
         except Exception as error:  # the Rust library raises its own Exception types for a bad file
             raise ArtifactError(f"{file} is not a readable tokenizer ({error}): rebuild the build") from None
         config_file = model_dir / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json_object(config_file, "rebuild the build") if config_file.is_file() else {}
         map_file = model_dir / "special_tokens_map.json"
-        named = _read_json(map_file) if map_file.is_file() else {}
+        named = read_json_object(map_file, "rebuild the build") if map_file.is_file() else {}
         # as transformers 5 reads them: the named tokens, every other `*_token` key holding a token (image_token,
         # video_token ...) and a dict of extra_special_tokens (a list names no attributes: nothing to read)
         named.update({k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str | dict)})

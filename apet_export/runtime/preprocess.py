@@ -25,13 +25,13 @@ patch_size, merge_size, ...).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from apet_export.checkpoint import read_json_object
 from apet_export.errors import ArtifactError, InvalidInputError, UnknownNameError
 from apet_export.models.llava_next import best_resolution  # the any-resolution grid: a fact of that family
 
@@ -40,6 +40,7 @@ IMAGE_PROCESSOR_FILE = "preprocessor_config.json"  # an image processor's config
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+REPAIR = "re-save the processor"  # what to do about a saved config we cannot read
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the resampling filter of every type here unless the config names another
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses a longer side over 200 x the shorter
 
@@ -268,11 +269,11 @@ def read_image_processor_config(model_dir: Path) -> tuple[dict, Path]:
     model_dir = Path(model_dir)
     processor_file, image_file = model_dir / PROCESSOR_FILE, model_dir / IMAGE_PROCESSOR_FILE
     if processor_file.is_file():
-        config = read_json(processor_file)
+        config = read_json_object(processor_file, REPAIR)
         if isinstance(config.get("image_processor"), dict):
             return config["image_processor"], processor_file
     if image_file.is_file():
-        return read_json(image_file), image_file
+        return read_json_object(image_file, REPAIR), image_file
     raise ArtifactError(
         f"{model_dir} has no image processor config ({PROCESSOR_FILE} with an image_processor entry, or "
         f"{IMAGE_PROCESSOR_FILE}): the build saves the model's processor there; rebuild it, or save the "
@@ -297,16 +298,6 @@ def load_image_processor(model_dir: Path) -> ImageProcessor:
 
 
 # -- the arithmetic shared by the processors (transformers' helpers, in numpy) ------------------------------------
-
-def read_json(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is not readable JSON ({error}): re-save the processor") from error
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{path} holds a JSON {type(config).__name__}, not an object: re-save the processor")
-    return config
-
 
 def size_dict(size, square: bool) -> dict:
     """A saved size as a dict: an int is the shortest edge (size) or a square (crop_size, pad_size); a pair is
