@@ -126,23 +126,37 @@ def _varint(buffer, position: int, end: int) -> tuple[int, int]:
             return value, position
 
 
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, {name: {dtype, shape, data_offsets}}) of a safetensors file: 8 bytes (little-endian
+    u64) header length, the JSON header, then the data, its offsets counted from the header's end. ValueError
+    when the header cannot be read."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        header = f.read(length) if 0 < length <= size - 8 else b""
+    try:
+        tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
+        for entry in tensors.values():
+            entry["data_offsets"][1]
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
+        raise ValueError(f"corrupt header: {error}") from error
+    return 8 + length, tensors
+
+
 def check_safetensors(path: Path, fix: str, spec: ArtifactSpec | None = None) -> None:
     """The JSON header parses, the file is as long as the header says, and it holds the manifest's tensors."""
 
     def check():
         size = path.stat().st_size
-        with path.open("rb") as f:
-            prefix = f.read(8)
-            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-            header = f.read(length) if 0 < length <= size - 8 else b""
         try:
-            tensors = {k: v for k, v in json.loads(header).items() if k != "__metadata__"}
-            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as error:
+            data_start, tensors = read_safetensors_header(path)
+        except ValueError as error:
             raise ArtifactError(f"{path} is not a readable safetensors file (corrupt header): {fix}") from error
-        if size != 8 + length + end:
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        if size != data_start + end:
             raise ArtifactError(
-                f"{path} is truncated or corrupt ({size} bytes, its header describes {8 + length + end}): {fix}"
+                f"{path} is truncated or corrupt ({size} bytes, its header describes {data_start + end}): {fix}"
             )
         for tensor in spec.outputs if spec else ():
             found = tensors.get(tensor.name, {}).get("shape")

@@ -247,13 +247,12 @@ class OursGeneration(Generation):
     """apet-export's runtime: the runner the onnxruntime backend uses (or the bench-only in-place graph)."""
 
     def __init__(self, model_dir: Path, engine: str, threads: int):
-        from safetensors.numpy import load_file
-
         from apet_export.manifest import load_manifest
         from apet_export.runtime.backends.onnxrt import OnnxrtInPlaceLlmRunner, llm_runner
+        from apet_export.runtime.embeddings import embedding_table
 
         self.manifest = load_manifest(model_dir)
-        self.table = load_file(str(model_dir / "embeddings.safetensors"))["embed_tokens"]  # [V, H]
+        self.table = embedding_table(self.manifest.file(model_dir, "embeddings"))  # [V, H], mapped as the runtime does
         if engine == OURS_INPLACE:
             self.runner = OnnxrtInPlaceLlmRunner(model_dir / INPLACE_GRAPH, threads=threads)
         else:

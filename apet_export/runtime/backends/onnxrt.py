@@ -153,7 +153,7 @@ class OnnxrtBackend(Backend):
         self.vision_graph = vision_graph
 
     def activate(self) -> OnnxrtBackend:
-        from safetensors.numpy import load_file
+        from apet_export.runtime.embeddings import embedding_table
 
         vision_path = self.manifest.file(self.build_dir, self.vision_graph)
         fuse_qdq = self.manifest.precision != "fp8"  # FP8 QDQ runs as simulated quantisation on the CPU
@@ -171,7 +171,7 @@ class OnnxrtBackend(Backend):
         else:
             self.llm = llm_runner(self.build_dir, self.manifest, fuse_qdq=fuse_qdq)
         self.llm.activate()
-        self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
+        self.table = embedding_table(self.manifest.file(self.build_dir, "embeddings"))  # [V, H], mapped
         return self
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
