@@ -14,7 +14,7 @@ which the runtime arranges with IO binding: runtime/backends/onnxrt.py):
 
     past_key_i [B, Hkv, C, Dh] ──┐
     key (new)  [B, Hkv, S, Dh] ──┼─ TensorScatter(axis 2) ─► present_key_i [B, Hkv, C, Dh] ─► Attention
-    write_indices [B] = P ───────┘                           mask padded with MASKED to [B, 1, S, C] (once)
+    write_indices [B] = P ───────┘                           mask padded with the masked value to [B, 1, S, C]
 
 P is not a new input: P = attention_mask length - S. Keys at positions >= P+S are masked, so the attention
 output equals llm.onnx's (the masked scores are exactly 0 after the softmax).
@@ -33,11 +33,11 @@ import numpy as np
 
 from apet_export.config import ArtifactSpec, TensorSpec
 from apet_export.errors import ExportError
+from apet_export.export.onnx_graph import masked_value
 
 CPU_GRAPH = "llm.cpu.onnx"
 CPU_OPSET = 24  # TensorScatter
 CAPACITY = "capacity"  # the cache buffers' sequence axis
-MASKED = -1e9  # as export/llm.py's additive mask
 PREFIX = "/llm/cache"
 
 
@@ -111,15 +111,16 @@ def rewrite_cache_in_place(model) -> None:
     if not attentions or any(len(n.input) < 4 or not n.input[3] for n in attentions):
         raise ExportError("the LLM graph's Attention nodes take no attn_mask: cannot pad it to the cache capacity")
     dtype = next(v.type.tensor_type.elem_type for v in graph.input if v.name == "inputs_embeds")
-    masked = np.array(MASKED, dtype=np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
-    masked_value = numpy_helper.from_array(masked, f"{PREFIX}/masked")
-    graph.initializer.append(masked_value)
+    fp16 = dtype == TensorProto.FLOAT16
+    masked = np.array(masked_value(fp16), dtype=np.float16 if fp16 else np.float32)  # as export/llm.py's mask
+    masked_initializer = numpy_helper.from_array(masked, f"{PREFIX}/masked")
+    graph.initializer.append(masked_initializer)
     pads = []
     for node in attentions:
         mask = node.input[3]
         if mask not in padded:
             padded[mask] = f"{PREFIX}/mask_{len(padded)}"
-            pads.append(helper.make_node("Pad", [mask, f"{PREFIX}/pads", masked_value.name], [padded[mask]],
+            pads.append(helper.make_node("Pad", [mask, f"{PREFIX}/pads", masked_initializer.name], [padded[mask]],
                                          name=padded[mask], mode="constant"))
         node.input[3] = padded[mask]
 

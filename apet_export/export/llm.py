@@ -37,9 +37,7 @@ from torch import nn
 from apet_export.compat import quiet_export
 from apet_export.config import ArtifactSpec, TensorSpec
 from apet_export.errors import ExportError
-from apet_export.export.onnx_graph import finish_and_save
-
-MASKED = -1e9  # additive mask value: finite, so fully padded rows stay NaN-free
+from apet_export.export.onnx_graph import finish_and_save, masked_value
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, query_length: int, dtype) -> torch.Tensor:
@@ -49,7 +47,7 @@ def causal_padding_mask(attention_mask: torch.Tensor, query_length: int, dtype) 
     query_position = torch.arange(query_length, device=attention_mask.device) + (total - query_length)  # [S]
     key_position = torch.arange(total, device=attention_mask.device)  # [T]
     visible = (key_position[None, :] <= query_position[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-    return torch.where(visible, 0.0, MASKED).to(dtype)
+    return torch.where(visible, 0.0, masked_value(dtype == torch.float16)).to(dtype)
 
 
 class DecoderGraph(nn.Module):

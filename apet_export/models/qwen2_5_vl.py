@@ -30,7 +30,6 @@ from apet_export.models.base import ModelFamily, VisionDims
 if TYPE_CHECKING:  # imported where the model runs: the runtime hooks need neither torch nor transformers
     import torch
 
-MASKED = -1e9  # additive attention mask value (finite: no NaN rows)
 TYPICAL_IMAGE_TOKENS = 256  # a 448 x 448 image: the "opt" point of the TensorRT profile's image axes
 
 # The Qwen2.5-VL chat template (default system prompt; one vision span per image part).
@@ -198,7 +197,10 @@ class QwenVLFamily(ModelFamily):
         hidden = to_window_order(hidden)
         cos, sin = (to_window_order(f) for f in visual.rotary_pos_emb(hidden, patch_positions))  # [P, Dh]
         size = window_patch.shape[1]
-        padding = torch.where(window_patch >= 0, 0.0, MASKED).to(hidden.dtype)[:, None, None, :]  # [W, 1, 1, S] keys
+        from apet_export.export.onnx_graph import masked_value
+
+        masked = masked_value(hidden.dtype == torch.float16)
+        padding = torch.where(window_patch >= 0, 0.0, masked).to(hidden.dtype)[:, None, None, :]  # [W, 1, 1, S] keys
         padding = padding.expand(-1, -1, size, -1)  # [W, 1, S, S]: onnxruntime's Attention broadcasts no query axis
         windows = (window_patch.clamp(min=0), padding, window_slot)
         for index, block in enumerate(visual.blocks):
