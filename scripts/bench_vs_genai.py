@@ -4,11 +4,17 @@ and greedy agreement, measured side by side in one run.
     pip install -e ".[bench]" -c constraints.txt       # onnxruntime-genai, pinned
     python scripts/bench_vs_genai.py [--build DIR] [--work DIR] [--precision fp32 --precision int4] [--requests 3]
     python scripts/bench_vs_genai.py --quick            # smoke run on a tiny Qwen2 preset (minutes)
+    python scripts/bench_vs_genai.py --preset bench-llava-clip-l-qwen2-0.5b-vocab --genai-prune-lm-head
+                                                        # Qwen2's real vocabulary; the peer's prompt logits pruned
 
 What it does:
-  1. builds the `bench-llava-clip-l-qwen2-0.5b` preset with `apet-export build` if --build has no build;
+  1. builds the `bench-llava-clip-l-qwen2-0.5b` preset (or --preset) with `apet-export build` if --build has no
+     build. That preset has the tiny tokenizer's 512 embedding rows; its `-vocab` twin has Qwen2's 151936, where
+     the LM head and the embedding table are a third of the weights (untied, as in most VLM language models);
   2. extracts its language model into a Qwen2ForCausalLM checkpoint (the same tensors, renamed) and converts it
-     with `python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu`; our INT4 graph is the same llm.onnx
+     with `python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu` (--genai-prune-lm-head: plus its
+     `prune_lm_head=true` option, which computes the prompt's logits for its last position only, as our graph
+     does; the builder's default computes them for every prompt position); our INT4 graph is the same llm.onnx
      through apet-export's weight-only quantiser (int4 blocks of 32, symmetric; llm.cpu.onnx runs them as
      MatMulNBits, accuracy level 4, as onnxruntime-genai's model does);
   3. starts one fresh worker process per engine (so each peak RSS is that engine's own), loads the models, then
@@ -172,11 +178,15 @@ def extract_causal_lm(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def build_genai_model(causal_lm: Path, out: Path, precision: str) -> Path:
+def build_genai_model(causal_lm: Path, out: Path, precision: str, prune_lm_head: bool = False) -> Path:
+    """onnxruntime-genai's model of `causal_lm` (its builder's CPU defaults; prune_lm_head: its option that
+    computes the prompt's logits for the last position only, as apet-export's graph does)."""
     if (out / "genai_config.json").exists():
         return out
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(causal_lm), "-o", str(out),
                "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    if prune_lm_head:
+        command += ["--extra_options", "prune_lm_head=true"]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True, env=os.environ)
     return out
@@ -435,13 +445,18 @@ def print_table(rows: list[Row]) -> None:
 @click.option("--threads", default=2, show_default=True, help="intra-op threads of every engine")
 @click.option("--engines", default=f"{OURS_CONCAT},{OURS_INPLACE},{OURS_CPU}", show_default=True,
               help="our engines to measure next to genai (comma-separated)")
+@click.option("--preset", default=PRESET, show_default=True,
+              help=f"the model to build when --build has none (e.g. {PRESET}-vocab: Qwen2's real vocabulary size)")
+@click.option("--genai-prune-lm-head", is_flag=True,
+              help="build the peer with onnxruntime-genai's prune_lm_head option (last-position prompt logits)")
 @click.option("--quick", is_flag=True, help=f"smoke run: {QUICK_PRESET}, fp32, one request, prompt 84, 8 tokens")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the rows here")
-def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, engines, quick, json_out):
+def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, engines, preset, genai_prune_lm_head,
+         quick, json_out):
     from apet_export.export.build import BuildOptions, build
     from apet_export.manifest import load_manifest
 
-    preset = QUICK_PRESET if quick else PRESET
+    preset = QUICK_PRESET if quick else preset
     if quick:
         precisions, lengths, new_tokens, requests = ("fp32",), (84,), 8, 1
     build_dir = Path(build_dir or f"build/{preset}")
@@ -456,7 +471,8 @@ def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, en
     rows = []
     for precision in precisions:
         models = {name: build_ours(build_dir, work, precision) for name in engines.split(",")}
-        models[GENAI] = build_genai_model(causal_lm, work / f"genai-{precision}", precision)
+        peer = f"genai-{precision}{'-pruned' if genai_prune_lm_head else ''}"
+        models[GENAI] = build_genai_model(causal_lm, work / peer, precision, genai_prune_lm_head)
         rows += run_precision(precision, models, list(lengths), new_tokens, requests, threads,
                               dims["vocab_size"], exclude)
     print_table(rows)

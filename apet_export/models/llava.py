@@ -83,6 +83,9 @@ TINY_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, nu
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 CLIP_L_TOWER = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 QWEN2_0_5B_TEXT = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+# Qwen2's real embedding rows: the LM head and the embedding table are then the real model's size (a third of
+# Qwen2-0.5B's weights); the tiny tokenizer uses the first 512 ids, as Qwen2's own tokenizer leaves rows unused
+QWEN2_VOCAB = dict(vocab_size=151936)
 
 
 def random_llava_config(tokenizer, tower: str, tower_size: dict, text_size: dict, text_model: str):
@@ -93,8 +96,8 @@ def random_llava_config(tokenizer, tower: str, tower_size: dict, text_size: dict
     text = dict(
         vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        **text_size,
     )
+    text.update(text_size)  # sizes, and a vocabulary larger than the tokenizer's where a preset names one
     text_config = LlamaConfig(**text) if text_model == "llama" else Qwen2Config(**text, use_sliding_window=False)
     if tower == "clip":
         vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **tower_size)

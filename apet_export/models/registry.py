@@ -13,7 +13,13 @@ from apet_export.compat import quiet_libraries
 from apet_export.compression.budget import BudgetPolicy
 from apet_export.errors import ArtifactError, UnknownNameError
 from apet_export.models.base import ModelFamily
-from apet_export.models.llava import CLIP_L_TOWER, QWEN2_0_5B_TEXT, LlavaFamily, build_random_llava
+from apet_export.models.llava import (
+    CLIP_L_TOWER,
+    QWEN2_0_5B_TEXT,
+    QWEN2_VOCAB,
+    LlavaFamily,
+    build_random_llava,
+)
 from apet_export.models.llava_next import LlavaNextFamily, build_random_llava_next
 from apet_export.models.qwen2_5_vl import QwenVLFamily, build_random_qwen2_5_vl
 from apet_export.models.video_llava import VideoLlavaFamily, build_random_video_llava
@@ -54,6 +60,11 @@ PRESETS: dict[str, Preset] = {
         Preset("bench-llava-clip-l-qwen2-0.5b", "llava",
                lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, QWEN2_0_5B_TEXT),
                "CLIP-L/336 tower + Qwen2-0.5B-shaped text model (tiny vocabulary), random weights",
+               tiny=False),
+        Preset("bench-llava-clip-l-qwen2-0.5b-vocab", "llava",
+               lambda out: build_random_llava(out, "clip", "qwen2", CLIP_L_TOWER, {**QWEN2_0_5B_TEXT, **QWEN2_VOCAB}),
+               "as bench-llava-clip-l-qwen2-0.5b with Qwen2's 151936 embedding rows (the tokenizer uses 512; "
+               "LM head and embeddings untied, as in most VLM language models), random weights",
                tiny=False),
         Preset("tiny-llava-next", "llava_next", build_random_llava_next,
                "LLaVA-NeXT any-resolution: CLIP 336px/14 (576 tokens per crop, up to 5 crops) + 4-layer Llama, random weights"),
