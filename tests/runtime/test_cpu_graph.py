@@ -88,6 +88,28 @@ def test_long_prompts_prefill_in_chunks_with_the_same_result(siglip_qwen2_build,
         np.testing.assert_allclose(written[:, :, : cache.length], concatenated, atol=1e-5, rtol=0)
 
 
+def test_prefill_grows_the_cache_chunk_by_chunk(siglip_qwen2_build):
+    # onnxruntime's Attention scores every key of the buffer: each chunk of a long prompt runs on a buffer sized
+    # for the entries up to its end (rounded up to CHUNK), not for the whole prompt
+    manifest = load_manifest(siglip_qwen2_build)
+    runner = llm_runner(siglip_qwen2_build, manifest)
+    runner.PREFILL_CHUNK = 16
+    runner.activate()
+    try:
+        cache, seen = runner.new_cache(manifest, 1), []
+        run = runner.session.run_with_iobinding
+        runner.session.run_with_iobinding = lambda binding: (seen.append((cache.length, cache.capacity)), run(binding))
+        table = load_file(str(siglip_qwen2_build / "embeddings.safetensors"))["embed_tokens"]
+        ids = np.random.default_rng(3).integers(3, 500, 70)
+        runner.infer({"inputs_embeds": table[ids][None], "attention_mask": np.ones((1, 70), np.int64),
+                      "position_ids": np.arange(70, dtype=np.int64)[None]}, check_inputs=False, cache=cache)
+    finally:
+        runner.deactivate()
+    chunk = PreallocatedKVCache.CHUNK
+    assert seen == [(length, -(-min(length + 16, 70) // chunk) * chunk) for length in range(0, 70, 16)]
+    assert seen[0][1] == 32 and cache.length == 70
+
+
 def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
     # residual Add + RMSNorm fused (all but the first layer's input norm and the final norm), q/k/v and
     # gate/up each one MatMul over packed weights, no all-zero bias adds left (the greedy tokens and logits
