@@ -113,14 +113,15 @@ class DecoderEngine:
 
 
 class Stage2Engine:
-    """compressed_states = the hidden states with each span cut to its first `keep` rows."""
+    """compressed_states = the hidden states with each span cut to its first `keep` rows. image_start is
+    read from device memory (only shape tensors are on the host), though the manifest records its range."""
 
     tensors = {
         "hidden_states": ("in", np.float32), "image_start": ("in", np.int64), "image_length": ("in", np.int64),
         "keep": ("in", np.int64), "compressed_states": ("out", np.float32), "keep_index": ("out", np.int64),
         "scores": ("out", np.float32),
     }
-    host = {"image_start", "image_length", "keep"}
+    host = {"image_length", "keep"}
 
     def values(self, context):
         return [int(memory(context.addresses[n], (), np.int64)) for n in ("image_start", "image_length", "keep")]
@@ -428,7 +429,8 @@ def two_stage_build(tmp_path: Path, module: str = "tensorrt_rtx_bindings") -> tu
         "llm_b": decoder_spec(engines["llm_b"]), "embeddings": ArtifactSpec("embeddings.safetensors", (), ()),
     }
     built = {"module": module, "version": "1.7.1.116"}
-    stage2_profile = [{"name": "prefill", "shapes": {}, "values": {"keep": [11, 16, 32], "image_length": [11, 16, 32]}}]
+    stage2_profile = [{"name": "prefill", "shapes": {}, "values": {
+        "keep": [11, 16, 32], "image_length": [11, 16, 32], "image_start": [0, 1, CONTEXT - 1]}}]
     entries = [{**decoder_entry(path=f"engines/sm89/{name}.engine"), "artifact": name} for name in ("llm_a", "llm_b")]
     entries += [{"artifact": "vision", "path": "engines/sm89/vision.engine", "profiles": [], "settings": {}},
                 {"artifact": "stage2", "path": "engines/sm89/stage2.engine", "profiles": stage2_profile, "settings": {}}]

@@ -301,7 +301,7 @@ class TrtDecoder:
                  for name in (self.input_name, "attention_mask", "position_ids")}
         past, present = cache.bindings(new_tokens)
         feeds.update(past)
-        bind_inputs(self.engine, context, profile, feeds)
+        bind_inputs(self.engine, context, profile, feeds, feed_dict)
         output_shape = tuple(context.get_tensor_shape(self.output_name))
         output = self.buffers.buffer(self.output_name, output_shape, self.engine.numpy_dtype(self.output_name))
         launch(self.engine, context, self.stream, {self.output_name: output, **present})

@@ -106,9 +106,11 @@ class Engine:
         return context
 
 
-def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
+def check_in_profile(engine: Engine, profile: int, feeds: dict, host_feeds: dict | None = None) -> None:
     """EngineInputError when a shape or a shape-tensor value lies outside the profile's range (what
-    set_input_shape would only report as False, and a wrong value as a failure at enqueue)."""
+    set_input_shape would only report as False, and a wrong value as a failure at enqueue). Values are read
+    from host_feeds, the host arrays the feeds were copied from: a value the manifest records a range for
+    (image_start) may be a tensor the engine reads from device memory."""
     if not engine.profiles:
         return
     recorded = engine.profiles[profile]
@@ -124,7 +126,7 @@ def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
                 )
         if name in recorded.get("values", {}):
             low, _, high = recorded["values"][name]
-            number = int(np.asarray(value))  # a host shape tensor
+            number = int(np.asarray((host_feeds or {}).get(name, value)))
             if not low <= number <= high:
                 raise EngineInputError(
                     f"{engine.name}: input {name} = {number} is outside the {recorded['name']!r} profile's range "
@@ -132,10 +134,11 @@ def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
                 )
 
 
-def bind_inputs(engine: Engine, context, profile: int, feeds: dict) -> None:
+def bind_inputs(engine: Engine, context, profile: int, feeds: dict, host_feeds: dict | None = None) -> None:
     """Input shapes and addresses by name (device arrays, or host numpy arrays for shape tensors), each
-    result checked: TensorRT answers False for a shape outside the profile or an address it cannot use."""
-    check_in_profile(engine, profile, feeds)
+    result checked: TensorRT answers False for a shape outside the profile or an address it cannot use.
+    host_feeds: the host arrays behind the device feeds (for the profile's value ranges)."""
+    check_in_profile(engine, profile, feeds, host_feeds)
     for name, value in feeds.items():
         shape = tuple(int(d) for d in value.shape)
         if not context.set_input_shape(name, shape):
@@ -171,7 +174,7 @@ def run_once(engine: Engine, context, profile: int, stream, feed: dict, buffers:
     """Every input of the engine from `feed` (numpy), every output in a buffer of the shape TensorRT infers,
     one launch, read back on the same stream: {output name: numpy array}."""
     feeds = {name: to_engine(engine, name, feed[name], buffers, stream) for name in engine.inputs}
-    bind_inputs(engine, context, profile, feeds)  # now the output shapes ([B, keep, H] ...) are known
+    bind_inputs(engine, context, profile, feeds, feed)  # now the output shapes ([B, keep, H] ...) are known
     outputs = {name: buffers.buffer(name, tuple(context.get_tensor_shape(name)), engine.numpy_dtype(name))
                for name in engine.outputs}
     launch(engine, context, stream, outputs)
