@@ -13,9 +13,10 @@
 KV cache without host round trips: per layer, key and value each own two flat device buffers of the full
 context (ping-pong), all in one allocation per cache. A step binds past_* to the first B*Hkv*P*Dh elements
 of one buffer, as a contiguous [B, Hkv, P, Dh] array, and present_* to the other, where the graph writes
-[B, Hkv, P+S, Dh]; then the two swap. Only the step's embeddings go up and its logits come down (the sampler runs on the host). On a
-two-stage build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b (the runner the
-other backends share works on host arrays; for decode steps that is one row per step).
+[B, Hkv, P+S, Dh]; then the two swap. Only the step's embeddings go up and its logits come down (the
+sampler runs on the host); the step's feeds and logits live in buffers reused across steps. On a two-stage
+build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b (the runner the other
+backends share works on host arrays; for decode steps that is one row per step).
 
 Neither torch nor transformers: device memory and the stream are Polygraphy's CUDA wrappers of libcudart
 (device_memory.py), the GPU check asks the CUDA runtime (cuda_device.py), and tensorrt is imported when
