@@ -56,7 +56,7 @@ def current_target() -> str:
     if target is None:
         raise DeviceError(
             f"the tensorrt backend needs a CUDA GPU and finds none ({missing}): run on a machine with an NVIDIA "
-            f"GPU, its driver and the CUDA runtime library, or use --backend onnxruntime"
+            f"GPU, its driver and a CUDA runtime library (libcudart) that driver supports, or use --backend onnxruntime"
         )
     return target
 
