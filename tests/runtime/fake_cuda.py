@@ -1,25 +1,35 @@
-"""A stand-in for the CUDA runtime under Polygraphy's CUDA wrappers, for machines without a GPU: installed as
-polygraphy.cuda's global wrapper, so Polygraphy's own DeviceArray and Stream, and through them the tensorrt
-backend's GPU memory (device_memory.CudaMemory), run unchanged on "device" memory that is host memory
-here. It checks what a real GPU would only corrupt silently: every copy must lie inside a live allocation,
-a freed or unknown address fails, and it records every call for the tests to inspect."""
+"""A stand-in for libcudart under Polygraphy's CUDA wrapper, for machines without a GPU: Polygraphy's own
+Cuda object (malloc, free, memcpy, streams, its status checks) with its `handle` (the ctypes library) replaced
+by these functions, installed as polygraphy.cuda's global wrapper. So Polygraphy's DeviceArray / Stream /
+memcpy, and through them the tensorrt backend's GPU memory (device_memory.CudaMemory) and GPU probe
+(cuda_device.py), run unchanged down to the C calls, on "device" memory that is host memory here.
+
+It checks what a real GPU would only corrupt silently: every copy must lie inside a live allocation, a
+freed or unknown address fails, and it records every call for the tests to inspect."""
 
 from __future__ import annotations
 
 import ctypes
-import types
 
 import polygraphy.cuda.cuda as polygraphy_cuda
-from polygraphy.exception import PolygraphyException
 
-HOST_TO_DEVICE, DEVICE_TO_HOST = 1, 2  # cudaMemcpyKind (polygraphy.cuda.MemcpyKind holds them as c_int)
+HOST_TO_DEVICE, DEVICE_TO_HOST = 1, 2  # cudaMemcpyKind
+SUCCESS, MEMORY_ALLOCATION, INSUFFICIENT_DRIVER = 0, 2, 35  # cudaError_t
+ERROR_STRINGS = {INSUFFICIENT_DRIVER: b"CUDA driver version is insufficient for CUDA runtime version"}
 
 
-class FakeCudaRuntime:
-    """The methods of polygraphy.cuda.Cuda the backend reaches (malloc, free, memcpy, streams) and the raw
-    libcudart calls it makes through `.handle` (device count, compute capability, error strings)."""
+def _int(value) -> int:
+    """A ctypes argument (c_void_p, c_size_t, c_int) or a plain int, as Polygraphy passes them."""
+    value = getattr(value, "value", value)
+    return int(value or 0)
 
-    def __init__(self, devices: int = 1, capability: tuple[int, int] = (8, 9), count_status: int = 0):
+
+class FakeLibcudart:
+    """The libcudart functions Polygraphy's wrapper and the GPU probe call, each returning a cudaError_t
+    and writing its results through the pointers it is given, as the C library does."""
+
+    def __init__(self, devices: int = 1, capability: tuple[int, int] = (8, 9), count_status: int = SUCCESS):
+        self.devices, self.capability, self.count_status = devices, capability, count_status
         self.allocations: dict[int, ctypes.Array] = {}  # device pointer -> its memory (host memory here)
         self.malloc_sizes: list[int] = []
         self.freed: list[int] = []
@@ -28,62 +38,85 @@ class FakeCudaRuntime:
         self.destroyed: list[int] = []
         self.synchronized: list[int] = []
         self.fail_malloc = False
-        self.handle = types.SimpleNamespace(
-            cudaGetDeviceCount=lambda count: self._set(count, devices, count_status),
-            cudaDeviceGetAttribute=lambda value, attribute, device: self._set(
-                value, {75: capability[0], 76: capability[1]}[attribute], 0),
-            cudaGetErrorString=lambda status: {35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(status),
-        )
+        self.cudaGetErrorString = ErrorString()
 
-    @staticmethod
-    def _set(reference, value: int, status: int) -> int:
-        reference._obj.value = value  # what libcudart writes through the int* it is given
-        return status
+    # -- memory
+    def cudaMalloc(self, pointer, nbytes) -> int:
+        if self.fail_malloc:
+            return MEMORY_ALLOCATION
+        memory = ctypes.create_string_buffer(_int(nbytes))
+        address = ctypes.addressof(memory)
+        self.allocations[address] = memory
+        self.malloc_sizes.append(_int(nbytes))
+        pointer._obj.value = address  # the void** the caller passed by reference
+        return SUCCESS
 
-    def malloc(self, nbytes: int) -> int:
-        if self.fail_malloc:  # what Polygraphy's check() raises for cudaErrorMemoryAllocation
-            raise PolygraphyException("CUDA Error: 2. To figure out what this means, refer to ...")
-        memory = ctypes.create_string_buffer(nbytes)
-        self.allocations[ctypes.addressof(memory)] = memory
-        self.malloc_sizes.append(nbytes)
-        return ctypes.addressof(memory)
+    def cudaFree(self, pointer) -> int:
+        address = _int(pointer)
+        if address == 0:
+            return SUCCESS  # cudaFree(nullptr) does nothing
+        assert address in self.allocations, f"free of {address:#x}, not an allocation (or freed twice)"
+        del self.allocations[address]
+        self.freed.append(address)
+        return SUCCESS
 
-    def free(self, ptr: int) -> None:
-        if ptr == 0:
-            return  # cudaFree(nullptr) does nothing
-        assert ptr in self.allocations, f"free of {ptr:#x}, not an allocation (or freed twice)"
-        del self.allocations[ptr]
-        self.freed.append(ptr)
-
-    def allocation_of(self, ptr: int, nbytes: int) -> int:
-        """The live allocation holding [ptr, ptr + nbytes); AssertionError if none does."""
+    def allocation_of(self, address: int, nbytes: int) -> int:
+        """The live allocation holding [address, address + nbytes); AssertionError if none does."""
         for base, memory in self.allocations.items():
-            if base <= ptr and ptr + nbytes <= base + len(memory):
+            if base <= address and address + nbytes <= base + len(memory):
                 return base
-        raise AssertionError(f"{nbytes} bytes at {ptr:#x} are not inside any live allocation")
+        raise AssertionError(f"{nbytes} bytes at {address:#x} are not inside any live allocation")
 
-    def memcpy(self, dst: int, src: int, nbytes, kind, stream_ptr=None) -> None:
-        nbytes, kind = int(getattr(nbytes, "value", nbytes)), int(getattr(kind, "value", kind))
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream) -> int:
+        dst, src, nbytes, kind = _int(dst), _int(src), _int(nbytes), _int(kind)
         assert kind in (HOST_TO_DEVICE, DEVICE_TO_HOST), kind
         self.allocation_of(dst if kind == HOST_TO_DEVICE else src, nbytes)
         ctypes.memmove(dst, src, nbytes)
-        self.copies.append({"kind": kind, "dst": dst, "src": src, "nbytes": nbytes, "stream": stream_ptr})
+        self.copies.append({"kind": kind, "dst": dst, "src": src, "nbytes": nbytes, "stream": _int(stream)})
+        return SUCCESS
 
-    def create_stream(self) -> int:
+    # -- streams
+    def cudaStreamCreate(self, pointer) -> int:
         self.streams.append(0x5000 + len(self.streams))
-        return self.streams[-1]
+        pointer._obj.value = self.streams[-1]
+        return SUCCESS
 
-    def stream_synchronize(self, ptr: int) -> None:
-        assert ptr in self.streams and ptr not in self.destroyed, f"synchronize of stream {ptr:#x}"
-        self.synchronized.append(ptr)
+    def cudaStreamSynchronize(self, stream) -> int:
+        stream = _int(stream)
+        assert stream == 0 or (stream in self.streams and stream not in self.destroyed), f"synchronize of {stream:#x}"
+        self.synchronized.append(stream)
+        return SUCCESS
 
-    def destroy_stream(self, ptr: int) -> None:
-        assert ptr in self.streams and ptr not in self.destroyed, f"destroy of stream {ptr:#x}"
-        self.destroyed.append(ptr)
+    def cudaStreamDestroy(self, stream) -> int:
+        stream = _int(stream)
+        assert stream in self.streams and stream not in self.destroyed, f"destroy of stream {stream:#x}"
+        self.destroyed.append(stream)
+        return SUCCESS
+
+    # -- devices
+    def cudaGetDeviceCount(self, count) -> int:
+        if self.count_status == SUCCESS:
+            count._obj.value = self.devices
+        return self.count_status
+
+    def cudaDeviceGetAttribute(self, value, attribute, device) -> int:
+        value._obj.value = {75: self.capability[0], 76: self.capability[1]}[attribute]
+        return SUCCESS
 
 
-def install(monkeypatch, runtime: FakeCudaRuntime | None = None) -> FakeCudaRuntime:
-    """Make `runtime` what polygraphy.cuda.wrapper() returns for the rest of the test."""
-    runtime = runtime or FakeCudaRuntime()
+class ErrorString:
+    """cudaGetErrorString as a ctypes function object: callers set its restype (a method would refuse)."""
+
+    restype = ctypes.c_int
+
+    def __call__(self, status):
+        return ERROR_STRINGS.get(_int(status))
+
+
+def install(monkeypatch, library: FakeLibcudart | None = None) -> FakeLibcudart:
+    """Make polygraphy.cuda.wrapper() a real Polygraphy Cuda wrapper around `library` for the rest of the test."""
+    library = library or FakeLibcudart()
+    runtime = object.__new__(polygraphy_cuda.Cuda)  # without __init__, which would load the real libcudart
+    runtime.handle = library
     monkeypatch.setattr(polygraphy_cuda, "G_CUDA", runtime)
-    return runtime
+    return library

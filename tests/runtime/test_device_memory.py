@@ -1,6 +1,6 @@
 """The tensorrt backend's memory layer and GPU probe without a GPU: the GPU kind (device_memory.CudaMemory,
-cuda_device.probe_gpu) against a stand-in CUDA runtime under Polygraphy's wrappers (fake_cuda.py), checking
-the addresses, sizes, kinds and streams of what it asks the runtime for; the host kind against numpy."""
+cuda_device.probe_gpu) through Polygraphy's own CUDA wrapper over a stand-in libcudart (fake_cuda.py),
+checking the addresses, sizes, kinds and streams of what reaches the C library; the host kind against numpy."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.runtime import fake_cuda
 
 
 @pytest.fixture
-def cuda(monkeypatch) -> fake_cuda.FakeCudaRuntime:
+def cuda(monkeypatch) -> fake_cuda.FakeLibcudart:
     return fake_cuda.install(monkeypatch)
 
 
@@ -80,10 +80,11 @@ def test_gpu_memory_is_freed_when_its_last_view_goes(cuda):
     assert cuda.freed == [base] and cuda.allocations == {}
 
 
-def test_a_failed_gpu_allocation_is_a_device_error(cuda):
+def test_a_failed_gpu_allocation_is_a_device_error(cuda, capsys):
     cuda.fail_malloc = True
     with pytest.raises(DeviceError, match=r"could not allocate 2\.0 MiB of GPU memory .*CUDA Error: 2.*smaller --max-context"):
         CudaMemory().allocate((512, 1024), np.float32)
+    assert capsys.readouterr() == ("", "")  # Polygraphy's own report of it stays quiet: the CLI prints one line
 
 
 def test_host_arrays_have_the_same_interface():
@@ -146,11 +147,11 @@ def test_kv_cache_ping_pong_windows_in_one_allocation(kind, monkeypatch):
 
 def test_the_gpu_probe_asks_the_cuda_runtime(cuda, monkeypatch):
     assert probe_gpu() == ("sm89", None) and gpu_target() == "sm89" and trt_backend.current_target() == "sm89"
-    fake_cuda.install(monkeypatch, fake_cuda.FakeCudaRuntime(capability=(12, 0)))
+    fake_cuda.install(monkeypatch, fake_cuda.FakeLibcudart(capability=(12, 0)))
     assert gpu_target() == "sm120"
-    fake_cuda.install(monkeypatch, fake_cuda.FakeCudaRuntime(devices=0))
+    fake_cuda.install(monkeypatch, fake_cuda.FakeLibcudart(devices=0))
     assert probe_gpu() == (None, "the CUDA runtime sees no device")
-    fake_cuda.install(monkeypatch, fake_cuda.FakeCudaRuntime(count_status=35))  # a driver older than the runtime
+    fake_cuda.install(monkeypatch, fake_cuda.FakeLibcudart(count_status=35))  # a driver older than the runtime
     reason = "cudaGetDeviceCount failed: CUDA driver version is insufficient for CUDA runtime version (CUDA error 35)"
     assert probe_gpu() == (None, reason)
     with pytest.raises(DeviceError, match=rf"needs a CUDA GPU and finds none \({re.escape(reason)}\).* or use --backend onnxruntime"):

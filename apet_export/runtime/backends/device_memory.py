@@ -116,10 +116,12 @@ class CudaAllocation:
     def __init__(self, nbytes: int):
         from polygraphy import cuda
         from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
 
         runtime = cuda.wrapper()
         try:
-            self.ptr = runtime.malloc(nbytes)
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL + 1):  # it would print the error before our one line
+                self.ptr = runtime.malloc(nbytes)
         except PolygraphyException as error:
             raise DeviceError(
                 f"could not allocate {nbytes / 2**20:.1f} MiB of GPU memory ({error}): free GPU memory (other "
