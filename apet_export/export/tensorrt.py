@@ -65,7 +65,7 @@ class Target:
 def current_gpu_target() -> str | None:
     """'sm90' for this machine's first CUDA GPU, None without one (asked of the CUDA runtime, as the tensorrt
     backend does when it picks the engines to load)."""
-    from apet_export.runtime.backends.cuda_device import gpu_target
+    from apet_export.export.cuda_device import gpu_target
 
     return gpu_target()
 

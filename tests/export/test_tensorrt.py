@@ -19,10 +19,10 @@ from apet_export.errors import (
     InvalidInputError,
     MissingDependencyError,
 )
+from apet_export.export.cuda_device import gpu_target
 from apet_export.export.tensorrt import EngineOptions, build_engines, resolve_targets
 from apet_export.export.trt_profiles import profiles_for
 from apet_export.manifest import load_manifest
-from apet_export.runtime.backends.cuda_device import gpu_target
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is in the dev extras: pip install -e '.[dev]'")
 HAS_GPU = gpu_target() is not None

@@ -12,8 +12,8 @@ import polygraphy.cuda.cuda as polygraphy_cuda
 import pytest
 
 from apet_export.errors import DeviceError, EngineInputError
+from apet_export.export.cuda_device import gpu_target, probe_gpu
 from apet_export.runtime.backends import trt as trt_backend
-from apet_export.runtime.backends.cuda_device import gpu_target, probe_gpu
 from apet_export.runtime.backends.device_memory import (
     BufferPool,
     CudaMemory,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from apet_export.runtime.backends.cuda_device import gpu_target
+from apet_export.export.cuda_device import gpu_target
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
 
@@ -69,7 +69,6 @@ def test_cli_run_without_torch_equals_the_reference(request, fixture):
 
 PIPELINE_SCRIPT = """
 import json, sys
-from apet_export.runtime.backends.cuda_device import gpu_target
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
 

@@ -19,10 +19,10 @@ build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b
 backends share works on host arrays; for decode steps that is one row per step).
 
 Neither torch nor transformers: device memory and the stream are Polygraphy's CUDA wrappers of libcudart
-(device_memory.py), the GPU check asks the CUDA runtime (cuda_device.py), and tensorrt is imported when
-the backend activates, so this module imports on any machine. Tested without a GPU: engine selection,
+(device_memory.py), the GPU check asks the CUDA runtime (export/cuda_device.py), and tensorrt is imported
+when the backend activates, so this module imports on any machine. Tested without a GPU: engine selection,
 version and target checks, and the runners themselves against stand-in engines, on host memory and on a
-stand-in of the CUDA runtime under Polygraphy's wrappers (tests/runtime/test_trt_backend.py).
+stand-in libcudart under Polygraphy's wrapper (tests/runtime/test_trt_backend.py).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from apet_export.errors import ArtifactError, DeviceError, EngineCompatibilityError, EngineInputError
+from apet_export.export.cuda_device import probe_gpu
 from apet_export.manifest import Manifest
 from apet_export.runtime.backends.base import Backend
-from apet_export.runtime.backends.cuda_device import probe_gpu
 from apet_export.runtime.backends.device_memory import BufferPool, device_memory
 from apet_export.runtime.backends.trt_engine import (
     RUNTIME_CACHE,

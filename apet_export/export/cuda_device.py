@@ -1,5 +1,6 @@
 """Which CUDA GPU this machine has, asked of the CUDA runtime through Polygraphy's wrapper of libcudart
-(no torch): the compute capability of device 0 as a target name ("sm90"), or why there is none.
+(no torch): the compute capability of device 0 as a TensorRT target name ("sm90"), or why there is none.
+What `apet-export engine --target current` builds for and what the tensorrt backend loads engines for.
 
     probe_gpu() -> ("sm90", None)
                  | (None, "the CUDA runtime library (libcudart) could not be loaded: ...")
