@@ -2,9 +2,11 @@
 # What a GPU machine runs end to end, with the TensorRT engines of this GPU required throughout
 # (--require-tensorrt: "skipped" is a failure here):
 #   1. per preset, fp16 and fp32 builds: engines, parity (onnxruntime and TensorRT vs eager PyTorch),
-#      run on TensorRT with the plain vision graph and with the ApetScore plugin graph (the plugin's
-#      enqueue on the GPU), bench (onnxruntime, then TensorRT)
+#      run on TensorRT with the plain vision graph (also with torch and transformers unimportable: the
+#      runtime needs neither) and with the ApetScore plugin graph (the plugin's enqueue on the GPU), bench
+#      (onnxruntime, then TensorRT)
 #   2. a two-stage build (--stage2-layer 2): engines for llm_a / stage2 / llm_b, parity and run on TensorRT
+#      (with torch blocked too)
 #   3. calibrated builds (int8 with int8 and int4 weight-only LLMs; fp8 where the GPU has FP8, sm89+):
 #      engines for every graph, the quantised LLM included; accuracy parity; run on TensorRT
 #   4. the Triton ApetScore kernel against eager torch (scripts/bench_triton_apet.py)
@@ -73,6 +75,16 @@ for seed in range(8):
 print(f"8 pictures in {folder}")
 PY
 
+# without_torch COMMAND...: COMMAND where torch, torchvision and transformers cannot be imported (the test
+# suite's import blocker on PYTHONPATH); any attempt to import them (a `blocked:` line) fails it too
+without_torch() {
+    local log rc
+    log=$(PYTHONPATH="tests/runtime/torch_blocked${PYTHONPATH:+:$PYTHONPATH}" "$@" 2>&1)
+    rc=$?
+    echo "$log"
+    [ "$rc" -eq 0 ] && ! grep -q '^blocked: ' <<<"$log"
+}
+
 engines() {  # engines for this GPU, timed, with their sizes (called in `if`: errexit is off, hence &&)
     /usr/bin/time -f "engine build: %e s wall, %M KiB peak RSS" apet-export engine "$1" --target current "${@:2}" &&
         du -b "$1"/engines/*/*.engine
@@ -88,6 +100,8 @@ for preset in $PRESETS; do
             apet-export parity "$dir" --budgets 16,64,192 --require-tensorrt
         check "$preset $precision: run on tensorrt" \
             apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt
+        check "$preset $precision: run on tensorrt without torch" \
+            without_torch apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt
         check "$preset $precision: run on tensorrt, ApetScore plugin graph (plugin enqueue)" \
             apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt --vision-graph plugin
         check "$preset $precision: bench (onnxruntime, then tensorrt)" \
@@ -100,6 +114,8 @@ for preset in $PRESETS; do
     check "$preset two-stage: engines (llm_a, stage2, llm_b)" engines "$dir"
     check "$preset two-stage: parity" apet-export parity "$dir" --budgets 64 --budget1 96 --budget2 32 --require-tensorrt
     check "$preset two-stage: run on tensorrt (stage 2 keeps 11 = M + 1)" \
+        apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt --budget1 96 --budget2 11
+    check "$preset two-stage: run on tensorrt without torch" without_torch \
         apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt --budget1 96 --budget2 11
     check "$preset two-stage: bench" apet-export bench "$dir" --runs 3 --budget1 96 --budget2 32 --require-tensorrt
 

@@ -63,16 +63,11 @@ class Target:
 
 
 def current_gpu_target() -> str | None:
-    """'sm90' for this machine's first CUDA GPU, None without one."""
-    try:
-        import torch
+    """'sm90' for this machine's first CUDA GPU, None without one (asked of the CUDA runtime, as the tensorrt
+    backend does when it picks the engines to load)."""
+    from apet_export.export.cuda_device import gpu_target
 
-        if not torch.cuda.is_available():
-            return None
-        major, minor = torch.cuda.get_device_capability(0)
-    except (ImportError, RuntimeError):
-        return None
-    return f"sm{major}{minor}"
+    return gpu_target()
 
 
 def _normalise_target(name: str) -> str:

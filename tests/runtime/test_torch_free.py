@@ -1,7 +1,12 @@
 """A build runs on onnxruntime where torch and transformers cannot be imported (a lean install without the
 export extra): `apet-export run`, Pipeline and `bench` in processes whose import system refuses torch,
 torchvision and transformers (torch_blocked/sitecustomize.py, inherited by child processes), with the same
-tokens and text as the torch-allowed reference (the torch backend: eager model, transformers processor)."""
+tokens and text as the torch-allowed reference (the torch backend: eager model, transformers processor).
+
+The tensorrt backend needs neither either: its runners run their stand-in engine tests (host memory, and
+its GPU memory layer over a stand-in CUDA runtime) in such a process, and without a GPU `run --backend
+tensorrt` fails with the no-GPU error, not an import error. On a GPU, scripts/gpu_end_to_end.sh runs
+`apet-export run --backend tensorrt` with torch blocked."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from apet_export.export.cuda_device import gpu_target
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
 
@@ -97,12 +103,34 @@ def test_bench_without_torch(llava_build, tmp_path):
     done = run_blocked(["-m", "apet_export.cli", "bench", str(llava_build), "--budgets", "64", "--runs", "1",
                         "--max-new-tokens", "2", "--json-out", str(rows_file)])
     assert done.returncode == 0, done.stderr
-    # the one attempt: the TensorRT check asks for torch (the TensorRT backend's GPU buffers) and says why it skips
-    assert set(attempted_imports(done.stderr)) == {"blocked: torch"}
-    assert "tensorrt: skipped (torch is not installed" in done.stdout.replace("\n", " ")
+    assert attempted_imports(done.stderr) == []  # the TensorRT check asks the CUDA runtime, not torch
+    assert "tensorrt: skipped (no CUDA GPU: " in done.stdout.replace("\n", " ")
     rows = json.loads(rows_file.read_text())
     assert [row["budget"] for row in rows] == [576, 64]
     assert all(row["peak_rss_mib"] and row["prefill_ms"] > 0 for row in rows)
+
+
+def test_tensorrt_backend_runners_without_torch():
+    """The tensorrt backend's stand-in engine tests (vision, decoder steps on the bound KV cache, the two-stage
+    backend, runtime cache; on host memory and on the GPU memory layer) and its memory tests, run by pytest in
+    a process where torch and transformers cannot be imported (-s: an attempt, even caught, shows on stderr;
+    no conftest: the shared fixtures build with torch)."""
+    tests = [str(Path(__file__).parent / name) for name in ("test_trt_backend.py", "test_device_memory.py")]
+    done = run_blocked(["-m", "pytest", "-q", "-s", "--noconftest", "-p", "no:cacheprovider", *tests])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert attempted_imports(done.stderr) == []
+    passed = done.stdout.strip().splitlines()[-1]
+    assert " passed" in passed and "skipped" not in passed and "deselected" not in passed, passed
+
+
+@pytest.mark.skipif(gpu_target() is not None, reason="checks the error a machine without a GPU gives")
+def test_tensorrt_run_without_torch_and_gpu_is_the_device_error(llava_build):
+    done = run_blocked(["-m", "apet_export.cli", "run", str(llava_build), "--prompt", "hi", "--backend", "tensorrt"])
+    assert done.returncode == 1
+    assert attempted_imports(done.stderr) == []
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the tensorrt backend needs a CUDA GPU and finds none ("), done.stderr
+    assert "or use --backend onnxruntime" in lines[0]
 
 
 @pytest.mark.parametrize(("args", "extra"), [

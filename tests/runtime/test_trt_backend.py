@@ -1,197 +1,51 @@
 """The tensorrt backend's runners without a GPU: stand-in engines that follow the TensorRT execution-context
-API (shapes and raw addresses by name, execute_async_v3 on a stream) and compute on the bound CPU memory.
-This checks what our code does (profile choice, host shape tensors, ping-pong KV bindings across steps,
-two-stage wiring, stream use, range checks, runtime cache), not TensorRT."""
+API (shapes and raw addresses by name, execute_async_v3 on a stream) and compute on the bound memory
+(stand_in_tensorrt.py). This checks what our code does (profile choice, host shape tensors, ping-pong KV bindings across steps,
+two-stage wiring, stream use, range checks, runtime cache), not TensorRT.
+
+The runner tests run twice (the `device` fixture): on host memory ("cpu"), and on the backend's GPU memory
+("cuda": Polygraphy's CUDA wrappers over a stand-in CUDA runtime, tests/runtime/fake_cuda.py, whose
+"device" memory is host memory that every copy and binding is checked to lie inside)."""
 
 from __future__ import annotations
 
-import ctypes
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from apet_export.config import ApetConfig, ArtifactSpec, TensorSpec
 from apet_export.errors import ArtifactError, EngineCompatibilityError, EngineInputError
 from apet_export.manifest import Manifest
 from apet_export.runtime.backends import trt as trt_backend
-from apet_export.runtime.backends import trt_engine
+from apet_export.runtime.backends.device_memory import HostStream, device_memory
 from apet_export.runtime.backends.trt import TrtBackend, TrtDecoder, TrtLlmRunner, TrtVisionRunner
-from apet_export.runtime.backends.trt_engine import RunnerStream
+from tests.runtime import fake_cuda
+from tests.runtime.stand_in_tensorrt import (
+    CONTEXT,
+    HEAD_DIM,
+    HEADS,
+    VOCAB,
+    DecoderEngine,
+    Stage2Engine,
+    VisionEngine,
+    fake_tensorrt,
+)
 
-HEADS, HEAD_DIM, VOCAB, CONTEXT = 2, 4, 7, 64
 PROFILES = ["prefill", "decode", "extend"]
 
 
-def memory(address: int, shape, dtype) -> np.ndarray:
-    """The numpy view of `shape` elements of `dtype` at a raw address (what TensorRT reads and writes)."""
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    return np.frombuffer((ctypes.c_char * size).from_address(address), dtype=dtype).reshape(shape)
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request, monkeypatch) -> str:
+    """The backend's device: host memory, or GPU memory on the stand-in CUDA runtime (request.node.cuda)."""
+    if request.param == "cuda":
+        request.node.cuda = fake_cuda.install(monkeypatch)
+    return request.param
 
 
-class Context:
-    def __init__(self, engine, config=None):
-        self.engine, self.config, self.shapes, self.addresses = engine, config, {}, {}
-        self.profile = self.profile_stream = None
-        self.runs, self.streams, self.fed = 0, [], []
-
-    def set_optimization_profile_async(self, index, stream):
-        self.profile, self.profile_stream = index, stream
-        return True
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return name not in getattr(self.engine, "reject", ())  # TensorRT answers False for a shape it refuses
-
-    def set_tensor_address(self, name, address):
-        self.addresses[name] = address
-        return True
-
-    def read(self, name):
-        return memory(self.addresses[name], self.shapes[name], self.engine.tensors[name][1])
-
-    def get_tensor_shape(self, name):
-        return self.engine.output_shape(self, name)
-
-    def execute_async_v3(self, stream):
-        self.runs += 1
-        self.streams.append(stream)
-        self.fed.append({n: self.read(n).copy() for n, (mode, _) in self.engine.tensors.items() if mode == "in"})
-        for name, value in self.engine.compute(self).items():
-            memory(self.addresses[name], value.shape, value.dtype)[...] = value
-        return True
-
-
-class DecoderEngine:
-    """One decoder layer `layer`: new keys = the input rows, values twice that. First part (inputs_embeds):
-    hidden_states = 2 * input. Last part: logits = sum of all its keys + arange(V)."""
-
-    def __init__(self, layer: int, first: str = "inputs_embeds", last: bool = True, kv_dtype=np.float32):
-        self.layer, self.first, self.last, self.kv_dtype = layer, first, last, kv_dtype
-        out = "logits" if last else "hidden_states"
-        self.output = out
-        self.tensors = {
-            first: ("in", np.float32), "attention_mask": ("in", np.int64), "position_ids": ("in", np.int64),
-            f"past_key_{layer}": ("in", kv_dtype), f"past_value_{layer}": ("in", kv_dtype),
-            out: ("out", np.float32), f"present_key_{layer}": ("out", kv_dtype), f"present_value_{layer}": ("out", kv_dtype),
-        }
-
-    def output_shape(self, context, name):
-        batch, sequence, _ = context.shapes[self.first]
-        return (batch, VOCAB) if name == "logits" else (batch, sequence, HEAD_DIM)
-
-    def compute(self, context):
-        rows = context.read(self.first)  # [B, S, Dh]
-        new = np.repeat(rows[:, None], HEADS, axis=1).astype(self.kv_dtype)  # [B, Hkv, S, Dh]
-        key = np.concatenate([context.read(f"past_key_{self.layer}"), new], axis=2)
-        value = np.concatenate([context.read(f"past_value_{self.layer}"), 2 * new], axis=2)
-        out = {f"present_key_{self.layer}": key, f"present_value_{self.layer}": value}
-        if self.last:
-            out["logits"] = (key.astype(np.float32).sum(axis=(1, 2, 3))[:, None] + np.arange(VOCAB)).astype(np.float32)
-        else:
-            out["hidden_states"] = (2 * rows).astype(np.float32)
-        return out
-
-
-class Stage2Engine:
-    """compressed_states = the hidden states with each span cut to its first `keep` rows."""
-
-    tensors = {
-        "hidden_states": ("in", np.float32), "image_start": ("in", np.int64), "image_length": ("in", np.int64),
-        "keep": ("in", np.int64), "compressed_states": ("out", np.float32), "keep_index": ("out", np.int64),
-        "scores": ("out", np.float32),
-    }
-    host = {"image_start", "image_length", "keep"}
-
-    def values(self, context):
-        return [int(memory(context.addresses[n], (), np.int64)) for n in ("image_start", "image_length", "keep")]
-
-    def output_shape(self, context, name):
-        batch, length, hidden = context.shapes["hidden_states"]
-        _, span, keep = self.values(context)
-        return {"compressed_states": (batch, length - span + keep, hidden), "keep_index": (batch, keep),
-                "scores": (batch, span)}[name]
-
-    def compute(self, context):
-        hidden = context.read("hidden_states")
-        start, span, keep = self.values(context)
-        compressed = np.concatenate([hidden[:, :start], hidden[:, start : start + keep], hidden[:, start + span :]], 1)
-        batch = hidden.shape[0]
-        return {"compressed_states": compressed, "keep_index": np.tile(np.arange(keep), (batch, 1)),
-                "scores": np.zeros((batch, span), np.float32)}
-
-
-class VisionEngine:
-    """image_embeds [B, keep, Dh] = the token index; keep is a host shape tensor."""
-
-    tensors = {
-        "pixel_values": ("in", np.float32), "keep": ("in", np.int64),
-        "image_embeds": ("out", np.float32), "keep_index": ("out", np.int64),
-    }
-    host = {"keep"}
-
-    def output_shape(self, context, name):
-        batch, keep = context.shapes["pixel_values"][0], int(memory(context.addresses["keep"], (), np.int64))
-        return (batch, keep, HEAD_DIM) if name == "image_embeds" else (batch, keep)
-
-    def compute(self, context):
-        batch, keep, _ = self.output_shape(context, "image_embeds")
-        index = np.broadcast_to(np.arange(keep), (batch, keep))
-        return {"image_embeds": np.repeat(index[..., None], HEAD_DIM, axis=2).astype(np.float32), "keep_index": index.copy()}
-
-
-class RuntimeCache:
-    def __init__(self):
-        self.blob = b""
-
-    def deserialize(self, blob):
-        self.blob = bytes(blob)
-        return True
-
-    def serialize(self):
-        return self.blob + b"+kernels"
-
-
-def fake_tensorrt(engines: dict[bytes, object], name: str = "tensorrt", version: str = "10.15"):
-    """The slice of the tensorrt module the runners use, around stand-in engines chosen by the engine
-    file's bytes. name "tensorrt_rtx_bindings" adds TensorRT-RTX's runtime config and cache."""
-
-    class Logger:
-        Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2)
-
-        def __init__(self):
-            pass
-
-    def cuda_engine(engine):
-        names = list(engine.tensors)
-        engine.contexts, engine.caches = [], []
-
-        def create_execution_context(config=None):
-            engine.contexts.append(Context(engine, config))
-            return engine.contexts[-1]
-
-        def create_runtime_config():
-            config = types.SimpleNamespace(cache=None)
-            config.create_runtime_cache = lambda: engine.caches.append(RuntimeCache()) or engine.caches[-1]
-            config.set_runtime_cache = lambda cache: setattr(config, "cache", cache) or True
-            return config
-
-        return types.SimpleNamespace(
-            num_io_tensors=len(names), get_tensor_name=lambda i: names[i],
-            get_tensor_mode=lambda n: engine.tensors[n][0], get_tensor_dtype=lambda n: engine.tensors[n][1],
-            get_tensor_location=lambda n: "host" if n in getattr(engine, "host", ()) else "device",
-            create_execution_context=create_execution_context, create_runtime_config=create_runtime_config,
-        )
-
-    runtime = types.SimpleNamespace(deserialize_cuda_engine=lambda data: cuda_engine(engines[bytes(data)]))
-    return types.SimpleNamespace(
-        __name__=name, __version__=version, ILogger=Logger, Runtime=lambda logger: runtime,
-        TensorIOMode=types.SimpleNamespace(INPUT="in"), TensorLocation=types.SimpleNamespace(HOST="host"),
-        nptype=lambda dtype: dtype,
-    )
+def host(array, stream=None) -> np.ndarray:
+    """A device array's contents (a copy), whichever memory it is in."""
+    return array.to_host(stream or HostStream())
 
 
 def decoder_spec(engine: DecoderEngine) -> ArtifactSpec:
@@ -216,11 +70,11 @@ def decoder_entry(names=PROFILES, max_sequence=CONTEXT, path="engines/sm89/llm.e
     return {"path": path, "profiles": profiles, "settings": {"max_context": CONTEXT}}
 
 
-def decoder(tmp_path, engine, entry=None, stream=None, trt=None) -> TrtDecoder:
+def decoder(tmp_path, engine, entry=None, stream=None, trt=None, device="cpu") -> TrtDecoder:
     (tmp_path / "llm.engine").write_bytes(b"llm")
     trt = trt or fake_tensorrt({b"llm": engine})
-    part = TrtDecoder(trt, tmp_path / "llm.engine", decoder_spec(engine), entry or decoder_entry(), "cpu",
-                      stream or RunnerStream())
+    part = TrtDecoder(trt, tmp_path / "llm.engine", decoder_spec(engine), entry or decoder_entry(), device,
+                      stream or device_memory(device).stream())
     part.activate()
     return part
 
@@ -231,9 +85,9 @@ def step(part, cache, embeds, start, stop):
     return part(feed, cache)[0]
 
 
-def test_llm_runner_prefills_then_decodes_on_the_bound_cache(tmp_path):
+def test_llm_runner_prefills_then_decodes_on_the_bound_cache(tmp_path, device):
     engine = DecoderEngine(0)
-    part = decoder(tmp_path, engine)
+    part = decoder(tmp_path, engine, device=device)
     runner = TrtLlmRunner(part, decoder_spec(engine).inputs)
     runner.activate()
     cache = runner.new_cache(1)
@@ -246,17 +100,17 @@ def test_llm_runner_prefills_then_decodes_on_the_bound_cache(tmp_path):
     assert (prefill.profile, prefill.runs, decode.profile, decode.runs, extend.runs) == (0, 1, 1, 3, 0)
     assert cache.length == 8
     expected_keys = np.repeat(embeds[:, None], HEADS, axis=1)  # [1, Hkv, 8, Dh]: every step's keys, in order
-    np.testing.assert_array_equal(cache.view(0, cache.current, cache.length).numpy(), expected_keys)
-    np.testing.assert_array_equal(cache.view(1, cache.current, cache.length).numpy(), 2 * expected_keys)
+    np.testing.assert_array_equal(host(cache.view(0, cache.current, cache.length)), expected_keys)
+    np.testing.assert_array_equal(host(cache.view(1, cache.current, cache.length)), 2 * expected_keys)
     np.testing.assert_allclose(logits[0], expected_keys.sum() + np.arange(VOCAB), rtol=1e-5)
     runner.deactivate()
 
 
-def test_several_tokens_onto_a_cache_use_the_extend_profile(tmp_path):
+def test_several_tokens_onto_a_cache_use_the_extend_profile(tmp_path, device):
     """Chunked prefill / video frames arriving into the cache: 3 + 4 + 1 tokens; the 4-token step on a
     non-empty cache runs the "extend" profile and appends to the cache like any other step."""
     engine = DecoderEngine(0)
-    part = decoder(tmp_path, engine)
+    part = decoder(tmp_path, engine, device=device)
     cache = part.new_cache(1)
     embeds = np.random.default_rng(1).standard_normal((1, 8, HEAD_DIM)).astype(np.float32)
     step(part, cache, embeds, 0, 3)
@@ -266,7 +120,7 @@ def test_several_tokens_onto_a_cache_use_the_extend_profile(tmp_path):
     assert (prefill.runs, extend.runs, decode.runs) == (1, 1, 1) and extend.profile == 2
     assert extend.fed[0]["past_key_0"].shape == (1, HEADS, 3, HEAD_DIM)  # the 3 cached tokens were bound
     expected_keys = np.repeat(embeds[:, None], HEADS, axis=1)
-    np.testing.assert_array_equal(cache.view(0, cache.current, 8).numpy(), expected_keys)
+    np.testing.assert_array_equal(host(cache.view(0, cache.current, 8)), expected_keys)
     np.testing.assert_allclose(logits[0], expected_keys.sum() + np.arange(VOCAB), rtol=1e-5)
 
 
@@ -296,51 +150,85 @@ def test_shapes_outside_the_profile_are_typed_errors(tmp_path):
         step(part, part.new_cache(1), embeds, 0, 2)
 
 
-def test_the_kv_cache_takes_the_engine_tensor_dtype(tmp_path):
+def test_the_kv_cache_takes_the_engine_tensor_dtype(tmp_path, device):
     """An fp32 manifest does not make the cache fp32: the engine's past_* dtype does (here fp16)."""
-    part = decoder(tmp_path, DecoderEngine(0, kv_dtype=np.float16))
+    part = decoder(tmp_path, DecoderEngine(0, kv_dtype=np.float16), device=device)
     cache = part.new_cache(1)
-    assert cache.dtype == torch.float16
+    assert cache.dtype == np.float16 and cache.memory.dtype == np.float16
     embeds = np.random.default_rng(2).standard_normal((1, 3, HEAD_DIM)).astype(np.float32)
     step(part, cache, embeds, 0, 3)
-    np.testing.assert_allclose(cache.view(0, cache.current, 3).numpy(), np.repeat(embeds[:, None], HEADS, 1), rtol=1e-3)
+    np.testing.assert_allclose(host(cache.view(0, cache.current, 3)), np.repeat(embeds[:, None], HEADS, 1), rtol=1e-3)
 
 
-class Stream(RunnerStream):
+class Stream(HostStream):
     """A stand-in CUDA stream with a handle of its own that counts synchronisations."""
 
     def __init__(self, handle):
-        super().__init__()
         self.handle, self.synchronized = handle, 0
 
     def synchronize(self):
         self.synchronized += 1
 
 
-def test_one_stream_for_enqueue_and_synchronisation(tmp_path, monkeypatch):
-    """The stream captured at activation is the one every profile is selected on, every step enqueued on
-    and synchronised, even when another stream is current by the time a step runs."""
-    captured, later = Stream(11), Stream(22)
-    monkeypatch.setattr(trt_engine, "current_stream", lambda device: later)
+def test_one_stream_for_enqueue_and_synchronisation(tmp_path):
+    """The decoder's stream is the one every profile is selected on, every step enqueued on and waited for
+    (once per step, when its logits come down)."""
+    stream = Stream(11)
     engine = DecoderEngine(0)
-    part = decoder(tmp_path, engine, stream=captured)
+    part = decoder(tmp_path, engine, stream=stream)
     cache = part.new_cache(1)
     embeds = np.zeros((1, 4, HEAD_DIM), np.float32)
     step(part, cache, embeds, 0, 3)
     step(part, cache, embeds, 3, 4)
     assert {c.profile_stream for c in engine.contexts} == {11}
     assert [s for c in engine.contexts for s in c.streams] == [11, 11]
-    assert captured.synchronized == 2 and later.synchronized == 0
+    assert stream.synchronized == 2
 
 
-def test_vision_runner_feeds_the_budget_as_a_host_shape_tensor(tmp_path):
+def test_decoder_steps_reuse_their_device_buffers(tmp_path, monkeypatch):
+    """On the GPU: the step's feeds and logits live in buffers that are allocated once and grow only when a
+    step needs more (a prompt longer than any before), each feed copied up and the logits copied down on
+    the decoder's stream; the KV cache is one allocation."""
+    cuda = fake_cuda.install(monkeypatch)
+    engine = DecoderEngine(0)
+    part = decoder(tmp_path, engine, device="cuda")
+    stream = part.stream.handle
+    cache = part.new_cache(1)
+    assert cuda.malloc_sizes == [2 * 2 * HEADS * CONTEXT * HEAD_DIM * 4]  # [names, 2, B*Hkv*C*Dh] float32
+    embeds = np.random.default_rng(5).standard_normal((1, 8, HEAD_DIM)).astype(np.float32)
+    step(part, cache, embeds, 0, 5)
+    allocated = len(cuda.malloc_sizes)  # + inputs_embeds, attention_mask, position_ids, logits
+    for position in range(5, 8):
+        logits = step(part, cache, embeds, position, position + 1)
+    # decode steps fit in the prefill's buffers but attention_mask [1, P+S], which doubles once (5 -> 10)
+    assert allocated == 5 and cuda.malloc_sizes[allocated:] == [10 * 8]
+    np.testing.assert_allclose(logits[0], np.repeat(embeds[:, None], HEADS, 1).sum() + np.arange(VOCAB), rtol=1e-5)
+    longer = part.new_cache(1)
+    step(part, longer, np.zeros((1, 12, HEAD_DIM), np.float32), 0, 12)  # a longer prompt: they grow
+    # its cache, then inputs_embeds (12 rows > 2 x 5), attention_mask (12 > 10: 2 x 10), position_ids (12 > 2 x 5)
+    assert cuda.malloc_sizes[allocated + 1 :] == [cuda.malloc_sizes[0], 12 * HEAD_DIM * 4, 20 * 8, 12 * 8]
+    last = cuda.copies[-4:]  # that step: three feeds up, the logits down, all on the decoder's stream
+    assert [c["kind"] for c in last] == [fake_cuda.HOST_TO_DEVICE] * 3 + [fake_cuda.DEVICE_TO_HOST]
+    assert [c["nbytes"] for c in last] == [12 * HEAD_DIM * 4, 12 * 8, 12 * 8, VOCAB * 4]
+    assert {c["stream"] for c in last} == {stream} and cuda.synchronized[-1] == stream
+    context = engine.contexts[0]  # that prefill: every bound address lies inside a live allocation
+    elements = {name: int(np.prod(shape)) for name, shape in context.shapes.items()}  # the inputs
+    elements |= {"logits": VOCAB, "present_key_0": HEADS * 12 * HEAD_DIM, "present_value_0": HEADS * 12 * HEAD_DIM}
+    assert sorted(elements) == sorted(context.addresses)
+    for name, address in context.addresses.items():
+        cuda.allocation_of(address, elements[name] * np.dtype(engine.tensors[name][1]).itemsize)
+    assert cuda.allocation_of(context.addresses["present_key_0"], 1) == cuda.allocation_of(
+        context.addresses["past_key_0"], 0) == cuda.allocation_of(context.addresses["present_value_0"], 1)  # one cache
+
+
+def test_vision_runner_feeds_the_budget_as_a_host_shape_tensor(tmp_path, device, request):
     engine = VisionEngine()
     (tmp_path / "vision.engine").write_bytes(b"vision")
     inputs = (TensorSpec("pixel_values", "float32", ("batch", 3, 8, 8)), TensorSpec("keep", "int64", ()))
     profiles = [{"name": "default", "shapes": {"pixel_values": [[1, 3, 8, 8], [1, 3, 8, 8], [4, 3, 8, 8]]},
                  "values": {"keep": [3, 5, 9]}}]
     runner = TrtVisionRunner(fake_tensorrt({b"vision": engine}), tmp_path / "vision.engine", inputs, profiles=profiles,
-                             device="cpu")
+                             device=device)
     runner.activate()
     outputs = runner.infer({"pixel_values": np.zeros((2, 3, 8, 8), np.float32), "keep": np.array(5, np.int64)})
     assert outputs["image_embeds"].shape == (2, 5, HEAD_DIM) and outputs["keep_index"].tolist() == [list(range(5))] * 2
@@ -348,6 +236,10 @@ def test_vision_runner_feeds_the_budget_as_a_host_shape_tensor(tmp_path):
     with pytest.raises(EngineInputError, match=r"input keep = 10 is outside the 'default' profile's range \[3, 9\]"):
         runner.infer({"pixel_values": np.zeros((1, 3, 8, 8), np.float32), "keep": np.array(10, np.int64)})
     runner.deactivate()
+    if device == "cuda":  # a runner without the backend's stream makes one of its own and destroys it
+        cuda = request.node.cuda
+        assert len(cuda.streams) == 1 and cuda.destroyed == cuda.streams
+        assert {c.profile_stream for c in engine.contexts} == set(cuda.streams)
 
 
 # -- the backend on a two-stage build ---------------------------------------------------------------
@@ -374,7 +266,8 @@ def two_stage_build(tmp_path: Path, module: str = "tensorrt_rtx_bindings") -> tu
         "llm_b": decoder_spec(engines["llm_b"]), "embeddings": ArtifactSpec("embeddings.safetensors", (), ()),
     }
     built = {"module": module, "version": "1.7.1.116"}
-    stage2_profile = [{"name": "prefill", "shapes": {}, "values": {"keep": [11, 16, 32], "image_length": [11, 16, 32]}}]
+    stage2_profile = [{"name": "prefill", "shapes": {}, "values": {
+        "keep": [11, 16, 32], "image_length": [11, 16, 32], "image_start": [0, 1, CONTEXT - 1]}}]
     entries = [{**decoder_entry(path=f"engines/sm89/{name}.engine"), "artifact": name} for name in ("llm_a", "llm_b")]
     entries += [{"artifact": "vision", "path": "engines/sm89/vision.engine", "profiles": [], "settings": {}},
                 {"artifact": "stage2", "path": "engines/sm89/stage2.engine", "profiles": stage2_profile, "settings": {}}]
@@ -387,16 +280,18 @@ def two_stage_build(tmp_path: Path, module: str = "tensorrt_rtx_bindings") -> tu
     return build, manifest, engines
 
 
-def test_backend_runs_two_stage_builds_with_a_cache_per_part(tmp_path, monkeypatch):
+def test_backend_runs_two_stage_builds_with_a_cache_per_part(tmp_path, monkeypatch, device, request):
     """llm_a -> stage2 -> llm_b engines with one KV cache each: prefill compresses the image span, part B sees
-    the shorter sequence at contiguous positions, decode steps go through both parts."""
+    the shorter sequence at contiguous positions, decode steps go through both parts. On the GPU the target
+    comes from the (stand-in) CUDA runtime, and the backend's one stream is every engine's."""
     build, manifest, engines = two_stage_build(tmp_path)
     trt = fake_tensorrt({name.encode(): engine for name, engine in engines.items()}, name="tensorrt_rtx_bindings",
                         version="1.7.1.116")
     imported = []
     monkeypatch.setattr("apet_export.compat.import_tensorrt", lambda prefer=None: imported.append(prefer) or trt)
-    monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
-    backend = TrtBackend(build, manifest, device="cpu").activate()
+    if device == "cpu":
+        monkeypatch.setattr(trt_backend, "current_target", lambda: "sm89")
+    backend = TrtBackend(build, manifest, device=device).activate()
     assert imported == ["tensorrt_rtx_bindings"]  # the module the manifest records, not `tensorrt` first
     assert backend.llm.name == "tensorrt:llm_a+stage2+llm_b"
 
@@ -422,11 +317,17 @@ def test_backend_runs_two_stage_builds_with_a_cache_per_part(tmp_path, monkeypat
     second_decode = engines["llm_b"].contexts[1].fed[0]  # part B's decode profile
     assert second_decode["position_ids"].tolist() == [[21]] and second_decode["attention_mask"].shape == (1, 22)
     assert (cache.first.length, cache.second.length) == (31, 22)
-    keys_a = cache.first.view(0, cache.first.current, 31).numpy()
+    keys_a = host(cache.first.view(0, cache.first.current, 31), backend.stream)
     np.testing.assert_array_equal(keys_a, np.repeat(np.concatenate([embeds, token], 1)[:, None], HEADS, 1))
     parts = backend.llm.parts
     backend.deactivate()
     assert all(part.engine is None for part in parts)  # the part engines and their contexts are released
+    if device == "cuda":
+        cuda = request.node.cuda
+        assert len(cuda.streams) == 1 and cuda.destroyed == cuda.streams  # one stream, freed at deactivation
+        used = {s for engine in engines.values() for c in engine.contexts for s in (c.profile_stream, *c.streams)}
+        assert used == set(cuda.streams)
+        assert {c["stream"] for c in cuda.copies} == set(cuda.streams)
 
 
 def test_stage2_keep_below_the_profile_is_a_typed_error(tmp_path, monkeypatch):

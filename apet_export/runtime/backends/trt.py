@@ -6,19 +6,23 @@
     TrtDecoder:       one decoder engine, one execution context per profile (prefill, decode, extend);
                       TrtLlmRunner drives `llm`, two_stage.TwoStageLlmRunner drives llm_a → stage2 → llm_b
                       (a TrtDecoder and KV cache per part, TrtStage2 between them)
-    one CUDA stream per backend (trt_engine.py), captured at activation: every runner copies, enqueues
-    and synchronises on it; on TensorRT-RTX one runtime cache of JIT-compiled kernels, kept per target
+    one CUDA stream per backend (device_memory.py), created at activation and destroyed at deactivation:
+    every runner copies, enqueues and synchronises on it; on TensorRT-RTX one runtime cache of
+    JIT-compiled kernels, kept per target (trt_engine.py)
 
 KV cache without host round trips: per layer, key and value each own two flat device buffers of the full
-context (ping-pong). A step binds past_* to the first P*... elements of one buffer, as a contiguous
-[B, Hkv, P, Dh] tensor, and present_* to the other, where the graph writes [B, Hkv, P+S, Dh]; then the
-two swap. Only the step's embeddings go up and its logits come down (the sampler runs on the host). On a
-two-stage build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b (the runner the
-other backends share works on host arrays; for decode steps that is one row per step).
+context (ping-pong), all in one allocation per cache. A step binds past_* to the first B*Hkv*P*Dh elements
+of one buffer, as a contiguous [B, Hkv, P, Dh] array, and present_* to the other, where the graph writes
+[B, Hkv, P+S, Dh]; then the two swap. Only the step's embeddings go up and its logits come down (the
+sampler runs on the host); the step's feeds and logits live in buffers reused across steps. On a two-stage
+build llm_a's hidden states [B, S, H] also come down and go up to stage2 / llm_b (the runner the other
+backends share works on host arrays; for decode steps that is one row per step).
 
-Everything CUDA-side (tensorrt, torch.cuda buffers) is imported when a runner activates, so this module
-imports on any machine. Tested without a GPU: engine selection, version and target checks, and the runners
-themselves against a stand-in engine on CPU memory (tests/runtime/test_trt_backend.py).
+Neither torch nor transformers: device memory and the stream are Polygraphy's CUDA wrappers of libcudart
+(device_memory.py), the GPU check asks the CUDA runtime (export/cuda_device.py), and tensorrt is imported
+when the backend activates, so this module imports on any machine. Tested without a GPU: engine selection,
+version and target checks, and the runners themselves against stand-in engines, on host memory and on a
+stand-in libcudart under Polygraphy's wrapper (tests/runtime/test_trt_backend.py).
 """
 
 from __future__ import annotations
@@ -31,15 +35,15 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
 from apet_export.errors import ArtifactError, DeviceError, EngineCompatibilityError, EngineInputError
+from apet_export.export.cuda_device import probe_gpu
 from apet_export.manifest import Manifest
 from apet_export.runtime.backends.base import Backend
+from apet_export.runtime.backends.device_memory import BufferPool, device_memory
 from apet_export.runtime.backends.trt_engine import (
     RUNTIME_CACHE,
     Engine,
     RtxRuntimeCache,
-    RunnerStream,
     bind_inputs,
-    current_stream,
     launch,
     run_once,
 )
@@ -48,13 +52,11 @@ from apet_export.runtime.two_stage import TwoStageLlmRunner
 
 def current_target() -> str:
     """'sm90' for this machine's GPU, or DeviceError naming the way out."""
-    from apet_export.export.tensorrt import current_gpu_target
-
-    target = current_gpu_target()
+    target, missing = probe_gpu()
     if target is None:
         raise DeviceError(
-            "the tensorrt backend needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False): "
-            "run on a GPU machine with a CUDA build of torch, or use --backend onnxruntime"
+            f"the tensorrt backend needs a CUDA GPU and finds none ({missing}): run on a machine with an NVIDIA "
+            f"GPU, its driver and a CUDA runtime library (libcudart) that driver supports, or use --backend onnxruntime"
         )
     return target
 
@@ -130,18 +132,11 @@ def tensorrt_skip_reason(build_dir: Path, manifest: Manifest, require: bool = Fa
     a skip into DeviceError too."""
     from apet_export.export.tensorrt import earlier_engines
 
-    try:
-        import torch
-    except ImportError:  # a lean install (no export extra): say so rather than fail the onnxruntime run
-        torch = None
     reason = None
-    if torch is None:
-        reason = ("torch is not installed (this backend keeps its GPU buffers in torch CUDA tensors): "
-                  "pip install 'apet-export[export]'")
-    elif not torch.cuda.is_available():  # checked first: cheap, and the usual reason on CPU machines
-        reason = "no CUDA GPU"
+    target, missing = probe_gpu()
+    if target is None:  # checked first: cheap, and the usual reason on CPU machines
+        reason = f"no CUDA GPU: {missing}"
     else:
-        target = current_target()
         entries = earlier_engines(manifest.engines)
         if not entries:
             reason = f"no TensorRT engines in the build: `apet-export engine {build_dir} --target current`"
@@ -182,16 +177,20 @@ def _register_plugin_or_fail(trt, artifact: str) -> None:
 class TrtVisionRunner(BaseRunner):
     """inputs: the artifact's input specs from the manifest (what Polygraphy checks feeds against); profiles:
     the engine's profiles as the manifest records them (for range errors). device: "cuda" (tests pass "cpu"
-    with a stand-in engine); stream: the backend's (None: captured at activation)."""
+    with a stand-in engine); stream: the backend's (None: one of its own from activation to deactivation)."""
 
     def __init__(self, trt, path: Path, inputs, profiles=None, name: str = "tensorrt-vision", device: str = "cuda",
-                 stream: RunnerStream | None = None, runtime_cache: RtxRuntimeCache | None = None):
+                 stream=None, runtime_cache: RtxRuntimeCache | None = None):
         super().__init__(name=name, prefix="trt-vision-runner")
         self.trt, self.path, self.inputs, self.profiles, self.device = trt, path, inputs, profiles, device
         self.stream, self.runtime_cache = stream, runtime_cache
+        self.own_stream = None
 
     def activate_impl(self):
-        self.stream = self.stream or current_stream(self.device)
+        memory = device_memory(self.device)
+        if self.stream is None:
+            self.stream = self.own_stream = memory.stream()
+        self.buffers = BufferPool(memory)  # pixel_values, image_embeds ... reused across images
         self.engine = Engine(self.trt, self.path, self.profiles, self.runtime_cache)
         self.context = self.engine.context(0, self.stream)
 
@@ -203,33 +202,36 @@ class TrtVisionRunner(BaseRunner):
 
     def infer_impl(self, feed_dict):
         start = time.perf_counter()
-        outputs = run_once(self.engine, self.context, 0, self.stream, feed_dict, self.device)
+        outputs = run_once(self.engine, self.context, 0, self.stream, feed_dict, self.buffers)
         self.inference_time = time.perf_counter() - start
         return outputs
 
     def deactivate_impl(self):
-        self.context = self.engine = None
+        self.context = self.engine = self.buffers = None  # the contexts before the memory they were bound to
+        if self.own_stream is not None:
+            self.own_stream.free()
+            self.stream = self.own_stream = None
 
 
 class DeviceKVCache:
-    """past_*/present_* ping-pong buffers on the GPU (see the module docstring)."""
+    """past_*/present_* ping-pong buffers on the GPU (see the module docstring): one allocation
+    [names, 2, B*Hkv*capacity*Dh] of the engine's past_* dtype (numpy), uninitialised (a step reads only
+    what an earlier step wrote)."""
 
     def __init__(
         self, names: list[str], batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device: str = "cuda"
     ):
-        import torch
-
         self.names, self.length, self.capacity = names, 0, capacity
         self.shape = (batch, kv_heads, head_dim)
-        self.dtype = dtype
-        size = batch * kv_heads * capacity * head_dim
-        self.buffers = [(torch.empty(size, dtype=dtype, device=device), torch.empty(size, dtype=dtype, device=device))
-                        for _ in names]
+        self.dtype = np.dtype(dtype)
+        self.buffer_size = batch * kv_heads * capacity * head_dim  # elements of one buffer
+        self.memory = device_memory(device).allocate((len(names), 2, self.buffer_size), self.dtype)
         self.current = 0  # which buffer of each pair holds the past
 
     def view(self, index: int, which: int, length: int):
+        """Buffer `which` of name `index` as the contiguous [B, Hkv, length, Dh] array at its start."""
         batch, heads, head_dim = self.shape
-        return self.buffers[index][which][: batch * heads * length * head_dim].view(batch, heads, length, head_dim)
+        return self.memory.view((batch, heads, length, head_dim), offset=(2 * index + which) * self.buffer_size)
 
     def bindings(self, new_tokens: int) -> tuple[dict, dict]:
         """(past_* inputs [B, Hkv, P, Dh], present_* outputs [B, Hkv, P+S, Dh]) for a step of new_tokens."""
@@ -262,7 +264,7 @@ class TrtDecoder:
     feed {inputs_embeds | hidden_states [B, S, H], attention_mask [B, P+S], position_ids} + its own
     DeviceKVCache -> (logits [B, V] | hidden_states [B, S, H] as numpy, the cache)."""
 
-    def __init__(self, trt, path: Path, spec, entry: dict, device: str, stream: RunnerStream,
+    def __init__(self, trt, path: Path, spec, entry: dict, device: str, stream,
                  runtime_cache: RtxRuntimeCache | None = None):
         self.trt, self.path, self.entry, self.device, self.stream = trt, path, entry, device, stream
         self.runtime_cache = runtime_cache
@@ -275,28 +277,18 @@ class TrtDecoder:
     def activate(self) -> None:
         self.engine = Engine(self.trt, self.path, self.entry.get("profiles"), self.runtime_cache)
         self.contexts = {p["name"]: (i, self.engine.context(i, self.stream)) for i, p in enumerate(self.engine.profiles)}
-        self.outputs: dict[tuple, object] = {}  # (name, shape) -> device buffer, reused across steps
+        self.buffers = BufferPool(device_memory(self.device))  # the step's feeds and output, reused across steps
 
     def deactivate(self) -> None:
-        self.engine = self.contexts = self.outputs = None
+        self.engine = self.contexts = self.buffers = None
 
     def new_cache(self, batch: int) -> DeviceKVCache:
         """The cache in the dtype the engine's past_* tensors have (an fp16 graph may keep some in fp32)."""
-        dtype = self.engine.torch_dtype(f"past_{self.kv_names[0]}")
+        dtype = self.engine.numpy_dtype(f"past_{self.kv_names[0]}")
         capacity = self.entry["settings"]["max_context"]
         return DeviceKVCache(self.kv_names, batch, self.kv_heads, self.head_dim, capacity, dtype, self.device)
 
-    def _output(self, name: str, shape: tuple):
-        import torch
-
-        key = (name, shape)
-        if key not in self.outputs:
-            self.outputs[key] = torch.empty(shape, dtype=self.engine.torch_dtype(name), device=self.device)
-        return self.outputs[key]
-
     def __call__(self, feed_dict: dict, cache: DeviceKVCache):
-        import torch
-
         new_tokens = feed_dict[self.input_name].shape[1]
         phase = step_phase(new_tokens, cache.length)
         if phase not in self.contexts:
@@ -306,18 +298,16 @@ class TrtDecoder:
                 f"{self.path.parent.parent.parent} --target {self.path.parent.name}`"
             )
         profile, context = self.contexts[phase]
-        with self.stream.scope():
-            feeds = {name: torch.from_numpy(np.ascontiguousarray(feed_dict[name])).to(self.device, self.engine.torch_dtype(name))
-                     for name in (self.input_name, "attention_mask", "position_ids")}
-            past, present = cache.bindings(new_tokens)
-            feeds.update(past)
-            bind_inputs(self.engine, context, profile, feeds)
-            output = self._output(self.output_name, tuple(context.get_tensor_shape(self.output_name)))
-            launch(self.engine, context, self.stream, {self.output_name: output, **present})
-            cache.advance(new_tokens)
-            self.stream.synchronize()  # the stream the work was enqueued on, not whichever is current now
-            result = output.cpu().numpy()
-        return result, cache
+        feeds = {name: self.buffers.upload(name, feed_dict[name], self.engine.numpy_dtype(name), self.stream)
+                 for name in (self.input_name, "attention_mask", "position_ids")}
+        past, present = cache.bindings(new_tokens)
+        feeds.update(past)
+        bind_inputs(self.engine, context, profile, feeds, feed_dict)
+        output_shape = tuple(context.get_tensor_shape(self.output_name))
+        output = self.buffers.buffer(self.output_name, output_shape, self.engine.numpy_dtype(self.output_name))
+        launch(self.engine, context, self.stream, {self.output_name: output, **present})
+        cache.advance(new_tokens)
+        return output.to_host(self.stream), cache  # waits for the stream the step was enqueued on
 
 
 class TrtLlmRunner(BaseRunner):
@@ -354,7 +344,7 @@ class TrtLlmRunner(BaseRunner):
 class TrtStage2:
     """stage2 engine: (hidden [B, L1, H], image_start, image_length, keep) -> compressed_states [B, L2, H]."""
 
-    def __init__(self, trt, path: Path, entry: dict, device: str, stream: RunnerStream,
+    def __init__(self, trt, path: Path, entry: dict, device: str, stream,
                  runtime_cache: RtxRuntimeCache | None = None):
         self.trt, self.path, self.entry, self.device, self.stream = trt, path, entry, device, stream
         self.runtime_cache = runtime_cache
@@ -362,17 +352,18 @@ class TrtStage2:
     def activate(self) -> None:
         self.engine = Engine(self.trt, self.path, self.entry.get("profiles"), self.runtime_cache)
         self.context = self.engine.context(0, self.stream)
+        self.buffers = BufferPool(device_memory(self.device))
 
     def deactivate(self) -> None:
-        self.engine = self.context = None
+        self.engine = self.context = self.buffers = None
 
     def __call__(self, hidden: np.ndarray, start: int, length: int, keep: int) -> np.ndarray:
         feed = {"hidden_states": hidden, "image_start": np.array(start, np.int64),
                 "image_length": np.array(length, np.int64), "keep": np.array(keep, np.int64)}
-        return run_once(self.engine, self.context, 0, self.stream, feed, self.device)["compressed_states"]
+        return run_once(self.engine, self.context, 0, self.stream, feed, self.buffers)["compressed_states"]
 
 
-def trt_two_stage_runner(trt, build_dir: Path, manifest: Manifest, files: dict, device: str, stream: RunnerStream,
+def trt_two_stage_runner(trt, build_dir: Path, manifest: Manifest, files: dict, device: str, stream,
                          runtime_cache: RtxRuntimeCache | None = None) -> TwoStageLlmRunner:
     """llm_a -> stage2 -> llm_b engines, a KV cache per part, driven by the runner the other backends use."""
     def part(name):
@@ -412,7 +403,7 @@ class TrtBackend(Backend):
     def __init__(self, build_dir, manifest, vision_graph: str = "vision", device: str = "cuda"):
         super().__init__(build_dir, manifest)
         self.vision_graph, self.device = vision_graph, device
-        self.runtime_cache = None
+        self.runtime_cache = self.stream = None
 
     def activate(self) -> TrtBackend:
         from safetensors.numpy import load_file
@@ -431,7 +422,7 @@ class TrtBackend(Backend):
             )
         if self.vision_graph == "vision_plugin":
             _register_plugin_or_fail(trt, self.vision_graph)
-        self.stream = current_stream(self.device)  # the one stream of every runner, copy and synchronisation
+        self.stream = device_memory(self.device).stream()  # of every runner, copy and synchronisation
         self.runtime_cache = RtxRuntimeCache(trt, self.build_dir / ENGINES_DIR / target / RUNTIME_CACHE)
         vision = files[self.vision_graph]
         self.vision = TrtVisionRunner(
@@ -454,6 +445,9 @@ class TrtBackend(Backend):
         super().deactivate()
         if self.runtime_cache is not None:
             self.runtime_cache.save()  # the kernels TensorRT-RTX compiled for this GPU, for the next run
+        if self.stream is not None:  # after the runners: nothing is enqueued on it any more
+            self.stream.free()
+            self.stream = None
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         return self.table[token_ids]

@@ -1,8 +1,6 @@
-"""One deserialized TensorRT engine and what every runner of the tensorrt backend does with it: the CUDA
-stream, the TensorRT-RTX runtime cache, checked input binding against the optimisation profiles, launch.
+"""One deserialized TensorRT engine and what every runner of the tensorrt backend does with it: the
+TensorRT-RTX runtime cache, checked input binding against the optimisation profiles, launch, one call.
 
-    RunnerStream     the one CUDA stream a backend captures at activation: every copy, enqueue and
-                     synchronisation of its runners happens on it, whatever stream is current later
     RtxRuntimeCache  TensorRT-RTX compiles kernels just in time on first use; the compiled kernels are kept
                      in DIR/engines/<target>/runtime.cache, shared by the backend's engines, loaded at
                      activation (ignored when TensorRT-RTX finds it stale) and saved at deactivation
@@ -10,13 +8,14 @@ stream, the TensorRT-RTX runtime cache, checked input binding against the optimi
     bind_inputs()    set_input_shape / set_tensor_address with their results checked: a shape or shape-tensor
                      value outside the profile is an EngineInputError naming the tensor, the shape and the
                      profile's range (from the manifest, which records every profile of every engine)
+    run_once()       host feeds up, one launch, host outputs down, on the backend's one stream
 
-Everything CUDA-side is imported lazily; the stand-in engine tests run all of this on CPU memory.
+Memory and the stream are device_memory.py's (the GPU through Polygraphy's CUDA wrappers, or host memory for
+the stand-in engine tests, which run all of this on the CPU); tensorrt itself is the module the backend passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -24,36 +23,9 @@ import numpy as np
 
 from apet_export.compat import is_tensorrt_rtx
 from apet_export.errors import EngineCompatibilityError, EngineInputError, EngineRunError
+from apet_export.runtime.backends.device_memory import BufferPool
 
 RUNTIME_CACHE = "runtime.cache"  # beside the engines of one target: DIR/engines/<target>/runtime.cache
-
-
-class RunnerStream:
-    """A CUDA stream and its raw handle (what execute_async_v3 takes). On the CPU (stand-in engine tests)
-    handle 0 and nothing to synchronise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream  # torch.cuda.Stream, or None off the GPU
-        self.handle = stream.cuda_stream if stream is not None else 0
-
-    def synchronize(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def scope(self):
-        """Make this the current stream, so torch's copies are ordered with the engines' work."""
-        import torch
-
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-
-def current_stream(device: str) -> RunnerStream:
-    """torch's current stream on `device` ("cuda"), captured once by a backend when it activates."""
-    if device != "cuda":
-        return RunnerStream()
-    import torch
-
-    return RunnerStream(torch.cuda.current_stream())
 
 
 class RtxRuntimeCache:
@@ -121,17 +93,10 @@ class Engine:
     def numpy_dtype(self, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
 
-    def torch_dtype(self, name: str):
-        import torch
-
-        return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32,
-                np.dtype(np.bool_): torch.bool}[self.numpy_dtype(name)]
-
     def on_host(self, name: str) -> bool:  # shape-tensor inputs (keep) are read from host memory
         return self.engine.get_tensor_location(name) == self.trt.TensorLocation.HOST
 
-    def context(self, profile: int, stream: RunnerStream):
+    def context(self, profile: int, stream):
         config = self.runtime_cache.runtime_config(self.engine) if self.runtime_cache else None
         context = self.engine.create_execution_context(config) if config is not None else self.engine.create_execution_context()
         if context is None:
@@ -141,9 +106,11 @@ class Engine:
         return context
 
 
-def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
+def check_in_profile(engine: Engine, profile: int, feeds: dict, host_feeds: dict | None = None) -> None:
     """EngineInputError when a shape or a shape-tensor value lies outside the profile's range (what
-    set_input_shape would only report as False, and a wrong value as a failure at enqueue)."""
+    set_input_shape would only report as False, and a wrong value as a failure at enqueue). Values are read
+    from host_feeds, the host arrays the feeds were copied from: a value the manifest records a range for
+    (image_start) may be a tensor the engine reads from device memory."""
     if not engine.profiles:
         return
     recorded = engine.profiles[profile]
@@ -159,7 +126,7 @@ def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
                 )
         if name in recorded.get("values", {}):
             low, _, high = recorded["values"][name]
-            number = int(np.asarray(value.cpu() if hasattr(value, "cpu") else value))
+            number = int(np.asarray((host_feeds or {}).get(name, value)))
             if not low <= number <= high:
                 raise EngineInputError(
                     f"{engine.name}: input {name} = {number} is outside the {recorded['name']!r} profile's range "
@@ -167,10 +134,11 @@ def check_in_profile(engine: Engine, profile: int, feeds: dict) -> None:
                 )
 
 
-def bind_inputs(engine: Engine, context, profile: int, feeds: dict) -> None:
-    """Input shapes and addresses by name (device tensors, or host arrays for shape tensors), each result
-    checked: TensorRT answers False for a shape outside the profile or an address it cannot use."""
-    check_in_profile(engine, profile, feeds)
+def bind_inputs(engine: Engine, context, profile: int, feeds: dict, host_feeds: dict | None = None) -> None:
+    """Input shapes and addresses by name (device arrays, or host numpy arrays for shape tensors), each
+    result checked: TensorRT answers False for a shape outside the profile or an address it cannot use.
+    host_feeds: the host arrays behind the device feeds (for the profile's value ranges)."""
+    check_in_profile(engine, profile, feeds, host_feeds)
     for name, value in feeds.items():
         shape = tuple(int(d) for d in value.shape)
         if not context.set_input_shape(name, shape):
@@ -180,43 +148,34 @@ def bind_inputs(engine: Engine, context, profile: int, feeds: dict) -> None:
                 f"{engine.name}: TensorRT rejected input {name} of shape {list(shape)} in profile "
                 f"{recorded['name']!r} (min {low}, max {high}): see the TensorRT errors above"
             )
-        address = value.ctypes.data if isinstance(value, np.ndarray) else value.data_ptr()
+        address = value.ctypes.data if isinstance(value, np.ndarray) else value.ptr
         if not context.set_tensor_address(name, address):
             raise EngineInputError(f"{engine.name}: TensorRT rejected the address of input {name} (shape {list(shape)})")
 
 
-def launch(engine: Engine, context, stream: RunnerStream, outputs: dict) -> None:
-    """Bind the output tensors and enqueue on the stream; the caller synchronises that same stream."""
-    for name, tensor in outputs.items():
-        if not context.set_tensor_address(name, tensor.data_ptr()):
+def launch(engine: Engine, context, stream, outputs: dict) -> None:
+    """Bind the output arrays and enqueue on the stream; the caller reads the outputs back on that stream."""
+    for name, array in outputs.items():
+        if not context.set_tensor_address(name, array.ptr):
             raise EngineInputError(f"{engine.name}: TensorRT rejected the address of output {name}")
     if not context.execute_async_v3(stream.handle):
         raise EngineRunError(f"TensorRT failed to run {engine.name} (its errors are printed above)")
 
 
-def to_engine(engine: Engine, name: str, value: np.ndarray, device: str):
-    """A feed in the form the engine reads it: a host int64 array for shape tensors, else a device tensor
-    of the engine's dtype for that tensor."""
-    import torch
-
-    value = np.require(value, requirements="C")  # ascontiguousarray would make a 0-d keep 1-d
+def to_engine(engine: Engine, name: str, value: np.ndarray, buffers: BufferPool, stream):
+    """A feed in the form the engine reads it: a host int64 array for shape tensors, else the name's device
+    buffer holding the value in the engine's dtype for that tensor."""
     if engine.on_host(name):
-        return value.astype(np.int64)
-    return torch.from_numpy(value).to(device, engine.torch_dtype(name))
+        return np.require(value, dtype=np.int64, requirements="C")  # 0-d stays 0-d
+    return buffers.upload(name, value, engine.numpy_dtype(name), stream)
 
 
-def run_once(engine: Engine, context, profile: int, stream: RunnerStream, feed: dict, device: str) -> dict:
-    """Every input of the engine from `feed` (numpy), every output allocated at the shape TensorRT infers,
-    one launch, synchronised: {output name: numpy array}."""
-    import torch
-
-    with stream.scope():
-        feeds = {name: to_engine(engine, name, feed[name], device) for name in engine.inputs}
-        bind_inputs(engine, context, profile, feeds)  # now the output shapes ([B, keep, H] ...) are known
-        outputs = {
-            name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=engine.torch_dtype(name), device=device)
-            for name in engine.outputs
-        }
-        launch(engine, context, stream, outputs)
-        stream.synchronize()
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+def run_once(engine: Engine, context, profile: int, stream, feed: dict, buffers: BufferPool) -> dict:
+    """Every input of the engine from `feed` (numpy), every output in a buffer of the shape TensorRT infers,
+    one launch, read back on the same stream: {output name: numpy array}."""
+    feeds = {name: to_engine(engine, name, feed[name], buffers, stream) for name in engine.inputs}
+    bind_inputs(engine, context, profile, feeds, feed)  # now the output shapes ([B, keep, H] ...) are known
+    outputs = {name: buffers.buffer(name, tuple(context.get_tensor_shape(name)), engine.numpy_dtype(name))
+               for name in engine.outputs}
+    launch(engine, context, stream, outputs)
+    return {name: array.to_host(stream) for name, array in outputs.items()}  # each waits for the stream
