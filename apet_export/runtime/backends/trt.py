@@ -406,9 +406,8 @@ class TrtBackend(Backend):
         self.runtime_cache = self.stream = None
 
     def activate(self) -> TrtBackend:
-        from safetensors.numpy import load_file
-
         from apet_export.export.tensorrt import ENGINES_DIR
+        from apet_export.runtime.embeddings import embedding_table
 
         target = current_target()
         trt, files = load_tensorrt(self.build_dir, self.manifest, target)
@@ -438,7 +437,7 @@ class TrtBackend(Backend):
                                  self.device, self.stream, self.runtime_cache)
             self.llm = TrtLlmRunner(decoder, self.manifest.files["llm"].inputs)
         self.llm.activate()
-        self.table = load_file(str(self.manifest.file(self.build_dir, "embeddings")))["embed_tokens"]
+        self.table = embedding_table(self.manifest.file(self.build_dir, "embeddings"))  # [V, H], mapped
         return self
 
     def deactivate(self) -> None:
