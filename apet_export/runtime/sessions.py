@@ -8,7 +8,8 @@ from apet_export.errors import MissingDependencyError
 
 
 def onnxruntime_session(
-    path: Path, spin: bool = True, apet_score: bool = False, fuse_qdq: bool = True, threads: int | None = None
+    path: Path, spin: bool = True, apet_score: bool = False, fuse_qdq: bool = True, threads: int | None = None,
+    arena: bool = True,
 ):
     """An InferenceSession on the CPU provider.
 
@@ -23,12 +24,16 @@ def onnxruntime_session(
     graphs need it, since the CPU provider has no float8 QLinear kernels to fuse them into.
 
     threads: intra-op threads (None: onnxruntime's default, one per physical core).
+
+    arena=False: tensors are allocated and freed one by one instead of from onnxruntime's CPU arena, which keeps
+    every block it grew to for the session's life (its blocks grow in powers of two).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not fuse_qdq:
