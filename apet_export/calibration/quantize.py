@@ -284,8 +284,8 @@ def weight_only_weight(weight: np.ndarray, bits: int, block_size: int) -> tuple[
 
 
 def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32) -> dict:
-    """Weight-only INT8 / INT4 of llm.onnx: the constant weight of every MatMul becomes integers read through
-    a DequantizeLinear, the form both onnxruntime and TensorRT consume:
+    """Weight-only INT8 / INT4 of llm.onnx: the constant weight of every MatMul (and of every Gemm, rewritten as a
+    MatMul first) becomes integers read through a DequantizeLinear, the form both onnxruntime and TensorRT consume:
 
         W int8 [K, N] ─DequantizeLinear(scale [N], axis=1)──────────────────┐
         W int4 [K, N] ─DequantizeLinear(scale [K/32, N], axis=0, block_size=32)┴─► MatMul(x [B, S, K]) -> [B, S, N]
@@ -301,6 +301,7 @@ def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32
     if bits not in WEIGHT_ONLY_BITS:
         raise InvalidInputError(f"weight-only quantisation supports 4 or 8 bits, got {bits}")
     model = onnx.load(str(graph))
+    gemms_as_matmuls(model)  # the LM head: the exporter writes a Linear on 2-D rows as Gemm
     initializers = {init.name: init for init in model.graph.initializer}
     dequantized: dict[str, str] = {}  # weight -> its DequantizeLinear output (tied weights are quantised once)
     new_nodes, new_inits, left_float = [], [], []
@@ -328,6 +329,38 @@ def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32
     add_nodes_and_drop_unused(model, new_nodes, new_inits)
     save(model, out, large=is_large(graph))
     return {"quantized": len(set(dequantized)), "float": left_float}
+
+
+def gemms_as_matmuls(model) -> int:
+    """Gemm(x [M, K], W, C) with a constant W, alpha 1 and x not transposed -> MatMul(x, W as [K, N]) (+ Add(C)
+    where there is a bias, beta 1), in place; returns how many. The exporter writes a Linear on 2-D rows as a
+    Gemm with W [N, K] transposed (the LM head, which reads the last position's row only): left as it is, the
+    largest weight of the decoder at a real vocabulary (Qwen2: 151936 x 896) would stay in float."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or node.input[1] not in initializers:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if attributes.get("alpha", 1.0) != 1.0 or attributes.get("transA", 0) or (bias and attributes.get("beta", 1.0) != 1.0):
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if weight.ndim != 2:
+            continue
+        if attributes.get("transB", 0):
+            weight = np.ascontiguousarray(weight.T)  # [N, K] -> [K, N]
+        kn_weight = numpy_helper.from_array(weight, f"{node.input[1]}_kn")
+        model.graph.initializer.append(kn_weight)
+        output = node.output[0]
+        matmul_output = f"{output}/matmul" if bias else output
+        node.CopyFrom(helper.make_node("MatMul", [node.input[0], kn_weight.name], [matmul_output], name=node.name))
+        if bias:
+            model.graph.node.append(helper.make_node("Add", [matmul_output, bias], [output], name=f"{node.name}/bias"))
+        count += 1
+    return count
 
 
 def _require_opset(model, version: int) -> None:

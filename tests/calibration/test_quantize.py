@@ -80,12 +80,15 @@ def weight_dequantizers(model) -> dict[str, onnx.NodeProto]:
 
 
 def test_int8_llm_is_weight_only(int8_build, llava_build):
-    """Every constant MatMul weight is int8, per output channel, read through a DequantizeLinear: the form
-    onnxruntime and TensorRT both consume (no com.microsoft MatMulNBits, which TensorRT rejects)."""
+    """Every constant MatMul weight, the LM head's Gemm included, is int8, per output channel, read through a
+    DequantizeLinear: the form onnxruntime and TensorRT both consume (no com.microsoft MatMulNBits, which
+    TensorRT rejects)."""
     source = onnx.load(str(llava_build / "llm.onnx"))
     quantised = onnx.load(str(int8_build / "llm.onnx"))
     constants = {i.name for i in source.graph.initializer}
-    weighted = {n.name for n in source.graph.node if n.op_type == "MatMul" and n.input[1] in constants}
+    weighted = {n.name for n in source.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in constants}
+    assert "Gemm" in {n.op_type for n in source.graph.node if n.name in weighted}  # the exporter's LM head
+    assert not [n for n in quantised.graph.node if n.op_type == "Gemm"]
     dequantizers = weight_dequantizers(quantised)
     assert set(dequantizers) == weighted and len(weighted) > 0
     assert not [n for n in quantised.graph.node if n.domain not in ("", "ai.onnx")]  # standard ops only
@@ -247,6 +250,8 @@ def test_int4_weight_only_llm_runs_on_onnxruntime(llava_build, tmp_path):
     dequantizers = weight_dequantizers(model)
     assert len(dequantizers) == done["quantized"] > 0 and done["float"] == []
     inits = {i.name: i for i in model.graph.initializer}
+    float_weights = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert float_weights == []  # the LM head too (a Gemm in llm.onnx): at a real vocabulary its largest weight
     for dq in dequantizers.values():  # int4 in blocks of 32 rows of K, one scale per block and column
         weight, scale = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]])
         assert weight.data_type == TensorProto.INT4 and {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
