@@ -10,6 +10,8 @@ Per decoder layer, before -> after (onnxruntime's own load-time optimiser does n
     MatMul q, MatMul k, MatMul v (same input x)    MatMul(x, [Wq | Wk | Wv]) -> Split   (likewise gate | up)
     q, k, v each Reshape -> Transpose to heads     one Reshape -> Transpose of q|k|v, then Split on the heads
 
+and once: the float LM head over a large vocabulary -> vocabulary slices and a Concat (split_lm_head).
+
 MatMulNBits is what onnxruntime turns the DequantizeLinear -> MatMul pair into when it loads the graph; written
 ahead of time, the session never holds the int4 initializers and the fused copy at once (about 190 MiB of
 peak RSS on the Qwen2-0.5B shape). One MatMul over the packed weights reads the same bytes as three, with one
@@ -294,3 +296,49 @@ def remove_dead_nodes(graph) -> None:
         for node in dead:
             graph.node.remove(node)
     _drop_unused_initializers(graph, {t.name for t in graph.initializer})
+
+
+LM_HEAD_PART_BYTES = 64 * 1024 * 1024  # the largest slice of the LM head's weight loaded in one piece
+
+
+def split_lm_head(model, part_bytes: int = LM_HEAD_PART_BYTES) -> int:
+    """The float LM head (Gemm or MatMul writing `logits`, a constant weight) -> one node per vocabulary slice of
+    at most part_bytes of weight, and a Concat of their logits on the last axis; returns the number of slices
+    (0: left as it is). Why: onnxruntime prepacks each constant MatMul weight at load, holding the file's copy
+    and the packed copy of that weight at once, so the session's peak memory is its steady size plus the
+    largest single weight. At Qwen2's vocabulary that weight is the LM head (151936 x 896 fp32 = 519 MiB: peak
+    2461 MiB against 1942 steady); in slices of 64 MiB the peak is the steady size. The slices read the same
+    bytes and give the same logits (each column of a product depends on its own weight column only)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or head.op_type not in ("Gemm", "MatMul") or head.input[1] not in initializers:
+        return 0
+    attributes = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    if len(head.input) > 2 and head.input[2]:
+        return 0  # a bias would be sliced too; no LM head we export has one
+    weight_proto = initializers[head.input[1]]
+    weight = numpy_helper.to_array(weight_proto)
+    vocab_axis = 0 if head.op_type == "Gemm" and attributes.get("transB", 0) else 1  # [N, K] or [K, N]
+    parts = -(-weight.nbytes // part_bytes)
+    if weight.ndim != 2 or parts < 2:
+        return 0
+    bounds = np.linspace(0, weight.shape[vocab_axis], parts + 1).astype(int)
+    part_outputs, new_nodes = [], []
+    for index, (begin, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        piece = weight[begin:end] if vocab_axis == 0 else weight[:, begin:end]
+        name = f"{head.input[1]}/part_{index}"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(piece), name))
+        part_outputs.append(f"{head.output[0]}/part_{index}")
+        part = helper.make_node(head.op_type, [head.input[0], name], [part_outputs[-1]], name=f"{head.name}/part_{index}")
+        part.attribute.extend(head.attribute)
+        new_nodes.append(part)
+    new_nodes.append(helper.make_node("Concat", part_outputs, list(head.output), name=f"{head.name}/concat", axis=-1))
+    position = list(graph.node).index(head)
+    graph.node.remove(head)
+    for offset, node in enumerate(new_nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.remove(weight_proto)
+    return parts

@@ -226,6 +226,7 @@ def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[s
         counts["zero_bias_adds"] = remove_zero_bias_adds(model)
         counts["packed_matmuls"] = cpu_fusions.pack_sibling_matmuls(model)
         counts["heads_split_once"] = cpu_fusions.split_heads_once(model)
+        counts["lm_head_parts"] = cpu_fusions.split_lm_head(model)
     temporary = target.with_name(f".{target.name}.tmp")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         onnx.save_model(model, str(temporary))  # the references to llm.onnx's weight file stay as they are

@@ -152,7 +152,7 @@ def test_int4_cpu_form_is_matmulnbits_with_the_same_logits(siglip_qwen2_build, t
     layers = load_manifest(build).dims["num_layers"]
     model = onnx.load(str(build / "llm.cpu.onnx"), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * layers  # qkv, o, gate|up, down
+    assert ops["DequantizeLinear"] == 0 and ops["MatMulNBits"] == 4 * layers + 1  # qkv, o, gate|up, down; LM head
     assert not any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer)
     assert ops["SkipSimplifiedLayerNormalization"] == 0  # quantised activations: the norms stay as they are
     ids = np.random.default_rng(1).integers(3, 500, 20)
@@ -161,6 +161,39 @@ def test_int4_cpu_form_is_matmulnbits_with_the_same_logits(siglip_qwen2_build, t
     assert runner is OnnxrtInPlaceLlmRunner
     assert tokens == expected
     np.testing.assert_array_equal(logits, expected_logits)
+
+
+def test_a_large_lm_head_is_split_into_vocabulary_slices_with_the_same_logits(siglip_qwen2_build, tmp_path):
+    # Builds split an LM head over 64 MiB (Qwen2's vocabulary: 519 MiB fp32, onnxruntime's peak at load is the
+    # steady size plus the largest weight); the tiny head (512 x 64) is split here at a third of its bytes
+    from apet_export.export.cpu_fusions import split_lm_head
+
+    source = siglip_qwen2_build / "llm.cpu.onnx"
+    model = onnx.load(str(source))
+    assert split_lm_head(model) == 0  # under 64 MiB: left as it is
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    weight = next(t for t in model.graph.initializer if t.name == head.input[1])
+    assert split_lm_head(model, part_bytes=len(weight.raw_data) // 3 + 1) == 3
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops[head.op_type] == Counter(n.op_type for n in onnx.load(str(source)).graph.node)[head.op_type] + 2
+    assert not any(t.name == weight.name for t in model.graph.initializer)
+    split = tmp_path / "llm.cpu.onnx"
+    onnx.save_model(model, str(split))
+    manifest = load_manifest(siglip_qwen2_build)
+    table = load_file(str(siglip_qwen2_build / "embeddings.safetensors"))["embed_tokens"]
+    ids = np.random.default_rng(4).integers(3, 500, 9)
+    logits = []
+    for path in (source, split):
+        runner = OnnxrtInPlaceLlmRunner(path)
+        runner.activate()
+        try:
+            output, _ = runner.infer({"inputs_embeds": table[ids][None], "attention_mask": np.ones((1, 9), np.int64),
+                                      "position_ids": np.arange(9, dtype=np.int64)[None]}, check_inputs=False,
+                                     cache=runner.new_cache(manifest, 1))
+            logits.append(output)
+        finally:
+            runner.deactivate()
+    np.testing.assert_array_equal(logits[0], logits[1])
 
 
 def test_preallocated_cache_feeds_llm_onnx_inputs(siglip_qwen2_build):
