@@ -31,9 +31,9 @@ def test_vision_graph_is_the_plugin_graph_with_the_scoring_in_standard_ops(any_b
 @pytest.mark.parametrize("fixture", ["llava_build", "llava_fp16_build", "qwen_build", "video_llava_build", "llava_next_build"])
 def test_derived_vision_graph_equals_a_direct_trace_bit_for_bit(fixture, request, tmp_path):
     """The build's vision.onnx gives exactly the outputs of the vision graph traced with ApET in standard ops
-    (export_vision without the plugin, what builds did before), at the smallest, default and largest budget."""
+    (export_vision without the plugin, what builds did before), at the smallest, a middle and the largest budget."""
     from apet_export.export.vision import export_vision
-    from apet_export.models.registry import family_for_checkpoint
+    from apet_export.models.registry import budget_policy, family_for_checkpoint
     from apet_export.parity.feeds import vision_feeds
     from apet_export.runtime.sessions import onnxruntime_session
 
@@ -44,9 +44,9 @@ def test_derived_vision_graph_equals_a_direct_trace_bit_for_bit(fixture, request
     export_vision(model, family, manifest.method, manifest.compression, tmp_path / "traced.onnx",
                   opset=manifest.opset, precision=manifest.precision)
     derived, traced = onnxruntime_session(build / "vision.onnx"), onnxruntime_session(tmp_path / "traced.onnx")
-    budgets = sorted({manifest.budget["min"], manifest.budget["default"] or manifest.budget["min"] + 5,
-                      manifest.budget["max"]})
-    images = [synthetic_image(seed) for seed in range(2)]
+    policy = budget_policy(manifest)  # budgets as `parity` scales them (LLaVA-NeXT: a whole image's crops)
+    budgets = policy.within(policy.scaled((manifest.budget["min"], 64, manifest.budget["max"])))
+    images = [synthetic_image(0, (400, 300)), synthetic_image(1, (300, 500))]  # two grid shapes where they vary
     feeds = vision_feeds(build, manifest, images, budgets)
     assert feeds
     for feed in feeds:
