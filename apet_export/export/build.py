@@ -1,7 +1,7 @@
 """`apet-export build`: model -> artifacts directory, written atomically.
 
     --model (preset | local dir) ─► DIR/model/ (checkpoint + processor)
-                                 ─► DIR/vision.onnx, DIR/vision.plugin.onnx     (vision + ApET stage 1)
+                                 ─► DIR/vision.plugin.onnx, DIR/vision.onnx     (vision + ApET stage 1, traced once)
                                  ─► DIR/llm.onnx                                (decoder, fused attention, KV cache)
                                  ─► DIR/manifest.json
 Everything is written into a temporary sibling directory that is renamed to DIR at the end, so an
@@ -201,11 +201,25 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
         progress.update(task, completed=1)
 
         files, notes = manifest.files, manifest.notes
-        task = step("vision.onnx: tower + ApET stage 1 + projector")
-        inputs, outputs = export_vision(
-            model, family, options.method, compression, staging / "vision.onnx", opset=options.opset,
-            precision=options.precision,
-        )
+        plugin_graph = options.method == "apet" and compression.selection == "fps"  # what the plugin implements
+        if plugin_graph:  # traced once, with the plugin node; vision.onnx is derived from it (plain_scoring.py)
+            from apet_export.export.plain_scoring import write_plain_vision_graph
+            from apet_export.plugins import apet_score
+
+            task = step("vision.plugin.onnx: tower + ApET stage 1 (ApetScore plugin node) + projector")
+            inputs, outputs = export_vision(
+                model, family, options.method, compression, staging / "vision.plugin.onnx",
+                use_plugin=True, opset=options.opset, precision=options.precision,
+            )
+            progress.update(task, completed=1)
+            task = step("vision.onnx: the same graph, ApET scoring in standard ONNX ops")
+            write_plain_vision_graph(staging / "vision.plugin.onnx", staging / "vision.onnx", compression, options.opset)
+        else:
+            task = step("vision.onnx: tower + ApET stage 1 + projector")
+            inputs, outputs = export_vision(
+                model, family, options.method, compression, staging / "vision.onnx", opset=options.opset,
+                precision=options.precision,
+            )
         files["vision"] = ArtifactSpec("vision.onnx", tuple(inputs), tuple(outputs))
         progress.update(task, completed=1)
 
@@ -217,20 +231,12 @@ def build(options: BuildOptions, console: Console | None = None) -> Manifest:
             specs = tuple(TensorSpec(k, "float32", tuple(v.shape)) for k, v in extras.items())
             files["vision_extras"] = ArtifactSpec("vision_extras.safetensors", (), specs)
 
-        if options.method == "apet" and compression.selection == "fps":
-            from apet_export.plugins import apet_score
-
-            task = step("vision.plugin.onnx: ApetScore plugin node")
-            export_vision(
-                model, family, options.method, compression, staging / "vision.plugin.onnx",
-                use_plugin=True, opset=options.opset, precision=options.precision,
-            )
+        if plugin_graph:
             files["vision_plugin"] = ArtifactSpec("vision.plugin.onnx", tuple(inputs), tuple(outputs))
             manifest.plugin = {
                 "op_type": apet_score.OP_TYPE, "domain": apet_score.DOMAIN,
                 "plugin_namespace": apet_score.PLUGIN_NAMESPACE, "plugin_version": apet_score.PLUGIN_VERSION,
             }
-            progress.update(task, completed=1)
         else:
             notes.append("vision.plugin.onnx not built: the ApetScore plugin implements method apet with fps selection")
 

@@ -10,8 +10,9 @@ typed, so the precision lives in the graph): the tower and projector run in fp16
 (pixel_values in, image_embeds out), so runtimes feed and read every build the same way.
 
 Two variants: ApET in standard ONNX ops (vision.onnx), and with FPS + scoring as one ApetScore plugin
-node (vision.plugin.onnx). The projector is per-token, so projecting the T kept tokens equals
-project-then-select.
+node (vision.plugin.onnx). A build traces only the plugin variant and derives vision.onnx from it
+(plain_scoring.py); method none / visionzip and dpc selection have no plugin variant and trace vision.onnx
+here. The projector is per-token, so projecting the T kept tokens equals project-then-select.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from apet_export.parity.quantized import (
 )
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
+from tests.conftest import linked_copy
 
 
 def test_metrics():
@@ -38,7 +39,8 @@ def test_noisy_copies_differ_by_at_most_one_grey_level():
     assert np.array_equal(np.asarray(with_noise(image, 0)), np.asarray(copy))  # seeded
 
 
-def test_int8_accuracy_cost_is_measured_against_fp32_and_eager(int8_build):
+def test_int8_accuracy_cost_is_measured_against_fp32_and_eager(int8_build, tmp_path):
+    int8_build = linked_copy(int8_build, tmp_path / "int8")  # parity.json is written here, not in the shared build
     sections = run_parity(int8_build)  # dispatches to the quantised-build comparison
     rows = sections["accuracy"]
     for row in rows:
@@ -54,7 +56,8 @@ def test_int8_accuracy_cost_is_measured_against_fp32_and_eager(int8_build):
     assert report["passed"] is True and len(report["accuracy"]) == len(rows)
 
 
-def test_a_missed_threshold_fails_the_run(fp8_build, capsys):
+def test_a_missed_threshold_fails_the_run(fp8_build, capsys, tmp_path):
+    fp8_build = linked_copy(fp8_build, tmp_path / "fp8")  # parity.json is written here, not in the shared build
     with pytest.raises(ParityError, match="accuracy check"):
         run_parity(fp8_build, thresholds=AccuracyThresholds(min_cosine_mean=0.999999))
     report = json.loads((fp8_build / "parity.json").read_text())

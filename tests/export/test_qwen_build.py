@@ -11,6 +11,7 @@ from apet_export.manifest import load_manifest
 from apet_export.parity.run import run_parity
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
+from tests.conftest import linked_copy
 from tests.tensorrt_parse import network_inputs, tensorrt_network
 
 
@@ -41,8 +42,8 @@ def test_manifest_is_the_graphs_io_contract(qwen_build):
     assert len(attention) == 4  # one fused attention per ViT block, window blocks masked
 
 
-def test_parity_two_resolutions_three_budgets(qwen_build):
-    sections = run_parity(qwen_build)  # raises ParityError on any failure
+def test_parity_two_resolutions_three_budgets(qwen_build, tmp_path):
+    sections = run_parity(linked_copy(qwen_build, tmp_path / "build"))  # raises ParityError on any failure
     vision, e2e = sections["vision"], sections["e2e"]
     for output in ("image_embeds", "scores"):
         worst = max((r for r in vision if r.output == output), key=lambda r: r.max_abs)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import linked_copy
 from tests.matrix.cells import CELLS, Workspace, families, refusal, tiny_preset
 from tests.test_bad_inputs import assert_one_error_line
 
@@ -25,9 +26,10 @@ def workspaces(tmp_path_factory) -> dict[str, Workspace]:
 
 def workspace(workspaces, family: str, request, capsys, tmp_path_factory) -> Workspace:
     if family not in workspaces:
-        fixture = SHARED_BUILDS.get(family)
-        build = request.getfixturevalue(fixture) if fixture else None
-        workspaces[family] = Workspace(family, tmp_path_factory.mktemp(f"matrix-{family}"), build)
+        fixture, root = SHARED_BUILDS.get(family), tmp_path_factory.mktemp(f"matrix-{family}")
+        # cells add files to the fp32 build (parity.json, the calibration cache): a private view of the shared one
+        build = linked_copy(request.getfixturevalue(fixture), root / "fp32") if fixture else None
+        workspaces[family] = Workspace(family, root, build)
     found = workspaces[family]
     found.capsys = capsys
     return found

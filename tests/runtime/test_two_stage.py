@@ -14,6 +14,7 @@ from apet_export.parity.stage2 import stage2_parity
 from apet_export.runtime.images import synthetic_image
 from apet_export.runtime.pipeline import Pipeline
 from apet_export.runtime.two_stage import eager_stage2, image_spans
+from tests.conftest import linked_copy
 
 PROMPT = "Describe the image in detail."
 
@@ -149,10 +150,11 @@ def test_budget_resolution_and_errors(llava_two_stage_build, llava_build):
         one(budget1=96, budget2=32)
 
 
-def test_parity_command_on_a_two_stage_build(llava_two_stage_build):
+def test_parity_command_on_a_two_stage_build(llava_two_stage_build, tmp_path):
     from apet_export.parity.run import run_parity
 
-    sections = run_parity(llava_two_stage_build, budgets=[64], pair=(80, 24))
+    build = linked_copy(llava_two_stage_build, tmp_path / "build")  # parity.json is written here
+    sections = run_parity(build, budgets=[64], pair=(80, 24))
     assert set(sections) == {"vision", "stage2", "e2e"}
     assert {row.check for row in sections["e2e"]} == {"greedy 32 tokens k=80/24"}
     assert all(row.passed for rows in sections.values() for row in rows)
