@@ -14,6 +14,16 @@ SELECTIONS: tuple[str, ...] = ("fps", "dpc", "random")
 # runs for that family, and each family module names its own as the default.
 VARIANTS: tuple[str, ...] = ("uniform", "llava", "qwen2_5_vl", "video_llava")
 
+# Additive attention-mask value: exp() of it is 0 in any precision, and it stays finite, so a row whose keys are
+# all masked (the padding of a left-padded batch) softmaxes to finite numbers instead of NaN, which would reach
+# the other rows through the cached keys and values. fp16 ends at 65504: -1e9 rounds to -inf there, so fp16
+# graphs take -3e4, which leaves room for the scores added to it.
+MASKED_FP32, MASKED_FP16 = -1e9, -3.0e4
+
+
+def masked_value(fp16: bool) -> float:
+    return MASKED_FP16 if fp16 else MASKED_FP32
+
 
 @dataclass(frozen=True)
 class ApetConfig:

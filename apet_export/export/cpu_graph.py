@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from apet_export.config import ArtifactSpec, TensorSpec
+from apet_export.config import ArtifactSpec, TensorSpec, masked_value
 from apet_export.errors import ExportError
-from apet_export.export.onnx_graph import masked_value
 
 CPU_GRAPH = "llm.cpu.onnx"
 CPU_OPSET = 24  # TensorScatter

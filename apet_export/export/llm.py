@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from apet_export.compat import quiet_export
-from apet_export.config import ArtifactSpec, TensorSpec
+from apet_export.config import ArtifactSpec, TensorSpec, masked_value
 from apet_export.errors import ExportError
-from apet_export.export.onnx_graph import finish_and_save, masked_value
+from apet_export.export.onnx_graph import finish_and_save
 
 
 def causal_padding_mask(attention_mask: torch.Tensor, query_length: int, dtype) -> torch.Tensor:

@@ -6,16 +6,6 @@ from pathlib import Path
 
 PROTOBUF_LIMIT = 2**31 - 1  # a single ModelProto cannot exceed 2 GB: weights go to external data above it
 
-# Additive attention-mask value: exp() of it is 0 in any precision, and it stays finite, so a row whose keys are
-# all masked (the padding of a left-padded batch) softmaxes to finite numbers instead of NaN, which would reach
-# the other rows through the cached keys and values. fp16 ends at 65504: -1e9 rounds to -inf there, so fp16
-# graphs take -3e4, which leaves room for the scores added to it.
-MASKED_FP32, MASKED_FP16 = -1e9, -3.0e4
-
-
-def masked_value(fp16: bool) -> float:
-    return MASKED_FP16 if fp16 else MASKED_FP32
-
 
 def rename_nodes_by_scope(model_proto, prefix: str) -> None:
     """ONNX node names become paths from the torch module scopes (/vision/apet/topk_3), so profiles,

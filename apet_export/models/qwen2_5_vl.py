@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from apet_export.config import AxisRange, TensorSpec
+from apet_export.config import AxisRange, TensorSpec, masked_value
 from apet_export.errors import InvalidInputError
 from apet_export.models.base import ModelFamily, VisionDims
 
@@ -197,8 +197,6 @@ class QwenVLFamily(ModelFamily):
         hidden = to_window_order(hidden)
         cos, sin = (to_window_order(f) for f in visual.rotary_pos_emb(hidden, patch_positions))  # [P, Dh]
         size = window_patch.shape[1]
-        from apet_export.export.onnx_graph import masked_value
-
         masked = masked_value(hidden.dtype == torch.float16)
         padding = torch.where(window_patch >= 0, 0.0, masked).to(hidden.dtype)[:, None, None, :]  # [W, 1, 1, S] keys
         padding = padding.expand(-1, -1, size, -1)  # [W, 1, S, S]: onnxruntime's Attention broadcasts no query axis
