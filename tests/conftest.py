@@ -29,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels run on the CPU through Triton's interpreter; triton reads the flag when it is first
 # imported (its own tl.* helpers are @jit functions), so it is set before anything can import triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(2)
+# One torch thread per pytest-xdist worker: two workers already fill the two cores, and two threads each made
+# four busy threads on two cores (tracing is single-threaded; the eager references are small).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def shared_folder(tmp_path_factory) -> Path:
