@@ -316,12 +316,11 @@ def split_lm_head(model, part_bytes: int = LM_HEAD_PART_BYTES) -> int:
     head = next((n for n in graph.node if "logits" in n.output), None)
     if head is None or head.op_type not in ("Gemm", "MatMul") or head.input[1] not in initializers:
         return 0
-    attributes = {a.name: helper.get_attribute_value(a) for a in head.attribute}
     if len(head.input) > 2 and head.input[2]:
         return 0  # a bias would be sliced too; no LM head we export has one
     weight_proto = initializers[head.input[1]]
     weight = numpy_helper.to_array(weight_proto)
-    vocab_axis = 0 if head.op_type == "Gemm" and attributes.get("transB", 0) else 1  # [N, K] or [K, N]
+    vocab_axis = 0 if head.op_type == "Gemm" and _attribute(head, "transB", 0) else 1  # [N, K] or [K, N]
     parts = -(-weight.nbytes // part_bytes)
     if weight.ndim != 2 or parts < 2:
         return 0

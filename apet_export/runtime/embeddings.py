@@ -2,8 +2,7 @@
 
 A step embeds a handful of rows, so the table is memory-mapped read-only rather than read: only the pages of
 the rows looked up become resident. Reading it whole (safetensors' readers copy every tensor they return)
-held V x H floats for the life of a runtime: Qwen2-0.5B's 151936 x 896 fp32 is 519 MiB, a third of the
-process at fp32 and more than half at INT4."""
+held V x H floats for the life of a runtime: Qwen2's 151936 x 896 fp32 is 519 MiB."""
 
 from __future__ import annotations
 
