@@ -18,10 +18,15 @@ What it does:
      through apet-export's weight-only quantiser (int4 blocks of 32, symmetric; llm.cpu.onnx runs them as
      MatMulNBits, accuracy level 4, as onnxruntime-genai's model does);
   3. starts one fresh worker process per engine (so each peak RSS is that engine's own), loads the models, then
-     sends the same token ids to the engines, which take turns at the prefill and at every decode step (so a
-     busy machine's changing load hits them alike): prompts of 84 and 596 tokens, then 64 greedy steps, on 2
-     intra-op threads each;
-  4. prints per precision: prefill ms, decode tok/s, peak RSS and the ratios ours / genai, the greedy-token
+     sends the same token ids to the engines, which take turns request by request, who goes first alternating
+     (so a busy machine's changing load hits them alike): prompts of 84 and 596 tokens, then 64 greedy steps,
+     on 2 intra-op threads each. `--turns step` alternates at every decode step instead; on a 2-core machine
+     that measures contention more than the engines (onnxruntime's threads spin a while after each run and
+     take the cores from the next engine: INT4 decode 36 against 68 tok/s per request, both engines alike);
+  4. `--floor` adds one engine per CPU graph that runs only its weight MatMuls (same weights, one row per
+     step): the decode floor no graph rewrite goes under, so `floor / genai` bounds the decode ratio any
+     rewrite of that graph can reach on this machine;
+  5. prints per precision: prefill ms, decode tok/s, peak RSS and the ratios ours / genai, the greedy-token
      agreement with genai and the max |difference| of the first step's logits.
 
 Engines: `apet llm.onnx` is the exported graph as the runtime ran it before (KV cache fed back through Concat);
@@ -51,6 +56,7 @@ PRESET = "bench-llava-clip-l-qwen2-0.5b"
 QUICK_PRESET = "tiny-llava-siglip-qwen2"
 GENAI = "genai"
 OURS_CONCAT, OURS_INPLACE, OURS_CPU = "apet llm.onnx", "apet in place", "apet cpu form"
+FLOOR = " matmuls only"  # suffix of the floor engines: "genai matmuls only", "apet cpu form matmuls only"
 INPLACE_GRAPH = "llm.inplace.onnx"  # the cache written in place, zero-bias adds kept (bench only)
 
 # -- pure pieces (tested without building anything) ------------------------------------------------------
@@ -136,7 +142,13 @@ def summarise(precision: str, requests: list[Request], peak_rss: dict[str, float
         for engine, runs in by_engine.items():
             row = Row(precision, length, engine, statistics.median(r.prefill_ms for r in runs),
                       statistics.median(r.decode_tokens_per_s for r in runs), peak_rss.get(engine, float("nan")))
-            if reference:
+            if reference and engine.endswith(FLOOR):  # no tokens: only its decode time means something
+                base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
+                                   statistics.median(r.decode_tokens_per_s for r in reference),
+                                   peak_rss.get(GENAI, float("nan")))
+                row.decode_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
+                row.prefill_ratio = row.rss_ratio = row.tokens_agree = row.logits_max_diff = float("nan")
+            elif reference:
                 base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
                                    statistics.median(r.decode_tokens_per_s for r in reference),
                                    peak_rss.get(GENAI, float("nan")))
@@ -228,6 +240,65 @@ def build_ours(build_dir: Path, work: Path, precision: str) -> Path:
     manifest.write(staging)
     os.replace(staging, out)
     return out
+
+
+def weight_matmuls_graph(model: Path) -> Path:
+    """<model>.matmuls.onnx beside `model`: only its weight products (MatMul, MatMulNBits, Gemm with a constant
+    weight), each fed a graph input of its width, same weights (the external data stays where it is). Run at
+    one row, it is the floor of a decode step: what the step costs with every other node free."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = model.with_name(f"{model.stem}.matmuls.onnx")
+    if out.exists():
+        return out
+    graph = onnx.load(str(model), load_external_data=False).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    nodes, widths = [], {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "MatMulNBits", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = weights[node.input[1]]
+        width = attributes["K"] if node.op_type == "MatMulNBits" else weight.dims[1 if attributes.get("transB") else 0]
+        widths[f"rows_{width}"] = width  # x [M, K]
+        nodes.append(helper.make_node(node.op_type, [f"rows_{width}", *node.input[1:]], [f"product_{len(nodes)}"],
+                                      domain=node.domain, **attributes))
+    used = {name for node in nodes for name in node.input[1:] if name}
+    floor = helper.make_graph(
+        nodes, "weight_matmuls", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["M", k]) for x, k in widths.items()],
+        [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
+        [weights[name] for name in sorted(used)])
+    source = onnx.load(str(model), load_external_data=False)
+    onnx.save_model(helper.make_model(floor, opset_imports=source.opset_import, ir_version=source.ir_version), str(out))
+    return out
+
+
+class FloorGeneration:
+    """An engine's weight products alone (weight_matmuls_graph), one row per decode step: its decode floor.
+    Its prefill is not timed (nan) and its tokens are none."""
+
+    def __init__(self, graph: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.row = {i.name: np.random.default_rng(0).standard_normal((1, i.shape[1])).astype(np.float32)
+                    for i in self.session.get_inputs()}
+
+    def prefill(self, ids, new_tokens):
+        self.steps, self.new_tokens = 1, new_tokens
+        return float("nan"), -1, np.full(1, np.nan, np.float32)
+
+    def done(self):
+        return self.steps >= self.new_tokens
+
+    def step(self):
+        start = time.perf_counter()
+        self.session.run(None, self.row)
+        self.steps += 1
+        return time.perf_counter() - start, -1, self.done()
 
 
 # -- workers (one fresh process per engine) ------------------------------------------------------------------
@@ -332,7 +403,9 @@ def worker(engine: str, model_dir: str, threads: int, connection) -> None:
     process's peak RSS."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
-        if engine == GENAI:
+        if engine.endswith(FLOOR):
+            generation = FloorGeneration(Path(model_dir), threads)
+        elif engine == GENAI:
             generation = GenaiGeneration(Path(model_dir), threads)
         else:
             generation = OursGeneration(Path(model_dir), engine, threads)
@@ -376,18 +449,19 @@ def generate_in_turns(workers, order: list[str], ids: np.ndarray, new_tokens: in
 
 
 def run_precision(precision: str, models: dict[str, Path], lengths: list[int], new_tokens: int, requests: int,
-                  threads: int, vocab_size: int, exclude: set[int]) -> list[Row]:
+                  threads: int, vocab_size: int, exclude: set[int], turns: str) -> list[Row]:
     context = multiprocessing.get_context("spawn")
     workers = {}
     try:
-        return measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude)
+        return measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude,
+                       turns)
     finally:
         for process, _ in workers.values():  # after a failure: no worker outlives the run
             if process.is_alive():
                 process.terminate()
 
 
-def measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude):
+def measure(context, workers, precision, models, lengths, new_tokens, requests, threads, vocab_size, exclude, turns):
     for engine, path in models.items():  # loaded one after the other: peak RSS is each one's own
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(engine, str(path), threads, child), daemon=True)
@@ -403,8 +477,11 @@ def measure(context, workers, precision, models, lengths, new_tokens, requests, 
         for length in lengths:
             ids = prompt_ids(length, vocab_size, seed=length, exclude=exclude)
             order = list(workers) if request % 2 == 0 else list(reversed(workers))  # alternate who goes first
-            for engine, (prefill_s, decode_s, tokens, first_logits) in generate_in_turns(
-                    workers, order, ids, new_tokens).items():
+            if turns == "step":
+                generations = generate_in_turns(workers, order, ids, new_tokens)
+            else:  # one whole request per engine, the others idle meanwhile
+                generations = {engine: generate_in_turns(workers, [engine], ids, new_tokens)[engine] for engine in order}
+            for engine, (prefill_s, decode_s, tokens, first_logits) in generations.items():
                 rate = (len(tokens) - 1) / decode_s if len(tokens) > 1 else float("nan")
                 results.append(Request(engine, length, prefill_s * 1e3, rate, tokens, first_logits))
                 print(f"  {precision} {engine:14s} prompt {length:4d}: prefill {prefill_s * 1e3:8.1f} ms, "
@@ -449,10 +526,16 @@ def print_table(rows: list[Row]) -> None:
               help=f"the model to build when --build has none (e.g. {PRESET}-vocab: Qwen2's real vocabulary size)")
 @click.option("--genai-prune-lm-head", is_flag=True,
               help="build the peer with onnxruntime-genai's prune_lm_head option (last-position prompt logits)")
+@click.option("--turns", type=click.Choice(["request", "step"]), default="request", show_default=True,
+              help="engines take turns per request, or per decode step (then one engine's spinning threads "
+                   "compete with the next one's on a small machine)")
+@click.option("--floor", is_flag=True,
+              help="also time each CPU engine's weight MatMuls alone (same weights, one row a step): the decode "
+                   "floor no graph rewrite can go under")
 @click.option("--quick", is_flag=True, help=f"smoke run: {QUICK_PRESET}, fp32, one request, prompt 84, 8 tokens")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the rows here")
 def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, engines, preset, genai_prune_lm_head,
-         quick, json_out):
+         turns, floor, quick, json_out):
     from apet_export.export.build import BuildOptions, build
     from apet_export.manifest import load_manifest
 
@@ -473,8 +556,12 @@ def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, en
         models = {name: build_ours(build_dir, work, precision) for name in engines.split(",")}
         peer = f"genai-{precision}{'-pruned' if genai_prune_lm_head else ''}"
         models[GENAI] = build_genai_model(causal_lm, work / peer, precision, genai_prune_lm_head)
+        if floor:
+            models[GENAI + FLOOR] = weight_matmuls_graph(models[GENAI] / "model.onnx")
+            if OURS_CPU in models:
+                models[OURS_CPU + FLOOR] = weight_matmuls_graph(models[OURS_CPU] / "llm.cpu.onnx")
         rows += run_precision(precision, models, list(lengths), new_tokens, requests, threads,
-                              dims["vocab_size"], exclude)
+                              dims["vocab_size"], exclude, turns)
     print_table(rows)
     if json_out:
         json_out.write_text(json.dumps([{k: v for k, v in vars(r).items()} for r in rows], indent=2))

@@ -70,3 +70,50 @@ def test_summary_ratios_against_genai(bench):
     assert ours.tokens_agree == 0.5  # the worst request
     assert ours.logits_max_diff == pytest.approx(2e-5)
     assert rows[bench.GENAI].decode_ratio == 1.0
+
+
+def test_summary_of_a_floor_engine_has_its_decode_ratio_only(bench):
+    logits = np.zeros(4, np.float32)
+    floor = bench.GENAI + bench.FLOOR
+    requests = [bench.Request(bench.GENAI, 84, 100.0, 20.0, [1, 2], logits),
+                bench.Request(floor, 84, float("nan"), 25.0, [-1, -1], np.full(1, np.nan, np.float32))]
+    rows = {r.engine: r for r in bench.summarise("fp32", requests, {bench.GENAI: 1000.0, floor: 900.0})}
+    assert rows[floor].decode_ratio == pytest.approx(1.25)
+    assert np.isnan(rows[floor].tokens_agree) and np.isnan(rows[floor].logits_max_diff)
+
+
+def test_weight_matmuls_graph_keeps_only_the_weight_products(bench, tmp_path):
+    """The floor graph: every MatMul/Gemm with a constant weight, fed an input of its width, same weights
+    (external data referenced where it lies); products of two activations and all other nodes are dropped."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    up, down, head = (rng.standard_normal(s).astype(np.float32) for s in ((8, 16), (16, 8), (5, 8)))
+    nodes = [helper.make_node("MatMul", ["x", "up"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "down"], ["d"]), helper.make_node("MatMul", ["d", "dT"], ["self"]),
+             helper.make_node("Transpose", ["d"], ["dT"]),
+             helper.make_node("Gemm", ["d", "head"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        [nodes[i] for i in (0, 1, 2, 4, 3, 5)], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("self", "logits")],
+        [numpy_helper.from_array(w, n) for w, n in ((up, "up"), (down, "down"), (head, "head"))])
+    model = tmp_path / "llm.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(model),
+                    save_as_external_data=True, location="llm.onnx.data", size_threshold=0)
+
+    floor = bench.weight_matmuls_graph(model)
+
+    assert floor == tmp_path / "llm.matmuls.onnx"
+    loaded = onnx.load(str(floor), load_external_data=False)
+    assert [n.op_type for n in loaded.graph.node] == ["MatMul", "MatMul", "Gemm"]
+    assert all(t.data_location == TensorProto.EXTERNAL for t in loaded.graph.initializer)  # not copied
+    session = ort.InferenceSession(str(floor), providers=["CPUExecutionProvider"])
+    assert {i.name: i.shape[1] for i in session.get_inputs()} == {"rows_8": 8, "rows_16": 16}
+    rows = {"rows_8": rng.standard_normal((1, 8)).astype(np.float32),
+            "rows_16": rng.standard_normal((1, 16)).astype(np.float32)}
+    products = session.run(None, rows)
+    expected = [rows["rows_8"] @ up, rows["rows_16"] @ down, rows["rows_8"] @ head.T]
+    for got, want in zip(products, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
