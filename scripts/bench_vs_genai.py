@@ -24,8 +24,8 @@ What it does:
      that measures contention more than the engines (onnxruntime's threads spin a while after each run and
      take the cores from the next engine: INT4 decode 36 against 68 tok/s per request, both engines alike);
   4. `--floor` adds one engine per CPU graph that runs only its weight MatMuls (same weights, one row per
-     step): the decode floor no graph rewrite goes under, so `floor / genai` bounds the decode ratio any
-     rewrite of that graph can reach on this machine;
+     step, the prompt's rows at once for the prefill): the floor no graph rewrite goes under, so `floor / genai`
+     bounds the ratios any rewrite of that graph can reach on this machine;
   5. prints per precision: prefill ms, decode tok/s, peak RSS and the ratios ours / genai, the greedy-token
      agreement with genai and the max |difference| of the first step's logits.
 
@@ -146,8 +146,9 @@ def summarise(precision: str, requests: list[Request], peak_rss: dict[str, float
                 base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
                                    statistics.median(r.decode_tokens_per_s for r in reference),
                                    peak_rss.get(GENAI, float("nan")))
+                row.prefill_ratio = row.prefill_ms / base.prefill_ms
                 row.decode_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
-                row.prefill_ratio = row.rss_ratio = row.tokens_agree = row.logits_max_diff = float("nan")
+                row.rss_ratio = row.tokens_agree = row.logits_max_diff = float("nan")
             elif reference:
                 base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
                                    statistics.median(r.decode_tokens_per_s for r in reference),
@@ -275,8 +276,9 @@ def weight_matmuls_graph(model: Path) -> Path:
 
 
 class FloorGeneration:
-    """An engine's weight products alone (weight_matmuls_graph), one row per decode step: its decode floor.
-    Its prefill is not timed (nan) and its tokens are none."""
+    """An engine's weight products alone (weight_matmuls_graph): the prompt's rows at once for the prefill, one
+    row per decode step. Its tokens are none. (Every product gets every prompt row, the LM head too: an upper
+    bound of the prefill floor where the graph computes the prompt's logits for its last position only.)"""
 
     def __init__(self, graph: Path, threads: int):
         import onnxruntime as ort
@@ -284,12 +286,19 @@ class FloorGeneration:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.row = {i.name: np.random.default_rng(0).standard_normal((1, i.shape[1])).astype(np.float32)
-                    for i in self.session.get_inputs()}
+        self.widths = {i.name: i.shape[1] for i in self.session.get_inputs()}
+        self.row = self.rows(1)
+
+    def rows(self, count: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(count)
+        return {name: rng.standard_normal((count, width)).astype(np.float32) for name, width in self.widths.items()}
 
     def prefill(self, ids, new_tokens):
+        prompt = self.rows(len(ids))
+        start = time.perf_counter()
+        self.session.run(None, prompt)
         self.steps, self.new_tokens = 1, new_tokens
-        return float("nan"), -1, np.full(1, np.nan, np.float32)
+        return time.perf_counter() - start, -1, np.full(1, np.nan, np.float32)
 
     def done(self):
         return self.steps >= self.new_tokens
@@ -530,8 +539,8 @@ def print_table(rows: list[Row]) -> None:
               help="engines take turns per request, or per decode step (then one engine's spinning threads "
                    "compete with the next one's on a small machine)")
 @click.option("--floor", is_flag=True,
-              help="also time each CPU engine's weight MatMuls alone (same weights, one row a step): the decode "
-                   "floor no graph rewrite can go under")
+              help="also time each CPU engine's weight MatMuls alone (same weights; the prompt's rows at once, then "
+                   "one row a step): the floor no graph rewrite can go under")
 @click.option("--quick", is_flag=True, help=f"smoke run: {QUICK_PRESET}, fp32, one request, prompt 84, 8 tokens")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write the rows here")
 def main(build_dir, work, precisions, lengths, new_tokens, requests, threads, engines, preset, genai_prune_lm_head,

@@ -72,13 +72,13 @@ def test_summary_ratios_against_genai(bench):
     assert rows[bench.GENAI].decode_ratio == 1.0
 
 
-def test_summary_of_a_floor_engine_has_its_decode_ratio_only(bench):
+def test_summary_of_a_floor_engine_has_its_speed_ratios_only(bench):
     logits = np.zeros(4, np.float32)
     floor = bench.GENAI + bench.FLOOR
     requests = [bench.Request(bench.GENAI, 84, 100.0, 20.0, [1, 2], logits),
-                bench.Request(floor, 84, float("nan"), 25.0, [-1, -1], np.full(1, np.nan, np.float32))]
+                bench.Request(floor, 84, 80.0, 25.0, [-1, -1], np.full(1, np.nan, np.float32))]
     rows = {r.engine: r for r in bench.summarise("fp32", requests, {bench.GENAI: 1000.0, floor: 900.0})}
-    assert rows[floor].decode_ratio == pytest.approx(1.25)
+    assert rows[floor].decode_ratio == pytest.approx(1.25) and rows[floor].prefill_ratio == pytest.approx(0.8)
     assert np.isnan(rows[floor].tokens_agree) and np.isnan(rows[floor].logits_max_diff)
 
 
