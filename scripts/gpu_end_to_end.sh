@@ -3,7 +3,8 @@
 # (--require-tensorrt: "skipped" is a failure here):
 #   1. per preset, fp16 and fp32 builds: engines, parity (onnxruntime and TensorRT vs eager PyTorch),
 #      run on TensorRT with the plain vision graph (also with torch and transformers unimportable: the
-#      runtime needs neither) and with the ApetScore plugin graph (the plugin's enqueue on the GPU), bench
+#      runtime needs neither) and with the ApetScore plugin graph (the plugin's enqueue on the GPU: Triton's
+#      PTX through the CUDA driver, torch blocked too), bench
 #      (onnxruntime, then TensorRT)
 #   2. a two-stage build (--stage2-layer 2): engines for llm_a / stage2 / llm_b, parity and run on TensorRT
 #      (with torch blocked too)
@@ -102,8 +103,8 @@ for preset in $PRESETS; do
             apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt
         check "$preset $precision: run on tensorrt without torch" \
             without_torch apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt
-        check "$preset $precision: run on tensorrt, ApetScore plugin graph (plugin enqueue)" \
-            apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt --vision-graph plugin
+        check "$preset $precision: run on tensorrt, ApetScore plugin graph (plugin enqueue), without torch" \
+            without_torch apet-export run "$dir" --prompt "Describe the image." --max-new-tokens 16 --backend tensorrt --vision-graph plugin
         check "$preset $precision: bench (onnxruntime, then tensorrt)" \
             apet-export bench "$dir" --runs 5 --json-out "$dir/bench.json" --require-tensorrt
     done
@@ -149,7 +150,7 @@ done
 check "Triton ApetScore kernel vs eager torch" python scripts/bench_triton_apet.py --runs 20
 
 # 5. tests: TensorRT parse/build, the GPU generation test, the stand-in engines, the plugin
-check "tests: TensorRT and runtime" python -m pytest -q tests/export/test_tensorrt.py tests/runtime tests/plugins/test_trt_plugin.py
+check "tests: TensorRT and runtime" python -m pytest -q tests/export/test_tensorrt.py tests/runtime tests/plugins/test_trt_plugin.py tests/plugins/test_cuda_launch.py
 
 step done
 echo "log: $OUT/e2e.log"

@@ -14,10 +14,11 @@ Triton must be imported without TRITON_INTERPRET=1 here (the interpreter replace
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 from apet_export.errors import InvalidInputError, MissingDependencyError
-from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE
+from apet_export.plugins.identity import OP_TYPE, PLUGIN_NAMESPACE
 
 # Tiles for the compiled form: the engine serves every N and D of its profile with one PTX.
 AOT_BLOCK_N = 64
@@ -33,6 +34,10 @@ class CompiledKernel:
     target_sm: int
     num_warps: int  # block = num_warps * 32 threads, grid = batch
     shared_mem: int  # bytes of dynamic shared memory
+    dtype: str = "fp32"  # of x
+    # Pointers Triton appends after the kernel's own parameters (global and profile scratch since Triton 3.4),
+    # passed as NULL: compile_ptx refuses a kernel that would need scratch memory.
+    scratch_params: int = 0
 
 
 def kernel_signature(dtype: str) -> dict:
@@ -47,6 +52,32 @@ def kernel_signature(dtype: str) -> dict:
     }
 
 
+def launch_constexprs(num_basis: int, ridge: float) -> dict:
+    """The compile-time constants of the compiled form: one tile shape for every N and D."""
+    from apet_export.plugins.triton_apet import block_sizes
+
+    return {
+        "NUM_BASIS": num_basis, "RIDGE": float(ridge),
+        "BLOCK_N": AOT_BLOCK_N, "BLOCK_D": AOT_BLOCK_D, "BLOCK_M": block_sizes(1, 1, num_basis)["BLOCK_M"],
+    }
+
+
+def launch_arguments(kernel: CompiledKernel, **values: int) -> list[ctypes._SimpleCData]:
+    """The kernel's runtime parameters in kernel_signature's order as ctypes values (a device pointer as
+    c_uint64, an i32 as c_int32), then the NULL scratch pointers. values: x_ptr, num_tokens, dim, fps_start,
+    scores_ptr, basis_ptr."""
+    arguments = []
+    for name, kind in kernel_signature(kernel.dtype).items():
+        if kind != "constexpr":
+            arguments.append(ctypes.c_uint64(values[name]) if kind.startswith("*") else ctypes.c_int32(values[name]))
+    return arguments + [ctypes.c_uint64(0) for _ in range(kernel.scratch_params)]
+
+
+def _entry_parameter_count(ptx: str, name: str) -> int:
+    header = ptx[ptx.index(f".entry {name}("):]
+    return header[: header.index(")")].count(".param")
+
+
 def compile_ptx(target_sm: int, num_basis: int, ridge: float, dtype: str = "fp32") -> CompiledKernel:
     """PTX of the ApetScore kernel for compute capability `target_sm` (e.g. 89), for any N and D."""
     import triton
@@ -54,24 +85,30 @@ def compile_ptx(target_sm: int, num_basis: int, ridge: float, dtype: str = "fp32
     from triton.compiler import ASTSource
     from triton.runtime.interpreter import InterpretedFunction
 
-    from apet_export.plugins.triton_apet import MAX_NUM_BASIS, apet_score_kernel, block_sizes
+    from apet_export.plugins.triton_apet import MAX_NUM_BASIS, apet_score_kernel
 
     if not 1 <= num_basis <= MAX_NUM_BASIS:
         raise InvalidInputError(f"num_basis={num_basis} is outside [1, {MAX_NUM_BASIS}]: lower num_basis")
     if isinstance(apet_score_kernel, InterpretedFunction):
         raise InvalidInputError("TRITON_INTERPRET=1 is set: unset it to compile the kernel to PTX")
-    constexprs = {
-        "NUM_BASIS": num_basis, "RIDGE": float(ridge),
-        "BLOCK_N": AOT_BLOCK_N, "BLOCK_D": AOT_BLOCK_D, "BLOCK_M": block_sizes(1, 1, num_basis)["BLOCK_M"],
-    }
-    source = ASTSource(fn=apet_score_kernel, signature=kernel_signature(dtype), constexprs=constexprs)
+    signature = kernel_signature(dtype)
+    source = ASTSource(fn=apet_score_kernel, signature=signature, constexprs=launch_constexprs(num_basis, ridge))
     compiled = triton.compile(
         source, target=GPUTarget("cuda", int(target_sm), 32),
         options={"num_warps": AOT_NUM_WARPS, "enable_fp_fusion": True},
     )
+    metadata, ptx = compiled.metadata, compiled.asm["ptx"]
+    for scratch in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(metadata, scratch, 0):
+            raise InvalidInputError(
+                f"this Triton compiles ApetScore with {scratch}={getattr(metadata, scratch)}: the plugin passes no "
+                f"scratch memory; use the Triton version in constraints.txt"
+            )
+    own_parameters = sum(kind != "constexpr" for kind in signature.values())
     return CompiledKernel(
-        name=compiled.metadata.name, ptx=compiled.asm["ptx"], target_sm=int(target_sm),
-        num_warps=compiled.metadata.num_warps, shared_mem=compiled.metadata.shared,
+        name=metadata.name, ptx=ptx, target_sm=int(target_sm), num_warps=metadata.num_warps,
+        shared_mem=metadata.shared, dtype=dtype,
+        scratch_params=_entry_parameter_count(ptx, metadata.name) - own_parameters,
     )
 
 
@@ -112,10 +149,12 @@ def register_apet_score_aot(target_sm: int | None = None) -> None:  # pragma: no
     def _compiled(x, num_basis: int, ridge: float, fps_start: int, outputs, tactic):
         sm = target_sm
         if sm is None:
-            import torch
+            from apet_export.export.cuda_device import probe_gpu
 
-            major, minor = torch.cuda.get_device_capability()
-            sm = major * 10 + minor
+            target, reason = probe_gpu()  # "sm90"
+            if target is None:
+                raise MissingDependencyError(f"no CUDA GPU to compile ApetScore for ({reason}): pass target_sm")
+            sm = int(target.removeprefix("sm"))
         kernel = compile_ptx(sm, num_basis, ridge, "fp16" if x.dtype == trt.float16 else "fp32")
         launch = trtp.KernelLaunchParams()
         launch.grid_x = x.shape_expr[0]  # one program per image

@@ -23,12 +23,13 @@ import torch
 
 from apet_export.compression.apet import apet_scores
 from apet_export.config import ApetConfig
-
-OP_TYPE = "ApetScore"
-DOMAIN = "ai.onnx.contrib"
-PLUGIN_NAMESPACE = "apet"
-PLUGIN_VERSION = "1"
-FPS_START_NORM = -1  # fps_start attribute value meaning "largest-norm token"
+from apet_export.plugins.identity import (  # noqa: F401 (the op's names, imported from here by its users)
+    DOMAIN,
+    FPS_START_NORM,
+    OP_TYPE,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 
 
 def fps_start_attribute(config: ApetConfig) -> int:

@@ -1,4 +1,6 @@
-"""The ApetScore TensorRT plugin (IPluginV3, Python): shape/type inference, formats, and a Triton enqueue.
+"""The ApetScore TensorRT plugin (IPluginV3, Python): shape/type inference, formats, and an enqueue that
+launches the Triton kernel compiled to PTX for the GPU (aot.compile_ptx) through the CUDA driver
+(cuda_launch.py): no torch in the process that runs the engine.
 
     x [B, N, D] fp32|fp16 ──ApetScore(num_basis, ridge, fps_start)──► scores [B, N] fp32
                                                                        basis_index [B, M] int64
@@ -22,7 +24,7 @@ import numpy as np
 
 from apet_export.compat import ensure_tensorrt_rtx_plugin_import
 from apet_export.errors import MissingDependencyError
-from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from apet_export.plugins.identity import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 MAX_NUM_BASIS = 32  # = triton_apet.MAX_NUM_BASIS (not imported: triton is heavy); M x M tiles in registers
 
@@ -214,28 +216,29 @@ def raise_for_missing_plugin(trt, parser) -> None:
             ensure_plugin_registered(trt, register=False)
 
 
-# ---- enqueue: TensorRT device pointers -> torch CUDA tensors -> Triton kernel ------------------------
+# ---- enqueue: TensorRT device pointers -> the compiled Triton kernel, launched through the CUDA driver ----
 
-class _DeviceBuffer:
-    """A TensorRT-owned device buffer seen through __cuda_array_interface__ (torch.as_tensor wraps it
-    without a copy)."""
 
-    def __init__(self, pointer: int, shape: tuple, typestr: str):
-        self.__cuda_array_interface__ = {
-            "data": (int(pointer), False), "shape": tuple(int(s) for s in shape),
-            "typestr": typestr, "version": 3, "strides": None,
-        }
+@functools.cache
+def compiled_kernel(target_sm: int, num_basis: int, ridge: float, dtype: str):
+    """The kernel compiled for this GPU and these attributes, loaded once per process (Triton compiles,
+    the driver loads; neither needs torch)."""
+    from apet_export.plugins.aot import compile_ptx
+    from apet_export.plugins.cuda_launch import DriverKernel
+
+    kernel = compile_ptx(target_sm, num_basis, ridge, dtype)
+    return kernel, DriverKernel(kernel.ptx, kernel.name, kernel.shared_mem)
 
 
 def launch_from_pointers(trt, x_desc, x_ptr, scores_ptr, basis_ptr, stream, *, num_basis, ridge, fps_start):
-    import torch
-
-    from apet_export.plugins.triton_apet import apet_score_triton
+    """x [B, N, D] at x_ptr -> scores [B, N] fp32 at scores_ptr, basis_index [B, M] int64 at basis_ptr, on
+    TensorRT's stream: one program (num_warps * 32 threads) per image."""
+    from apet_export.plugins import cuda_launch
+    from apet_export.plugins.aot import launch_arguments
 
     batch, num_tokens, dim = (int(d) for d in x_desc.dims)
-    typestr = "<f2" if x_desc.type == trt.DataType.HALF else "<f4"
-    x = torch.as_tensor(_DeviceBuffer(x_ptr, (batch, num_tokens, dim), typestr), device="cuda")
-    scores = torch.as_tensor(_DeviceBuffer(scores_ptr, (batch, num_tokens), "<f4"), device="cuda")
-    basis_index = torch.as_tensor(_DeviceBuffer(basis_ptr, (batch, num_basis), "<i8"), device="cuda")
-    with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-        apet_score_triton(x, num_basis, ridge, fps_start, out=(scores, basis_index))
+    dtype = "fp16" if x_desc.type == trt.DataType.HALF else "fp32"
+    kernel, loaded = compiled_kernel(cuda_launch.compute_capability(int(stream)), num_basis, float(ridge), dtype)
+    arguments = launch_arguments(kernel, x_ptr=int(x_ptr), num_tokens=num_tokens, dim=dim, fps_start=fps_start,
+                                 scores_ptr=int(scores_ptr), basis_ptr=int(basis_ptr))
+    loaded.launch((batch, 1, 1), (kernel.num_warps * 32, 1, 1), int(stream), arguments)

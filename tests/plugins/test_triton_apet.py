@@ -94,3 +94,22 @@ def test_bad_arguments_are_typed_errors(kernel):
         kernel(x, 4, 1e-5, 20)
     with pytest.raises(InvalidInputError, match="float32 or float16"):
         kernel(x.double(), 4, 1e-5, -1)
+
+
+@pytest.mark.parametrize("num_tokens, dim, num_basis, fps_start", [(70, 33, 8, -1), (20, 130, 4, 7)])
+def test_the_compiled_forms_tiles_match_the_reference(kernel, num_tokens, dim, num_basis, fps_start):
+    """The TensorRT plugin runs the kernel compiled with one tile shape for every N and D (aot.launch_constexprs:
+    64 x 64, not the shape-fitted tiles above): N over one tile, D over two, both under one."""
+    from apet_export.plugins import aot, triton_apet
+
+    torch.manual_seed(num_tokens + dim)
+    x = torch.randn(2, num_tokens, dim)
+    scores = torch.empty(2, num_tokens)
+    basis_index = torch.empty(2, num_basis, dtype=torch.int64)
+    triton_apet.apet_score_kernel[(2,)](x, num_tokens, dim, fps_start, scores, basis_index,
+                                        **aot.launch_constexprs(num_basis, 1e-5), num_warps=aot.AOT_NUM_WARPS)
+    ref_scores, ref_basis = reference_apet_score(x, num_basis, 1e-5, fps_start)
+    diff = (scores - ref_scores).abs().max().item()
+    print(f"\nAOT tiles {tuple(x.shape)} M={num_basis}: max |score diff| {diff:.2e}")
+    assert torch.equal(basis_index, ref_basis)
+    assert diff <= 1e-5 * x.norm(dim=-1).max().item()

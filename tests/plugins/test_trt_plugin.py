@@ -15,7 +15,7 @@ from apet_export.compat import import_tensorrt
 from apet_export.errors import EngineBuildError, MissingDependencyError
 from apet_export.manifest import load_manifest
 from apet_export.plugins import trt_plugin
-from apet_export.plugins.apet_score import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from apet_export.plugins.identity import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from tests.tensorrt_parse import tensorrt_network
 
 
