@@ -149,12 +149,9 @@ def register_apet_score_aot(target_sm: int | None = None) -> None:  # pragma: no
     def _compiled(x, num_basis: int, ridge: float, fps_start: int, outputs, tactic):
         sm = target_sm
         if sm is None:
-            from apet_export.export.cuda_device import probe_gpu
+            from apet_export.plugins.cuda_launch import compute_capability
 
-            target, reason = probe_gpu()  # "sm90"
-            if target is None:
-                raise MissingDependencyError(f"no CUDA GPU to compile ApetScore for ({reason}): pass target_sm")
-            sm = int(target.removeprefix("sm"))
+            sm = compute_capability()  # of device 0
         kernel = compile_ptx(sm, num_basis, ridge, "fp16" if x.dtype == trt.float16 else "fp32")
         launch = trtp.KernelLaunchParams()
         launch.grid_x = x.shape_expr[0]  # one program per image

@@ -63,15 +63,16 @@ class _StreamContext:
         self.library.cuCtxPopCurrent_v2(ctypes.byref(popped))
 
 
-def compute_capability(stream: int, library=None) -> int:
-    """Compute capability of the GPU the stream runs on, as Triton's target number (9.0 -> 90)."""
+def compute_capability(stream: int | None = None, library=None) -> int:
+    """Compute capability of the GPU the stream runs on (None: device 0), as Triton's target number (9.0 -> 90)."""
     library = library or driver()
-    with _StreamContext(library, stream):
-        device = ctypes.c_int()
-        check(library, library.cuCtxGetDevice(ctypes.byref(device)), "cuCtxGetDevice")
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        for value, attribute in ((major, COMPUTE_CAPABILITY_MAJOR), (minor, COMPUTE_CAPABILITY_MINOR)):
-            check(library, library.cuDeviceGetAttribute(ctypes.byref(value), attribute, device), "cuDeviceGetAttribute")
+    device = ctypes.c_int(0)
+    if stream is not None:
+        with _StreamContext(library, stream):
+            check(library, library.cuCtxGetDevice(ctypes.byref(device)), "cuCtxGetDevice")
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    for value, attribute in ((major, COMPUTE_CAPABILITY_MAJOR), (minor, COMPUTE_CAPABILITY_MINOR)):
+        check(library, library.cuDeviceGetAttribute(ctypes.byref(value), attribute, device), "cuDeviceGetAttribute")
     return major.value * 10 + minor.value
 
 

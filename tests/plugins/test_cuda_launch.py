@@ -149,8 +149,10 @@ def test_a_failed_launch_is_a_typed_error_naming_the_call_and_the_drivers_reason
     assert driver.current == []  # popped on the way out
 
 
-def test_compute_capability_of_the_streams_device():
-    assert cuda_launch.compute_capability(0x5000, FakeLibcuda(capability=(9, 0))) == 90
+def test_compute_capability_of_the_streams_device_or_device_0():
+    driver = FakeLibcuda(capability=(9, 0))
+    assert cuda_launch.compute_capability(0x5000, driver) == 90
+    assert cuda_launch.compute_capability(None, driver) == 90 and driver.current == []
 
 
 # -- the plugin's enqueue, with the PTX Triton really compiles ---------------------------------------------
