@@ -229,7 +229,10 @@ def build_ours(build_dir: Path, work: Path, precision: str) -> Path:
     llm = manifest.files["llm"].path
     if precision == "fp32":
         for path in build_dir.glob(f"{llm}*"):  # llm.onnx and its external data, if any
-            link_or_copy(path, staging / path.name)
+            if path.name == llm:
+                link_or_copy(path, staging / path.name)
+            else:  # onnx.load refuses external data with more than one hard link (a "hardlink attack")
+                shutil.copy2(path, staging / path.name)
     else:
         from apet_export.calibration.quantize import quantize_weights
 
