@@ -23,7 +23,7 @@ import functools
 import numpy as np
 
 from apet_export.compat import ensure_tensorrt_rtx_plugin_import
-from apet_export.errors import MissingDependencyError
+from apet_export.errors import InvalidInputError, MissingDependencyError
 from apet_export.plugins.identity import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 MAX_NUM_BASIS = 32  # = triton_apet.MAX_NUM_BASIS (not imported: triton is heavy); M x M tiles in registers
@@ -237,6 +237,8 @@ def launch_from_pointers(trt, x_desc, x_ptr, scores_ptr, basis_ptr, stream, *, n
     from apet_export.plugins.aot import launch_arguments
 
     batch, num_tokens, dim = (int(d) for d in x_desc.dims)
+    if fps_start >= num_tokens:  # the kernel would read a token past the input
+        raise InvalidInputError(f"ApetScore fps_start={fps_start} is not a token index (N={num_tokens})")
     dtype = "fp16" if x_desc.type == trt.DataType.HALF else "fp32"
     kernel, loaded = compiled_kernel(cuda_launch.compute_capability(int(stream)), num_basis, float(ridge), dtype)
     arguments = launch_arguments(kernel, x_ptr=int(x_ptr), num_tokens=num_tokens, dim=dim, fps_start=fps_start,

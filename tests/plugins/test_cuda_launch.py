@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from apet_export.errors import EngineRunError
+from apet_export.errors import EngineRunError, InvalidInputError
 from apet_export.plugins import cuda_launch
 
 LAUNCH_FAILED = 700  # CUDA_ERROR_ILLEGAL_ADDRESS
@@ -208,3 +208,7 @@ def test_enqueue_launches_the_compiled_kernel_without_torch(compiled, monkeypatc
     assert launch["grid"] == (2, 1, 1) and launch["block"] == (compiled.num_warps * 32, 1, 1)
     assert launch["shared"] == compiled.shared_mem and launch["stream"] == 0x5000
     assert len(driver.launches) == 2 and len(driver.modules) == 1
+
+    with pytest.raises(InvalidInputError, match="fps_start=577 is not a token index"):
+        trt_plugin.launch_from_pointers(trt, x_desc, 1, 2, 3, 0x5000, num_basis=10, ridge=1e-5, fps_start=577)
+    assert len(driver.launches) == 2
