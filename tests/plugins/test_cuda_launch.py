@@ -3,7 +3,8 @@
 
 No GPU here: a stand-in libcuda records what the driver would get. It reads each launch's parameters by the
 loaded PTX's own entry signature (.u64 / .u32 sizes), so a parameter list that does not match the kernel
-Triton compiled fails here. Not verified: the driver running the PTX (scripts/gpu_end_to_end.sh on a GPU)."""
+Triton compiled fails here. The enqueue runs with torch unimportable (sys.modules["torch"] = None). Not
+verified: the driver running the PTX (scripts/gpu_end_to_end.sh on a GPU)."""
 
 from __future__ import annotations
 
@@ -157,11 +158,12 @@ def test_compute_capability_of_the_streams_device_or_device_0():
 
 # -- the plugin's enqueue, with the PTX Triton really compiles ---------------------------------------------
 
-# The test session runs Triton in interpreter mode (tests/conftest.py); compiling needs a fresh process.
+# The test session runs Triton in interpreter mode (tests/conftest.py); compiling needs a fresh process. The
+# arguments are test_aot.py's, so that the second compile is a hit in Triton's cache.
 COMPILE = """
 import dataclasses, json
 from apet_export.plugins.aot import compile_ptx
-print(json.dumps(dataclasses.asdict(compile_ptx(89, num_basis=10, ridge=1e-5, dtype="fp32"))))
+print(json.dumps(dataclasses.asdict(compile_ptx(89, num_basis=10, ridge=1e-5, dtype="fp16"))))
 """
 
 
@@ -192,14 +194,14 @@ def test_enqueue_launches_the_compiled_kernel_without_torch(compiled, monkeypatc
     trt_plugin.compiled_kernel.cache_clear()
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` on the way fails
     trt = SimpleNamespace(DataType=SimpleNamespace(FLOAT="float", HALF="half"))
-    x_desc = SimpleNamespace(dims=(2, 577, 1024), type=trt.DataType.FLOAT)
+    x_desc = SimpleNamespace(dims=(2, 577, 1024), type=trt.DataType.HALF)
 
     for _ in range(2):
         trt_plugin.launch_from_pointers(trt, x_desc, 0x7000_0000, 0x7100_0000, 0x7200_0000, 0x5000,
                                         num_basis=10, ridge=1e-5, fps_start=-1)
     trt_plugin.compiled_kernel.cache_clear()
 
-    assert compiles == [(89, 10, 1e-5, "fp32")]  # compiled once, for the stream's GPU
+    assert compiles == [(89, 10, 1e-5, "fp16")]  # compiled once, for the stream's GPU and x's type
     launch = driver.launches[0]
     print(f"\nreal PTX entry {launch['entry']}: {len(launch['args'])} parameters {launch['args']}")
     assert launch["entry"] == compiled.name == "apet_score_kernel"

@@ -112,12 +112,10 @@ def test_bench_without_torch(llava_build, tmp_path):
 
 def test_tensorrt_backend_runners_without_torch():
     """The tensorrt backend's stand-in engine tests (vision, decoder steps on the bound KV cache, the two-stage
-    backend, runtime cache; on host memory and on the GPU memory layer), its memory tests and the ApetScore
-    plugin's enqueue (Triton's PTX through a stand-in CUDA driver), run by pytest in
+    backend, runtime cache; on host memory and on the GPU memory layer) and its memory tests, run by pytest in
     a process where torch and transformers cannot be imported (-s: an attempt, even caught, shows on stderr;
     no conftest: the shared fixtures build with torch)."""
     tests = [str(Path(__file__).parent / name) for name in ("test_trt_backend.py", "test_device_memory.py")]
-    tests.append(str(Path(__file__).parents[1] / "plugins" / "test_cuda_launch.py"))  # the plugin's enqueue
     done = run_blocked(["-m", "pytest", "-q", "-s", "--noconftest", "-p", "no:cacheprovider", *tests])
     assert done.returncode == 0, done.stdout + done.stderr
     assert attempted_imports(done.stderr) == []
