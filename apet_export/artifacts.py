@@ -197,3 +197,20 @@ def check_model_dir(directory: Path) -> Path:
     for path in weights:
         check_safetensors(path, fix)
     return model
+
+
+def load_onnx(path: Path, load_external_data: bool = True):
+    """onnx.load, with onnx's refusal of external weights that have more than one hard link (its guard
+    against a model reading other files through links) reported as an ArtifactError naming the fix: a build
+    copied with `cp -al` or `rsync --link-dest` shares its weight files with the original."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except onnx.checker.ValidationError as error:
+        if "hard link" not in str(error):
+            raise
+        raise ArtifactError(
+            f"{path}: its external weights are a hard link to another file, and onnx refuses to read weights "
+            f"through hard links: copy the build with `cp -r` (not `cp -al` or `rsync --link-dest`), or rebuild it"
+        ) from error

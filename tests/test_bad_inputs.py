@@ -198,3 +198,34 @@ def test_budget_error_when_the_basis_fills_the_image():
     from apet_export.errors import BudgetError
 
     assert "choose num_basis below 576" in str(BudgetError(600, 600, 576))  # not "between 601 and 576"
+
+
+def test_hard_linked_weights_are_refused_with_the_fix(tmp_path):
+    """onnx refuses external weights with more than one hard link (a build copied with `cp -al`): the
+    quantiser and the CPU-graph writer say so as an ArtifactError naming the fix, and write nothing."""
+    import os
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from apet_export.calibration.quantize import quantize_weights
+    from apet_export.errors import ArtifactError
+    from apet_export.export.cpu_graph import write_cpu_graph
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(np.ones((64, 64), np.float32), "w")])
+    original, linked = tmp_path / "build", tmp_path / "linked"
+    original.mkdir(), linked.mkdir()
+    onnx.save_model(helper.make_model(graph), str(original / "llm.onnx"), save_as_external_data=True,
+                    location="llm.onnx.data", size_threshold=0)
+    for name in ("llm.onnx", "llm.onnx.data"):
+        os.link(original / name, linked / name)
+
+    with pytest.raises(ArtifactError, match=r"hard link .* copy the build with `cp -r`"):
+        quantize_weights(linked / "llm.onnx", linked / "llm.int8.onnx", bits=8)
+    with pytest.raises(ArtifactError, match=r"hard link .* copy the build with `cp -r`"):
+        write_cpu_graph(linked / "llm.onnx", linked / "llm.cpu.onnx")
+    assert sorted(p.name for p in linked.iterdir()) == ["llm.onnx", "llm.onnx.data"]

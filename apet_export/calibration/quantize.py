@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apet_export.artifacts import load_onnx
 from apet_export.compat import quiet_quantization
 from apet_export.errors import InvalidInputError
 
@@ -174,10 +175,9 @@ def quantize_fp8(graph: Path, out: Path, ranges, exclude: list[str]) -> None:
         x ─Q(s_x = amax_x / 448)─DQ─┐
         W_fp8 [.., C] ─DQ(s_w [C])──┴─► MatMul / Conv / Gemm      (biases and outputs stay float)
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(graph))
+    model = load_onnx(graph)
     initializers = {init.name: init for init in model.graph.initializer}
     excluded = set(exclude)
     new_nodes, new_inits = [], []
@@ -295,12 +295,11 @@ def quantize_weights(graph: Path, out: Path, bits: int = 8, block_size: int = 32
     integer-weight kernels, TensorRT into a weight-only GEMM. Symmetric (no zero point: TensorRT's
     dequantisation requires zero points of 0). Int4 needs K divisible by the block size; a MatMul whose K
     is not is left in float and counted. Returns {"quantized": n, "float": [names left in float]}."""
-    import onnx
     from onnx import helper, numpy_helper
 
     if bits not in WEIGHT_ONLY_BITS:
         raise InvalidInputError(f"weight-only quantisation supports 4 or 8 bits, got {bits}")
-    model = onnx.load(str(graph))
+    model = load_onnx(graph)
     gemms_as_matmuls(model)  # the LM head: the exporter writes a Linear on 2-D rows as Gemm
     initializers = {init.name: init for init in model.graph.initializer}
     dequantized: dict[str, str] = {}  # weight -> its DequantizeLinear output (tied weights are quantised once)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apet_export.artifacts import load_onnx
 from apet_export.config import ArtifactSpec, TensorSpec, masked_value
 from apet_export.errors import ExportError
 
@@ -211,7 +212,7 @@ def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[s
     source, target = Path(source), Path(target)
     if source.parent.resolve() != target.parent.resolve():
         raise ExportError(f"{target} must be beside {source}: the two graphs share the weight files")
-    model = onnx.load(str(source), load_external_data=simplify)
+    model = load_onnx(source, load_external_data=simplify)
     rewrite_cache_in_place(model)
     counts = {"cache_in_place": sum(n.op_type == "TensorScatter" for n in model.graph.node)}
     if simplify:

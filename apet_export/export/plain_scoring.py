@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apet_export.artifacts import load_onnx
 from apet_export.compression import ApetConfig
 from apet_export.compression.apet import apet_scores
 from apet_export.errors import ExportError
@@ -113,13 +114,12 @@ def replace_apet_score(plugin_graph, scoring, op_type: str, domain: str):
 def write_plain_vision_graph(plugin_path: Path, path: Path, config: ApetConfig, opset: int) -> None:
     """Write vision.onnx (`path`) from the saved vision.plugin.onnx: its ApetScore node replaced by the scoring
     in standard ops, everything else as traced (node names, dynamic axis names, weights)."""
-    import onnx
 
     from apet_export.export.onnx_graph import save_model
     from apet_export.export.vision import sort_stable_translation
     from apet_export.plugins.apet_score import DOMAIN, OP_TYPE
 
-    plugin = onnx.load(str(plugin_path))
+    plugin = load_onnx(plugin_path)
     shape = scoring_input_shape(plugin, OP_TYPE, DOMAIN)
     try:
         scoring = trace_scoring(config, shape, opset, {torch.ops.aten.sort.stable: sort_stable_translation})
