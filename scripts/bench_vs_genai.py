@@ -21,8 +21,9 @@ What it does:
      sends the same token ids to the engines, which take turns request by request, who goes first alternating
      (so a busy machine's changing load hits them alike): prompts of 84 and 596 tokens, then 64 greedy steps,
      on 2 intra-op threads each. `--turns step` alternates at every decode step instead; on a 2-core machine
-     that measures contention more than the engines (onnxruntime's threads spin a while after each run and
-     take the cores from the next engine: INT4 decode 36 against 68 tok/s per request, both engines alike);
+     that measures contention more than the engines (INT4 decode 36 against 68 tok/s per request, both
+     engines alike; most likely onnxruntime's threads, which spin a while after each run, taking the cores
+     from the next engine);
   4. `--floor` adds one engine per CPU graph that runs only its weight MatMuls (same weights, one row per
      step, the prompt's rows at once for the prefill): the floor no graph rewrite goes under, so `floor / genai`
      bounds the ratios any rewrite of that graph can reach on this machine;
@@ -539,8 +540,8 @@ def print_table(rows: list[Row]) -> None:
 @click.option("--genai-prune-lm-head", is_flag=True,
               help="build the peer with onnxruntime-genai's prune_lm_head option (last-position prompt logits)")
 @click.option("--turns", type=click.Choice(["request", "step"]), default="request", show_default=True,
-              help="engines take turns per request, or per decode step (then one engine's spinning threads "
-                   "compete with the next one's on a small machine)")
+              help="engines take turns per request, or per decode step (on a small machine that halves both "
+                   "engines' decode rate)")
 @click.option("--floor", is_flag=True,
               help="also time each CPU engine's weight MatMuls alone (same weights; the prompt's rows at once, then "
                    "one row a step): the floor no graph rewrite can go under")
