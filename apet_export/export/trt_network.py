@@ -10,6 +10,7 @@ share this API; TensorRT-RTX additionally builds ahead of time for a named compu
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from apet_export.compat import is_tensorrt_rtx
@@ -96,6 +97,11 @@ def add_profiles(trt, builder, config, network, profiles: list[Profile]) -> None
             raise EngineBuildError(f"TensorRT rejected the {profile.name!r} optimisation profile {profile.to_dict()}")
 
 
+# TensorRT-RTX keeps a build's target in process-wide state: two builds for different targets at once in one
+# process fail ("Myelin: Target SM 89 is not found in the accelerator list"), so builds in a process take turns.
+_ONE_BUILD_AT_A_TIME = threading.Lock()
+
+
 def set_target(trt, config, capability) -> None:
     """TensorRT-RTX: build for `capability` (a trt.ComputeCapability) ahead of time. Full TensorRT has no
     such setting (it builds for the GPU it runs on): capability is None there."""
@@ -129,7 +135,8 @@ def build_engine(
         if timing_cache is None or isinstance(timing_cache, bytes):
             timing_cache = config.create_timing_cache(timing_cache or b"")
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
+    with _ONE_BUILD_AT_A_TIME:
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = "; ".join(e.splitlines()[0][:300] for e in logger.errors[-MAX_REPORTED_ERRORS:]) or "no message"
         raise EngineBuildError(f"TensorRT {trt.__version__} could not build {path.name}: {errors}")
