@@ -143,19 +143,15 @@ def summarise(precision: str, requests: list[Request], peak_rss: dict[str, float
         for engine, runs in by_engine.items():
             row = Row(precision, length, engine, statistics.median(r.prefill_ms for r in runs),
                       statistics.median(r.decode_tokens_per_s for r in runs), peak_rss.get(engine, float("nan")))
-            if reference and engine.endswith(FLOOR):  # no tokens: only its decode time means something
+            if reference:
                 base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
                                    statistics.median(r.decode_tokens_per_s for r in reference),
                                    peak_rss.get(GENAI, float("nan")))
                 row.prefill_ratio = row.prefill_ms / base.prefill_ms
                 row.decode_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
+            if reference and engine.endswith(FLOOR):  # no tokens, and its memory holds every product at once
                 row.rss_ratio = row.tokens_agree = row.logits_max_diff = float("nan")
             elif reference:
-                base = base or Row(precision, length, GENAI, statistics.median(r.prefill_ms for r in reference),
-                                   statistics.median(r.decode_tokens_per_s for r in reference),
-                                   peak_rss.get(GENAI, float("nan")))
-                row.prefill_ratio = row.prefill_ms / base.prefill_ms
-                row.decode_ratio = row.decode_tokens_per_s / base.decode_tokens_per_s
                 row.rss_ratio = row.peak_rss_mib / base.peak_rss_mib
                 row.tokens_agree = min(token_agreement(r.tokens, g.tokens) for r, g in zip(runs, reference, strict=False))
                 row.logits_max_diff = max(
@@ -257,7 +253,8 @@ def weight_matmuls_graph(model: Path) -> Path:
     out = model.with_name(f"{model.stem}.matmuls.onnx")
     if out.exists():
         return out
-    graph = onnx.load(str(model), load_external_data=False).graph
+    source = onnx.load(str(model), load_external_data=False)
+    graph = source.graph
     weights = {tensor.name: tensor for tensor in graph.initializer}
     nodes, widths = [], {}
     for node in graph.node:
@@ -274,7 +271,6 @@ def weight_matmuls_graph(model: Path) -> Path:
         nodes, "weight_matmuls", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["M", k]) for x, k in widths.items()],
         [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes],
         [weights[name] for name in sorted(used)])
-    source = onnx.load(str(model), load_external_data=False)
     onnx.save_model(helper.make_model(floor, opset_imports=source.opset_import, ir_version=source.ir_version), str(out))
     return out
 
