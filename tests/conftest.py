@@ -69,7 +69,9 @@ def linked_copy(build: Path, destination: Path) -> Path:
     """A private folder whose files are hard links to a shared build's (no copying; links inside the folder, not
     symbolic ones, which the manifest's checks refuse as pointing outside the build): commands that add files to
     a build (parity.json, calibration-cache/) write them here. Only for commands that add or replace files: one
-    that rewrote a file in place would write through the link."""
+    that rewrote a file in place would write through the link. Only for builds whose graphs hold their weights
+    inline, as the tiny presets' do: onnx refuses external weights with more than one hard link
+    (artifacts.load_onnx)."""
     return Path(shutil.copytree(build, destination, copy_function=os.link))
 
 

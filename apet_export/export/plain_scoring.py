@@ -114,7 +114,6 @@ def replace_apet_score(plugin_graph, scoring, op_type: str, domain: str):
 def write_plain_vision_graph(plugin_path: Path, path: Path, config: ApetConfig, opset: int) -> None:
     """Write vision.onnx (`path`) from the saved vision.plugin.onnx: its ApetScore node replaced by the scoring
     in standard ops, everything else as traced (node names, dynamic axis names, weights)."""
-
     from apet_export.export.onnx_graph import save_model
     from apet_export.export.vision import sort_stable_translation
     from apet_export.plugins.apet_score import DOMAIN, OP_TYPE
