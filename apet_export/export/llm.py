@@ -10,6 +10,7 @@ with the same exporter. One graph serves prefill (S = prompt length, P = 0) and 
     past_key_i / past_value_i [B, Hkv, P, Dh]            for each layer i in [a, b) (global index)
       │
       ▼  per layer: RMSNorm → q/k/v proj → RoPE → concat past → SDPA (→ ONNX Attention) → o_proj → MLP
+         (the last layer, b = L: attention, o_proj and MLP for the last position only)
     logits [B, V]  (b = L: final norm and head, last position)   or hidden_states [B, S, H] (b < L)
     present_key_i / present_value_i [B, Hkv, P+S, Dh]
 
@@ -68,8 +69,10 @@ class DecoderGraph(nn.Module):
         # Llama and Qwen2 define the same apply_rotary_pos_emb in their modeling module: use theirs.
         self.apply_rotary = sys.modules[type(first_attention).__module__].apply_rotary_pos_emb
 
-    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value):
-        """hidden [B, S, H] -> (output [B, S, H], present_key, present_value [B, Hkv, P+S, Dh])."""
+    def attention(self, layer, hidden, cos, sin, mask, past_key, past_value, last_query_only: bool = False):
+        """hidden [B, S, H] -> (output [B, S', H], present_key, present_value [B, Hkv, P+S, Dh]); S' = S, or 1
+        with last_query_only (the attention of the last position only: the keys and values are still every
+        position's, for the cache)."""
         attn = layer.self_attn
         batch, length, _ = hidden.shape
         q = attn.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
@@ -78,8 +81,10 @@ class DecoderGraph(nn.Module):
         q, k = self.apply_rotary(q, k, cos, sin)
         k = torch.cat([past_key, k], dim=2)  # [B, Hkv, P+S, Dh]
         v = torch.cat([past_value, v], dim=2)
+        if last_query_only:
+            q, mask = q[:, :, -1:], mask[:, :, -1:]  # [B, Hq, 1, Dh], [B, 1, 1, P+S]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(batch, q.shape[2], self.num_heads * self.head_dim)
         return attn.o_proj(out), k, v
 
     def forward(self, states, attention_mask, position_ids, *past):
@@ -90,9 +95,16 @@ class DecoderGraph(nn.Module):
         presents = []
         for slot, i in enumerate(self.layer_range):
             layer = lm.layers[i]
+            # The head reads the last position only, so after the last layer's keys and values (the cache needs
+            # every position's) nothing else of the other positions is used: that layer's attention, o_proj and
+            # MLP run for the last position alone (a prompt's prefill: 1/L of the layers' weight products less).
+            last_query_only = self.with_head and i == self.layer_range.stop - 1
             attended, key, value = self.attention(
-                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * slot], past[2 * slot + 1]
+                layer, layer.input_layernorm(hidden), cos, sin, mask, past[2 * slot], past[2 * slot + 1],
+                last_query_only,
             )
+            if last_query_only:
+                hidden = hidden[:, -1:]  # [B, 1, H]
             hidden = hidden + attended
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             presents += [key, value]
