@@ -225,6 +225,126 @@ def pack_sibling_matmuls(model) -> int:
     return removed
 
 
+GQA_PREFIX = "/llm/cpu/gqa"
+
+
+def _heads_chain(graph_producers, tensor: str):
+    """tensor = Transpose(0, 2, 1, 3)(Reshape(x [B, S, H·Dh]) [B, S, H, Dh]) -> (x, [reshape, transpose]), else None."""
+    transpose = graph_producers.get(tensor)
+    if transpose is None or transpose.op_type != "Transpose" or _attribute(transpose, "perm") != [0, 2, 1, 3]:
+        return None
+    reshape = graph_producers.get(transpose.input[0])
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    return reshape.input[0], [reshape, transpose]
+
+
+def fuse_group_query_attention(model) -> int:
+    """After rewrite_cache_in_place and pack_sibling_matmuls: each layer's attention block -> one
+    com.microsoft GroupQueryAttention over the shared cache buffer (what onnxruntime-genai's CPU models run):
+
+        q, k, v [B, S, H·Dh] ─(each) Reshape ─► Transpose to [B, H, S, Dh] ─► RotaryEmbedding (q, k)
+          ─► TensorScatter(past_k, k), TensorScatter(past_v, v) ─► Attention(q, present_k, present_v, mask padded
+          to the capacity) ─► Transpose ─► Reshape [B, S, Hq·Dh]
+    ->  RotaryEmbedding(q), RotaryEmbedding(k) on [B, S, H·Dh] (num_heads: the same rotation, position_ids as
+        before) ─► GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k = total - 1, total, attention_bias =
+        the unpadded mask [B, 1, S, total]) ─► [B, S, Hq·Dh], present_k, present_v
+
+    GroupQueryAttention writes the new keys and values at position total - S of the buffer (the same place
+    TensorScatter did; in place when past and present are one buffer, as the runtime binds them), applies the
+    causal mask itself and scores the keys up to total only (Attention scores the whole buffer). The mask as
+    attention_bias keeps left padding masked. Its kernel takes a prompt after cached entries (S > 1, P > 0)
+    at batch 1 only: the runner runs batched prompts whole. Returns the number of layers fused; a layer
+    whose attention is not this pattern (the last layer, whose attention runs for the last query only) stays
+    as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers = _consumers(graph)
+    outputs = {v.name for v in graph.output}
+    replacements: dict[int, list] = {}  # id(Attention node) -> the nodes in its place
+    removed = []
+    for attention in [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]:
+        if len(attention.input) < 4 or len(attention.output) != 1 or _attribute(attention, "is_causal", 0) \
+                or _attribute(attention, "softcap", 0.0) or _attribute(attention, "qk_matmul_output_mode", 0):
+            continue
+        query, present_key, present_value = attention.input[:3]
+        rotary_q, scatter_k, scatter_v, pad = (producers.get(name) for name in attention.input[:4])
+        if (rotary_q is None or rotary_q.op_type != "RotaryEmbedding" or scatter_k is None
+                or scatter_k.op_type != "TensorScatter" or scatter_v is None or scatter_v.op_type != "TensorScatter"
+                or pad is None or pad.op_type != "Pad" or not pad.input[0]):
+            continue
+        rotary_k = producers.get(scatter_k.input[1])
+        if rotary_k is None or rotary_k.op_type != "RotaryEmbedding":
+            continue
+        chains = [_heads_chain(producers, name) for name in (rotary_q.input[0], rotary_k.input[0], scatter_v.input[1])]
+        after = consumers.get(attention.output[0], [])
+        back = consumers.get(after[0].output[0], []) if len(after) == 1 else []
+        if (any(chain is None for chain in chains) or len(after) != 1 or after[0].op_type != "Transpose"
+                or _attribute(after[0], "perm") != [0, 2, 1, 3] or len(back) != 1 or back[0].op_type != "Reshape"):
+            continue
+        # the whole block goes: each tensor inside it is read by the next node of the block alone
+        inside = [query, scatter_k.input[1], rotary_q.input[0], rotary_k.input[0], scatter_v.input[1],
+                  attention.output[0], after[0].output[0], *(chain[1][0].output[0] for chain in chains)]
+        if any(name in outputs or len(consumers.get(name, [])) != 1 for name in inside) \
+                or {present_key, present_value} - outputs:
+            continue
+        (q, q_nodes), (k, k_nodes), (v, v_nodes) = chains
+        name = attention.name
+        flat_rotary = []
+        for rotary, source in ((rotary_q, q), (rotary_k, k)):  # the same op on [B, S, H·Dh]: needs num_heads
+            if not _attribute(rotary, "num_heads"):
+                break
+            node = helper.make_node("RotaryEmbedding", [source, *rotary.input[1:]], [f"{rotary.output[0]}/flat"],
+                                    name=f"{rotary.name}/flat")
+            node.attribute.extend(rotary.attribute)
+            flat_rotary.append(node)
+        if len(flat_rotary) != 2:
+            continue
+        scale = _attribute(attention, "scale")  # (absent: 1/sqrt(Dh), GroupQueryAttention's default too)
+        fused = helper.make_node(
+            "GroupQueryAttention",
+            [flat_rotary[0].output[0], flat_rotary[1].output[0], v, scatter_k.input[0], scatter_v.input[0],
+             f"{GQA_PREFIX}/seqlens_k", f"{GQA_PREFIX}/total", "", "", "", pad.input[0]],
+            [back[0].output[0], present_key, present_value], name=f"{name}/GroupQueryAttention", domain=MICROSOFT,
+            num_heads=_attribute(rotary_q, "num_heads"), kv_num_heads=_attribute(rotary_k, "num_heads"),
+        )
+        if scale is not None:
+            fused.attribute.append(helper.make_attribute("scale", scale))
+        replacements[id(attention)] = [*flat_rotary, fused]
+        removed += [rotary_q, rotary_k, scatter_k, scatter_v, after[0], back[0], *q_nodes, *k_nodes, *v_nodes]
+    if not replacements:
+        return 0
+    # Shared: seqlens_k [B] int32 = total - 1 (every row: left-padded prompts fill the cache alike), total int32 []
+    one = numpy_helper.from_array(np.array([1], np.int64), f"{GQA_PREFIX}/one")
+    graph.initializer.append(one)
+    shared = [
+        helper.make_node("Sub", ["/llm/cache/total", one.name], [f"{GQA_PREFIX}/last"], name=f"{GQA_PREFIX}/last"),
+        helper.make_node("Expand", [f"{GQA_PREFIX}/last", "/llm/cache/batch"], [f"{GQA_PREFIX}/last_per_row"],
+                         name=f"{GQA_PREFIX}/last_per_row"),
+        helper.make_node("Cast", [f"{GQA_PREFIX}/last_per_row"], [f"{GQA_PREFIX}/seqlens_k"], name=f"{GQA_PREFIX}/seqlens_k",
+                         to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["/llm/cache/total"], [f"{GQA_PREFIX}/total_int64"], name=f"{GQA_PREFIX}/total_int64"),
+        helper.make_node("Cast", [f"{GQA_PREFIX}/total_int64"], [f"{GQA_PREFIX}/total"], name=f"{GQA_PREFIX}/total",
+                         to=TensorProto.INT32),
+    ]
+    removed_ids = {id(n) for n in removed}
+    nodes = []
+    for node in graph.node:
+        if id(node) in removed_ids:
+            continue
+        nodes.extend(replacements.get(id(node), [node]))
+    position = max(i for i, n in enumerate(nodes) for o in n.output if o in ("/llm/cache/total", "/llm/cache/batch")) + 1
+    nodes[position:position] = shared
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(graph)
+    if not any(o.domain == MICROSOFT for o in model.opset_import):
+        model.opset_import.append(_microsoft_opset())
+    return len(replacements)
+
+
 HEAD_MAJOR_OPS = {"RotaryEmbedding", "TensorScatter", "Attention"}  # ops that read [B, H, S, Dh]
 
 

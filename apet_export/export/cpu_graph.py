@@ -21,7 +21,9 @@ output equals llm.onnx's (the masked scores are exactly 0 after the softmax).
 
 Then (write_cpu_graph, simplify=True): no Add of an all-zero bias, and onnxruntime's fused CPU ops
 (export/cpu_fusions.py: residual Add + RMSNorm fused, q/k/v and gate/up MatMuls packed, INT4 weights as
-MatMulNBits). The graph's inputs and outputs keep their names; node names are llm.onnx's where a node stays.
+MatMulNBits, and each layer's TensorScatter + Attention block as one GroupQueryAttention on the same buffer
+where the rotation is a RotaryEmbedding node). The graph's inputs and outputs keep their names; node names are
+llm.onnx's where a node stays.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[s
         counts["matmul_nbits"] = cpu_fusions.weight_only_to_matmulnbits(model)
         counts["zero_bias_adds"] = remove_zero_bias_adds(model)
         counts["packed_matmuls"] = cpu_fusions.pack_sibling_matmuls(model)
+        counts["group_query_attention"] = cpu_fusions.fuse_group_query_attention(model)
         counts["heads_split_once"] = cpu_fusions.split_heads_once(model)
         counts["lm_head_parts"] = cpu_fusions.split_lm_head(model)
     temporary = target.with_name(f".{target.name}.tmp")

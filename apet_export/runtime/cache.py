@@ -33,11 +33,12 @@ class KVCache:
 @dataclass
 class PreallocatedKVCache:
     """The cache of llm.cpu.onnx (export/cpu_graph.py): per layer a key and a value buffer [B, Hkv, C, Dh] that
-    the graph writes each step's entries into at position `length` (TensorScatter). The runtime binds the same
-    buffer as past_* and present_* (onnxruntime IO binding), so no step copies the cache.
+    the graph writes each step's entries into at position `length` (GroupQueryAttention or TensorScatter). The
+    runtime binds the same buffer as past_* and present_* (onnxruntime IO binding), so no step copies the cache.
 
     C (the capacity) grows in steps of CHUNK tokens, copying once per step of growth: onnxruntime's CPU
-    Attention costs in proportion to C (masked keys included), so C stays close to the length."""
+    Attention (where the graph has it rather than GroupQueryAttention, which stops at the length) costs in
+    proportion to C (masked keys included), so C stays close to the length."""
 
     buffers: list[np.ndarray]  # past_key_0, past_value_0, ... [B, Hkv, C, Dh], C-contiguous
     length: int  # entries written so far (the same for every row: prompts are left-padded)

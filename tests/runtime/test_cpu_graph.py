@@ -50,7 +50,10 @@ def test_cpu_form_is_built_and_run_by_default(any_build):
     assert manifest.files["llm_cpu"].path == "llm.cpu.onnx"
     model = onnx.load(str(manifest.file(any_build, "llm_cpu")), load_external_data=False)
     ops = Counter(node.op_type for node in model.graph.node)
-    assert ops["TensorScatter"] == 2 * manifest.dims["num_layers"]
+    # every layer's attention one GroupQueryAttention on the cache buffer, but the last one's (its attention runs
+    # for the last query only): that one writes its cache with TensorScatter
+    assert ops["GroupQueryAttention"] == manifest.dims["num_layers"] - 1
+    assert ops["TensorScatter"] == 2 and ops["Attention"] == 1
     consumers = {name for node in model.graph.node if node.op_type == "Concat" for name in node.input}
     assert not any(name.startswith("past_") for name in consumers)
     assert type(llm_runner(any_build, manifest)) is OnnxrtInPlaceLlmRunner
@@ -121,9 +124,11 @@ def test_cpu_form_uses_onnxruntime_fused_ops(siglip_qwen2_build):
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1
     assert ops["RMSNormalization"] == 2  # the first input norm and the final norm
     assert ops["Split"] == 2 * layers
-    # the packed q|k|v goes to [B, H, S, Dh] once (Reshape, Transpose, Split on heads), not once per tensor
-    assert ops["Transpose"] == source["Transpose"] - 2 * layers
-    assert ops["Reshape"] == source["Reshape"] - 2 * layers
+    # GroupQueryAttention reads and writes [B, S, H·Dh]: no Transpose or Reshape to heads and back left but the
+    # last layer's, whose packed q|k|v goes to [B, H, S, Dh] once (Reshape, Transpose, Split on heads)
+    assert ops["GroupQueryAttention"] == layers - 1
+    assert ops["Transpose"] == source["Transpose"] - 4 * layers + 2
+    assert ops["Reshape"] == source["Reshape"] - 4 * layers + 2
     assert ops["MatMul"] == source["MatMul"] - 3 * layers
     # gone: the residual adds fused into a norm, and the q/k/v biases (all zero in a freshly initialised Qwen2)
     assert ops["Add"] == source["Add"] - (2 * layers - 1) - 3 * layers
@@ -146,8 +151,9 @@ def int4_build(build, out):
 
 
 def test_int4_cpu_form_is_matmulnbits_with_the_same_logits(siglip_qwen2_build, tmp_path):
-    # DequantizeLinear(int4) -> MatMul written as the MatMulNBits onnxruntime fuses the pair into at load:
-    # bit-for-bit the same logits as llm.onnx, and no int4 initializer left for the session to hold twice
+    # DequantizeLinear(int4) -> MatMul written as the MatMulNBits onnxruntime fuses the pair into at load (the
+    # same weight products: only the attention kernel differs from llm.onnx's), and no int4 initializer left for
+    # the session to hold twice
     build = int4_build(siglip_qwen2_build, tmp_path / "int4")
     layers = load_manifest(build).dims["num_layers"]
     model = onnx.load(str(build / "llm.cpu.onnx"), load_external_data=False)
@@ -160,7 +166,8 @@ def test_int4_cpu_form_is_matmulnbits_with_the_same_logits(siglip_qwen2_build, t
     runner, tokens, logits, _, _ = greedy(build, True, ids, 12)
     assert runner is OnnxrtInPlaceLlmRunner
     assert tokens == expected
-    np.testing.assert_array_equal(logits, expected_logits)
+    print(f"max |logits - llm.onnx's| = {np.abs(logits - expected_logits).max():.2e}")
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-5, rtol=0)
 
 
 def test_a_large_lm_head_is_split_into_vocabulary_slices_with_the_same_logits(siglip_qwen2_build, tmp_path):
@@ -194,6 +201,55 @@ def test_a_large_lm_head_is_split_into_vocabulary_slices_with_the_same_logits(si
         finally:
             runner.deactivate()
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def left_padded_batch(build, cpu_form: bool, steps: int = 4):
+    """A batch of two prompts, row 0 left-padded by 3 (13 and 16 tokens), then `steps` greedy steps per row,
+    through the runtime's runner: logits [steps + 1, B, V]. Positions count each row's real tokens from 0 (the
+    padding sits at 0 too); M-RoPE families get the same position on their three rows."""
+    manifest = load_manifest(build)
+    table = load_file(str(build / "embeddings.safetensors"))["embed_tokens"]
+    ids = np.random.default_rng(4).integers(3, 500, (2, 16))
+    mask = np.ones((2, 16), np.int64)
+    mask[0, :3] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [B, S]
+    three_rows = len(manifest.files["llm"].inputs[2].shape) == 3  # position_ids [3, B, S]
+    runner = llm_runner(build, manifest, cpu_form=cpu_form)
+    runner.activate()
+    try:
+        feed_positions = np.stack([positions] * 3) if three_rows else positions
+        logits, cache = runner.infer({"inputs_embeds": table[ids], "attention_mask": mask,
+                                      "position_ids": feed_positions}, check_inputs=False,
+                                     cache=runner.new_cache(manifest, 2))
+        every = [logits.copy()]
+        for _ in range(steps):
+            tokens = logits.argmax(axis=1)  # [B]
+            positions = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+            feed_positions = np.stack([positions] * 3) if three_rows else positions
+            logits, cache = runner.infer({"inputs_embeds": table[tokens][:, None], "attention_mask": mask,
+                                          "position_ids": feed_positions}, check_inputs=False, cache=cache)
+            every.append(logits.copy())
+        return np.stack(every)
+    finally:
+        runner.deactivate()
+
+
+@pytest.mark.parametrize("build_name, fused", [("siglip_qwen2_build", True), ("qwen_build", False)])
+def test_a_left_padded_batch_gives_llm_onnx_logits(build_name, fused, request):
+    # GroupQueryAttention masks the padding through the attention mask (attention_bias) and takes the rotation
+    # from position_ids (the RotaryEmbedding nodes before it): every row, prompt and steps, as llm.onnx.
+    # Qwen2.5-VL's M-RoPE rotation is exported as its own ops, not RotaryEmbedding: its layers keep Attention
+    # and TensorScatter, and give llm.onnx's logits as well
+    build = request.getfixturevalue(build_name)
+    model = onnx.load(str(build / "llm.cpu.onnx"), load_external_data=False)
+    layers = load_manifest(build).dims["num_layers"]
+    assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == (layers - 1 if fused else 0)
+    expected = left_padded_batch(build, cpu_form=False)
+    logits = left_padded_batch(build, cpu_form=True)
+    print(f"max |logits - llm.onnx's| = {np.abs(logits - expected).max():.2e}")
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
 
 def test_preallocated_cache_feeds_llm_onnx_inputs(siglip_qwen2_build):

@@ -124,14 +124,18 @@ class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
         A prompt longer than PREFILL_CHUNK runs as consecutive chunks onto the same cache (the graph takes S new
         tokens after P cached ones, whatever S is): the same result, with the activations of one chunk at a
         time (the attention scores alone are [B, Hq, S, C] floats). The cache grows chunk by chunk: onnxruntime's
-        Attention scores every key of the buffer, masked or not, so a buffer sized for the whole prompt would
-        score each chunk against the keys of the chunks after it too (596 tokens in chunks of 128: 1.6 times the keys)."""
+        Attention (the last layer's, and every layer's where the graph has no GroupQueryAttention) scores every
+        key of the buffer, masked or not, so a buffer sized for the whole prompt would score each chunk against
+        the keys of the chunks after it too (596 tokens in chunks of 128: 1.6 times the keys)."""
         start = time.perf_counter()
         embeds, mask, positions = (feed_dict[name] for name in ("inputs_embeds", "attention_mask", "position_ids"))
-        new_tokens = embeds.shape[1]
+        batch, new_tokens = embeds.shape[:2]
         past = cache.length
-        for begin in range(0, new_tokens, self.PREFILL_CHUNK):
-            end = min(begin + self.PREFILL_CHUNK, new_tokens)
+        # GroupQueryAttention (export/cpu_fusions.py) takes several tokens after cached ones at batch 1 only: a
+        # batch's prompt runs whole.
+        chunk_length = self.PREFILL_CHUNK if batch == 1 else max(new_tokens, 1)
+        for begin in range(0, new_tokens, chunk_length):
+            end = min(begin + chunk_length, new_tokens)
             cache.reserve(end - begin)  # a larger buffer (a copy of the entries so far) only when they do not fit
             binding, logits = self.binding(cache)
             chunk = {"inputs_embeds": embeds[:, begin:end], "attention_mask": mask[:, : past + end],
