@@ -73,6 +73,32 @@ def test_llm_has_one_fused_attention_per_layer_and_no_softmax(any_build):
     assert all(len(n.output) == 1 and len(n.input) <= 4 for n in attention)
 
 
+def test_the_last_layer_runs_for_the_last_position_only(any_build):
+    # the head reads the last position: the last layer's MLP gets one row per prompt, the layer before it every
+    # row, and the last layer's cache entries are still every position's
+    import numpy as np
+    import onnxruntime as ort
+
+    manifest = load_manifest(any_build)
+    layers, hidden = manifest.dims["num_layers"], manifest.dims["text_hidden"]
+    model = onnx.load(str(any_build / "llm.onnx"))
+    down = {layer: next(n.output[0] for n in model.graph.node if f"layers/{layer}/mlp/down_proj" in n.name)
+            for layer in (layers - 2, layers - 1)}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in down.values())
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, 5, hidden), np.float32),
+            "attention_mask": np.ones((1, 5), np.int64), "position_ids": np.arange(5)[None]}
+    for value in session.get_inputs():
+        if value.name.startswith("past_"):
+            feed[value.name] = np.zeros((1, manifest.dims["num_kv_heads"], 0, manifest.dims["head_dim"]), np.float32)
+        elif value.name == "position_ids" and len(value.shape) == 3:
+            feed["position_ids"] = np.stack([feed["position_ids"]] * 3)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    assert outputs[down[layers - 2]].shape == (1, 5, hidden)
+    assert outputs[down[layers - 1]].shape == (1, 1, hidden)
+    assert outputs[f"present_key_{layers - 1}"].shape[2] == 5
+
+
 @pytest.mark.slow  # an LLM export of its own (~15 s); the fp16 builds and engines are slow too (.ci/run)
 def test_llm_fp16_variant(tmp_path):
     from apet_export.export.llm import export_llm_artifacts
