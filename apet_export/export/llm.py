@@ -23,7 +23,10 @@ both match a float64 reference to ~1e-6; prefill (S=600) is within 2-20% (GQA sl
 through 24 layers (P=600) is ~20% faster with Attention. TensorRT's ONNX parser imports `Attention`
 from 10.14 (IAttention) but only with one output and no past_key/past_value inputs, which is why the
 KV concat stays outside the node here; RMSNormalization / RotaryEmbedding need TensorRT >= 10.15.
-GroupQueryAttention has no TensorRT importer (it would need a plugin).
+GroupQueryAttention has no TensorRT importer (it would need a plugin). The CPU form of this graph
+(export/cpu_graph.py, export/cpu_fusions.py) does use GroupQueryAttention: there one node also replaces the
+cache write, the transposes to heads and back and the mask's padding to the buffer, and whole decode steps
+measured at parity with onnxruntime-genai's where Attention's block was 0.86-0.88 (scripts/bench_vs_genai.py).
 """
 
 from __future__ import annotations
