@@ -31,7 +31,6 @@ measured at parity with onnxruntime-genai's where Attention's block was 0.86-0.8
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -68,9 +67,17 @@ class DecoderGraph(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        first_attention = language_model.layers[0].self_attn
-        # Llama and Qwen2 define the same apply_rotary_pos_emb in their modeling module: use theirs.
-        self.apply_rotary = sys.modules[type(first_attention).__module__].apply_rotary_pos_emb
+
+    def rotate(self, x, cos, sin):
+        """RoPE of x [B, H, S, Dh] as one ONNX RotaryEmbedding node (cos, sin [B, S, Dh] -> their first halves).
+
+        The same numbers as the Hugging Face apply_rotary_pos_emb of Llama, Qwen2 and Qwen2.5-VL (x·cos +
+        rotate_half(x)·sin, bit for bit): their cos and sin are cat(freqs, freqs), M-RoPE's too (its sections
+        are doubled), so the halves are equal. Exported as the op for every family, where the exporter's own
+        rewrite found Llama's and Qwen2's form but left Qwen2.5-VL's as Slice/Neg/Concat/Mul/Add: TensorRT
+        imports the op, and onnxruntime's GroupQueryAttention form reads it (export/cpu_fusions.py)."""
+        half = self.head_dim // 2
+        return torch.onnx.ops.rotary_embedding(x, cos[..., :half], sin[..., :half], num_heads=x.shape[1])
 
     def attention(self, layer, hidden, cos, sin, mask, past_key, past_value, last_query_only: bool = False):
         """hidden [B, S, H] -> (output [B, S', H], present_key, present_value [B, Hkv, P+S, Dh]); S' = S, or 1
@@ -81,7 +88,7 @@ class DecoderGraph(nn.Module):
         q = attn.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
         k = attn.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
         v = attn.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.apply_rotary(q, k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         k = torch.cat([past_key, k], dim=2)  # [B, Hkv, P+S, Dh]
         v = torch.cat([past_value, v], dim=2)
         if last_query_only:
