@@ -251,6 +251,28 @@ def test_a_left_padded_batch_gives_llm_onnx_logits(build_name, request):
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_a_batch_continues_its_cache_one_token_at_a_time(siglip_qwen2_build):
+    # onnxruntime's GroupQueryAttention takes S > 1 after cached entries at batch 1 only: refused up front, with
+    # the way out, instead of the kernel's error
+    from apet_export.errors import InvalidInputError
+
+    manifest = load_manifest(siglip_qwen2_build)
+    table = load_file(str(siglip_qwen2_build / "embeddings.safetensors"))["embed_tokens"]
+    runner = llm_runner(siglip_qwen2_build, manifest)
+    runner.activate()
+    try:
+        ids = np.random.default_rng(5).integers(3, 500, (2, 6))
+        _, cache = runner.infer({"inputs_embeds": table[ids], "attention_mask": np.ones((2, 6), np.int64),
+                                 "position_ids": np.tile(np.arange(6), (2, 1))}, check_inputs=False,
+                                cache=runner.new_cache(manifest, 2))
+        with pytest.raises(InvalidInputError, match="one token per step"):
+            runner.infer({"inputs_embeds": table[ids[:, :2]], "attention_mask": np.ones((2, 8), np.int64),
+                          "position_ids": np.tile(np.arange(6, 8), (2, 1))}, check_inputs=False, cache=cache)
+        assert cache.length == 6  # nothing was written
+    finally:
+        runner.deactivate()
+
+
 def test_preallocated_cache_feeds_llm_onnx_inputs(siglip_qwen2_build):
     manifest = load_manifest(siglip_qwen2_build)
     cache = PreallocatedKVCache.empty(manifest, 1)

@@ -132,7 +132,14 @@ class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
         batch, new_tokens = embeds.shape[:2]
         past = cache.length
         # GroupQueryAttention (export/cpu_fusions.py) takes several tokens after cached ones at batch 1 only: a
-        # batch's prompt runs whole.
+        # batch's prompt runs whole, and a batch continues its cache one token at a time.
+        if batch > 1 and past > 0 and new_tokens > 1:
+            from apet_export.errors import InvalidInputError
+
+            raise InvalidInputError(
+                f"{self.path.name} takes {new_tokens} new tokens after {past} cached ones for one row at a time, not for "
+                f"{batch}: continue a batch one token per step, or run each row on a cache of its own"
+            )
         chunk_length = self.PREFILL_CHUNK if batch == 1 else max(new_tokens, 1)
         for begin in range(0, new_tokens, chunk_length):
             end = min(begin + chunk_length, new_tokens)
