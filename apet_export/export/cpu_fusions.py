@@ -259,6 +259,9 @@ def fuse_group_query_attention(model) -> int:
     as it is."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from apet_export.export.cpu_graph import PREFIX  # the shapes rewrite_cache_in_place computes once
+
+    total, batch = f"{PREFIX}/total", f"{PREFIX}/batch"
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
     consumers = _consumers(graph)
@@ -290,24 +293,22 @@ def fuse_group_query_attention(model) -> int:
         if any(name in outputs or len(consumers.get(name, [])) != 1 for name in inside) \
                 or {present_key, present_value} - outputs:
             continue
+        if not (_attribute(rotary_q, "num_heads") and _attribute(rotary_k, "num_heads")):
+            continue  # (the same op on [B, S, H·Dh] needs num_heads)
         (q, q_nodes), (k, k_nodes), (v, v_nodes) = chains
-        name = attention.name
         flat_rotary = []
-        for rotary, source in ((rotary_q, q), (rotary_k, k)):  # the same op on [B, S, H·Dh]: needs num_heads
-            if not _attribute(rotary, "num_heads"):
-                break
+        for rotary, source in ((rotary_q, q), (rotary_k, k)):
             node = helper.make_node("RotaryEmbedding", [source, *rotary.input[1:]], [f"{rotary.output[0]}/flat"],
                                     name=f"{rotary.name}/flat")
             node.attribute.extend(rotary.attribute)
             flat_rotary.append(node)
-        if len(flat_rotary) != 2:
-            continue
         scale = _attribute(attention, "scale")  # (absent: 1/sqrt(Dh), GroupQueryAttention's default too)
         fused = helper.make_node(
             "GroupQueryAttention",
             [flat_rotary[0].output[0], flat_rotary[1].output[0], v, scatter_k.input[0], scatter_v.input[0],
              f"{GQA_PREFIX}/seqlens_k", f"{GQA_PREFIX}/total", "", "", "", pad.input[0]],
-            [back[0].output[0], present_key, present_value], name=f"{name}/GroupQueryAttention", domain=MICROSOFT,
+            [back[0].output[0], present_key, present_value], name=f"{attention.name}/GroupQueryAttention",
+            domain=MICROSOFT,
             num_heads=_attribute(rotary_q, "num_heads"), kv_num_heads=_attribute(rotary_k, "num_heads"),
         )
         if scale is not None:
@@ -320,12 +321,12 @@ def fuse_group_query_attention(model) -> int:
     one = numpy_helper.from_array(np.array([1], np.int64), f"{GQA_PREFIX}/one")
     graph.initializer.append(one)
     shared = [
-        helper.make_node("Sub", ["/llm/cache/total", one.name], [f"{GQA_PREFIX}/last"], name=f"{GQA_PREFIX}/last"),
-        helper.make_node("Expand", [f"{GQA_PREFIX}/last", "/llm/cache/batch"], [f"{GQA_PREFIX}/last_per_row"],
+        helper.make_node("Sub", [total, one.name], [f"{GQA_PREFIX}/last"], name=f"{GQA_PREFIX}/last"),
+        helper.make_node("Expand", [f"{GQA_PREFIX}/last", batch], [f"{GQA_PREFIX}/last_per_row"],
                          name=f"{GQA_PREFIX}/last_per_row"),
         helper.make_node("Cast", [f"{GQA_PREFIX}/last_per_row"], [f"{GQA_PREFIX}/seqlens_k"], name=f"{GQA_PREFIX}/seqlens_k",
                          to=TensorProto.INT32),
-        helper.make_node("Squeeze", ["/llm/cache/total"], [f"{GQA_PREFIX}/total_int64"], name=f"{GQA_PREFIX}/total_int64"),
+        helper.make_node("Squeeze", [total], [f"{GQA_PREFIX}/total_int64"], name=f"{GQA_PREFIX}/total_int64"),
         helper.make_node("Cast", [f"{GQA_PREFIX}/total_int64"], [f"{GQA_PREFIX}/total"], name=f"{GQA_PREFIX}/total",
                          to=TensorProto.INT32),
     ]
@@ -335,7 +336,7 @@ def fuse_group_query_attention(model) -> int:
         if id(node) in removed_ids:
             continue
         nodes.extend(replacements.get(id(node), [node]))
-    position = max(i for i, n in enumerate(nodes) for o in n.output if o in ("/llm/cache/total", "/llm/cache/batch")) + 1
+    position = max(i for i, n in enumerate(nodes) for o in n.output if o in (total, batch)) + 1
     nodes[position:position] = shared
     del graph.node[:]
     graph.node.extend(nodes)

@@ -11,6 +11,7 @@ import time
 import numpy as np
 from polygraphy.backend.base import BaseRunner
 
+from apet_export.errors import InvalidInputError
 from apet_export.runtime.backends.base import Backend
 from apet_export.runtime.cache import KVCache, PreallocatedKVCache
 from apet_export.runtime.sessions import onnxruntime_session
@@ -134,8 +135,6 @@ class OnnxrtInPlaceLlmRunner(OnnxrtLlmRunner):
         # GroupQueryAttention (export/cpu_fusions.py) takes several tokens after cached ones at batch 1 only: a
         # batch's prompt runs whole, and a batch continues its cache one token at a time.
         if batch > 1 and past > 0 and new_tokens > 1:
-            from apet_export.errors import InvalidInputError
-
             raise InvalidInputError(
                 f"{self.path.name} takes {new_tokens} new tokens after {past} cached ones for one row at a time, not for "
                 f"{batch}: continue a batch one token per step, or run each row on a cache of its own"
