@@ -239,7 +239,7 @@ def _heads_chain(graph_producers, tensor: str):
     return reshape.input[0], [reshape, transpose]
 
 
-def fuse_group_query_attention(model) -> int:
+def fuse_group_query_attention(model, total: str, batch: str) -> int:
     """After rewrite_cache_in_place and pack_sibling_matmuls: each layer's attention block -> one
     com.microsoft GroupQueryAttention over the shared cache buffer (what onnxruntime-genai's CPU models run):
 
@@ -256,12 +256,10 @@ def fuse_group_query_attention(model) -> int:
     attention_bias keeps left padding masked. Its kernel takes a prompt after cached entries (S > 1, P > 0)
     at batch 1 only: the runner runs batched prompts whole. Returns the number of layers fused; a layer
     whose attention is not this pattern (the last layer, whose attention runs for the last query only) stays
-    as it is."""
+    as it is. total, batch: the graph's int64 [1] tensors of the attention mask's length and the batch size
+    (rewrite_cache_in_place computes them once)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from apet_export.export.cpu_graph import PREFIX  # the shapes rewrite_cache_in_place computes once
-
-    total, batch = f"{PREFIX}/total", f"{PREFIX}/batch"
     graph = model.graph
     producers = {output: node for node in graph.node for output in node.output}
     consumers = _consumers(graph)

@@ -227,7 +227,8 @@ def write_cpu_graph(source: Path, target: Path, simplify: bool = True) -> dict[s
         counts["matmul_nbits"] = cpu_fusions.weight_only_to_matmulnbits(model)
         counts["zero_bias_adds"] = remove_zero_bias_adds(model)
         counts["packed_matmuls"] = cpu_fusions.pack_sibling_matmuls(model)
-        counts["group_query_attention"] = cpu_fusions.fuse_group_query_attention(model)
+        counts["group_query_attention"] = cpu_fusions.fuse_group_query_attention(
+            model, total=f"{PREFIX}/total", batch=f"{PREFIX}/batch")
         counts["heads_split_once"] = cpu_fusions.split_heads_once(model)
         counts["lm_head_parts"] = cpu_fusions.split_lm_head(model)
     temporary = target.with_name(f".{target.name}.tmp")
